@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its numbers next to a plain-PyTorch/torchvision baseline run in the same process."""

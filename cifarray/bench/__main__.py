@@ -1,0 +1,22 @@
+"""python -m cifarray.bench {augment} [options]"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from cifarray.errors import run_cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cifarray.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from cifarray.bench import augment
+
+    augment.add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

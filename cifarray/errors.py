@@ -1,0 +1,40 @@
+"""User-facing errors and the CLI wrapper that turns them into one-line messages.
+
+A `UserError` is something the user can fix (a bad path, a wrong flag, a corrupt
+file): the CLI prints its message on one line and exits with status 2, without a
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names the problem and the fix."""
+
+
+class DataError(UserError):
+    """A data file is missing, corrupt, or not in the CIFAR-100 format."""
+
+
+class BudgetError(UserError):
+    """A model has more trainable parameters than its budget allows."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+    """Run `main(argv)` and exit; a `UserError` becomes `error: ...` on stderr and exit 2."""
+    try:
+        code = main(argv)
+    except UserError as exc:
+        # One line, even when the message was built from multi-line parts.
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
