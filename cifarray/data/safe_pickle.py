@@ -80,4 +80,6 @@ def safe_load(stream: BinaryIO | bytes, *, source: str) -> Any:
     except EOFError:
         raise DataError(f"{source}: file is truncated (pickle ended early); re-download or regenerate it") from None
     except (pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError) as exc:
+        if "truncated" in str(exc):
+            raise DataError(f"{source}: file is truncated ({exc}); re-download or regenerate it") from None
         raise DataError(f"{source}: file is corrupt and cannot be read ({exc}); re-download or regenerate it") from None

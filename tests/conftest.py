@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import py2_cpickle  # noqa: E402
+
+from cifarray.data.synth import write_synthetic  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m ...` as a user would, from the repository root."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """Small procedural data set written by `cifarray.data synth` (30 train / 10 test per class)."""
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic(out, train_per_class=30, test_per_class=10, seed=1)
+    return out
+
+
+def write_py2_folder(root: Path, n_train: int = 300, n_test: int = 100, seed: int = 0, **overrides) -> Path:
+    """A cifar-100-python/ folder in Python 2 cPickle layout, written without cifarray's writer.
+
+    `overrides` replace a file's bytes: train=..., test=..., meta=... .
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n)
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        raw = py2_cpickle.split_file(data, fine.tolist(), (fine // 5).tolist(), f"{name} batch 1 of 1")
+        (folder / name).write_bytes(overrides.get(name, raw))
+    meta = py2_cpickle.meta_file([f"class_{i}" for i in range(100)], [f"super_{i}" for i in range(20)])
+    (folder / "meta").write_bytes(overrides.get("meta", meta))
+    return folder

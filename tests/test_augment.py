@@ -1,0 +1,134 @@
+"""Batched device augmentation against torchvision.transforms.v2 as the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from cifarray.data.augment import OP_NAMES, AugmentConfig, DeviceAugment, apply_op, crop_flip, reference_pipeline
+from cifarray.data.cifar import load_cifar100
+from cifarray.errors import UserError
+
+MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
+
+
+@pytest.fixture(scope="module")
+def images(synth_dir) -> torch.Tensor:
+    return torch.from_numpy(load_cifar100(synth_dir, verify=False).train.images[:256].copy())
+
+
+def test_crop_flip_exact_against_torchvision(images):
+    x = images[:64]
+    g = torch.Generator().manual_seed(0)
+    top, left = torch.randint(9, (64,), generator=g), torch.randint(9, (64,), generator=g)
+    flip = torch.rand(64, generator=g) < 0.5
+    ours = crop_flip(x, top, left, flip, pad=4)
+    for i in range(64):
+        ref = TF.crop(TF.pad(x[i], [4], padding_mode="reflect"), int(top[i]), int(left[i]), 32, 32)
+        if flip[i]:
+            ref = TF.horizontal_flip(ref)
+        assert torch.equal(ours[i], ref), i
+    assert flip.any() and not flip.all() and len(set(top.tolist())) > 5
+
+
+# Affine ops resample with bilinear weights computed in a different order of float operations
+# than torchvision's matrix products: a pixel may land on the other side of a .5 rounding.
+TOLERANCE = {"ShearX": 1, "ShearY": 1, "Rotate": 1}
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_each_augmix_op_matches_torchvision(images, name):
+    aug = v2.AugMix()
+    fn, signed = aug._AUGMENTATION_SPACE[name]
+    table = fn(11, 32, 32)
+    x = images[:24]
+    for level in range(10):
+        for sign in ((1, -1) if signed else (1,)):
+            m = 0.0 if table is None else float(table[level]) * sign
+            ref = torch.stack([aug._apply_image_or_video_transform(im, name, m, interpolation=aug.interpolation,
+                                                                   fill=aug._fill) for im in x])
+            ours = apply_op(x, name, torch.full((len(x),), m))
+            diff = (ours.int() - ref.int()).abs()
+            assert ours.dtype == torch.uint8 and ours.shape == x.shape
+            assert diff.max() <= TOLERANCE.get(name, 0), (name, m, int(diff.max()))
+            assert (diff > 0).float().mean() < 0.01, (name, m)
+
+
+def test_ops_use_per_sample_magnitudes(images):
+    x = images[:2].clone()
+    x[1] = x[0]
+    out = apply_op(x, "Brightness", torch.tensor([0.5, -0.5]))
+    assert torch.equal(out[0], TF.adjust_brightness(x[0], 1.5))
+    assert torch.equal(out[1], TF.adjust_brightness(x[0], 0.5))
+
+
+@pytest.mark.parametrize("mode", ["none", "basic", "augmix"])
+def test_pipeline_shapes_dtype_range(images, mode):
+    aug = DeviceAugment(AugmentConfig(mode=mode), MEAN, STD)
+    out = aug(images[:64], torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    lo = (torch.zeros(3) - torch.tensor(MEAN)) / torch.tensor(STD)
+    hi = (torch.ones(3) - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert (out.amin(dim=(0, 2, 3)) >= lo - 1e-4).all() and (out.amax(dim=(0, 2, 3)) <= hi + 1e-4).all()
+    if mode == "none":
+        assert torch.allclose(out, (images[:64].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1))
+                              / torch.tensor(STD).view(1, 3, 1, 1), atol=1e-5)
+
+
+# basic: 9 x 9 crops x 2 flips = 162 outcomes, so 128 independent draws give ~88 distinct
+# images; AugMix's continuous mixing weights make every copy distinct. Parameters shared
+# across the batch (torchvision's AugMix on a batch) would give 1.
+@pytest.mark.parametrize("mode,least", [("basic", 70), ("augmix", 127)])
+def test_samples_are_augmented_independently(images, mode, least):
+    x = images[:1].repeat(128, 1, 1, 1)  # one image, 128 times
+    out = DeviceAugment(AugmentConfig(mode=mode), MEAN, STD)(x, torch.Generator().manual_seed(1))
+    distinct = len({tuple(o.flatten().tolist()) for o in out})
+    assert distinct >= least
+
+
+def test_seeded_generator_is_reproducible(images):
+    aug = DeviceAugment(AugmentConfig(), MEAN, STD)
+    a = aug(images[:32], torch.Generator().manual_seed(7))
+    b = aug(images[:32], torch.Generator().manual_seed(7))
+    c = aug(images[:32], torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _stats(batch: torch.Tensor, original: torch.Tensor) -> dict[str, float]:
+    """Statistics of augmented uint8-scale images that AugMix's distribution determines."""
+    b = batch.double()
+    return {
+        "mean": b.mean().item(),
+        "std": b.std().item(),
+        "mean_abs_change": (b - original.double()).abs().mean().item(),
+        "frac_pixels_changed_by_more_than_8": ((b - original.double()).abs() > 8).double().mean().item(),
+    }
+
+
+def test_augmix_statistics_close_to_torchvision(images):
+    # Compare AugMix alone (no crop/flip), on the same 256 images repeated 4 times.
+    x = images.repeat(4, 1, 1, 1)
+    torch.manual_seed(0)
+    ref_op = v2.AugMix()
+    ref = torch.stack([ref_op(im) for im in x]).float()
+    ours = DeviceAugment(AugmentConfig(), MEAN, STD).augmix(x, torch.Generator().manual_seed(0))
+    s_ref, s_ours = _stats(ref, x), _stats(ours, x)
+    assert s_ref["mean_abs_change"] > 3  # AugMix does change images: the comparison is not vacuous
+    for key in s_ref:
+        assert s_ours[key] == pytest.approx(s_ref[key], rel=0.12, abs=0.5), (key, s_ours, s_ref)
+
+
+def test_reference_pipeline_is_comparable(images):
+    ref = reference_pipeline(AugmentConfig(), MEAN, STD)
+    out = torch.stack([ref(im) for im in images[:8]])
+    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="augment mode 'fancy'"):
+        AugmentConfig(mode="fancy")
+    with pytest.raises(UserError, match="severity 11"):
+        AugmentConfig(severity=11)
