@@ -7,6 +7,7 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -27,7 +28,16 @@ EXIT_USER_ERROR = 2
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run `main(argv)` and exit; a `UserError` becomes `error: ...` on stderr and exit 2."""
+    """Run `main(argv)` and exit; a `UserError` becomes `error: ...` on stderr and exit 2.
+
+    SIGTERM (what Slurm sends before preemption or at the time limit) is handled like
+    Ctrl-C, so that `finally` blocks and Ray's shutdown run and checkpoints stay usable.
+    """
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main(argv)
     except UserError as exc:

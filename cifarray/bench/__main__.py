@@ -1,4 +1,4 @@
-"""python -m cifarray.bench {augment} [options]"""
+"""python -m cifarray.bench {augment,train} [options]"""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from cifarray.errors import run_cli
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifarray.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from cifarray.bench import augment
+    from cifarray.bench import augment, train
 
     augment.add_parser(sub)
+    train.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

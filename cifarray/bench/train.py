@@ -1,0 +1,107 @@
+"""Plain single-process PyTorch loop vs the Ray Train path (1 worker), same model, batch and augmentation.
+
+Both report training throughput over the same steps, the first 10 excluded on both
+sides; Ray's start-up and tear-down are reported separately, not in the ratio. The
+plain loop runs before and after the Ray run and the ratio uses their mean, since
+on a small shared machine throughput drifts by ~10 % between minutes. The plain
+loop also serves the tests as the reference a Ray run must learn as well as.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cifarray.data.augment import AugmentConfig, DeviceAugment
+from cifarray.data.loader import ShardedBatches, prepare
+from cifarray.data.cifar import load_cifar100
+from cifarray.data.synth import write_synthetic
+from cifarray.models.densenet import DenseNet
+from cifarray.train.config import DenseNetTrainConfig
+from cifarray.train.densenet import evaluate, make_optimizer
+
+
+WARMUP = 10  # steps excluded from throughput on both sides (allocator and thread-pool warm-up)
+
+
+def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP) -> dict:
+    """Train like `train_densenet` with a plain loop in this process; returns img/s and accuracies."""
+    torch.set_num_threads(cfg.cpus_per_worker or torch.get_num_threads())
+    device = torch.device("cuda" if cfg.gpu else "cpu")
+    data = prepare(load_cifar100(data_dir, verify=False), val_size=cfg.val_size, seed=cfg.seed, device=device)
+    torch.manual_seed(cfg.seed)
+    model = DenseNet(cfg.model_config()).to(device)
+    opt, sched = make_optimizer(cfg, model)
+    sampler = ShardedBatches(len(data.train), cfg.batch_size, seed=cfg.seed)
+    aug = DeviceAugment(AugmentConfig(mode=cfg.augment), data.mean, data.std, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    model.train()
+    t0 = None
+    for step in range(cfg.steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        idx = sampler.next().to(device)
+        loss = F.cross_entropy(model(aug(data.train.images[idx], gen)), data.train.labels[idx],
+                               label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    seconds = time.perf_counter() - t0 if t0 is not None else float("nan")
+    return {"images_per_s": (cfg.steps - warmup) * cfg.batch_size / seconds,
+            "test_acc": evaluate(model, data.test, aug, device)[0],
+            "val_acc": evaluate(model, data.val, aug, device)[0]}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="plain PyTorch loop vs Ray Train (1 worker)", description=__doc__)
+    p.add_argument("--steps", type=int, default=80, help="steps per side (a multiple of 10)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--growth-rate", type=int, default=4, help="small default: the paper model takes ~3 s/step on 2 CPU cores")
+    p.add_argument("--blocks", default="2,2,2")
+    p.add_argument("--augment", default="basic")
+    p.add_argument("--gpu", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cifarray.train import launch
+    from cifarray.train.densenet import train_densenet
+
+    tmp = Path(tempfile.mkdtemp(prefix="cifarray-bench-"))
+    try:
+        write_synthetic(tmp / "data", train_per_class=60, test_per_class=10)
+        cfg = DenseNetTrainConfig(
+            synthetic=True, synthetic_train_per_class=60, synthetic_test_per_class=10, out=str(tmp / "ray-run"),
+            steps=args.steps, batch_size=args.batch_size, growth_rate=args.growth_rate,
+            blocks=tuple(int(b) for b in args.blocks.split(",")), augment=args.augment, gpu=args.gpu,
+            val_size=1000, log_every=WARMUP, eval_every=10**9, checkpoint_every=10**9, max_failures=0)
+        (tmp / "ray-run").mkdir()
+        shutil.copytree(tmp / "data", tmp / "ray-run" / "data")
+        before = plain_train(cfg, tmp / "data")["images_per_s"]
+        t = time.perf_counter()
+        launch.fit(cfg, train_densenet, cfg.model_config(), "ray train", ("loss", "images_per_s"))
+        wall = time.perf_counter() - t
+        from cifarray.train.common import RunDir, read_metrics
+
+        rows = read_metrics(RunDir(cfg.out).metrics)[1:]  # the first window holds start-up steps
+        ray_rate = len(rows) * WARMUP * cfg.batch_size / sum(float(r["seconds"]) for r in rows)
+        trained = sum(float(r["seconds"]) for r in read_metrics(RunDir(cfg.out).metrics))
+        after = plain_train(cfg, tmp / "data")["images_per_s"]
+        plain = (before + after) / 2
+        print(f"train densenet k={cfg.growth_rate} blocks={args.blocks} batch={cfg.batch_size} steps={cfg.steps} "
+              f"augment={cfg.augment} device={'cuda' if cfg.gpu else 'cpu'} torch={torch.__version__}")
+        print(f"  plain PyTorch loop      : {plain:9.0f} img/s  (before {before:.0f}, after {after:.0f})")
+        print(f"  Ray Train, 1 worker     : {ray_rate:9.0f} img/s")
+        print(f"  ratio (ray / plain)     : {ray_rate / plain:.2f}")
+        print(f"  Ray start-up + tear-down: {wall - trained:.1f} s (not in the ratio)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0

@@ -1,0 +1,122 @@
+"""One validated config dataclass per job; values flow defaults -> TOML file -> CLI.
+
+Fields carry their help text in `metadata["help"]`; `add_arguments` turns them into
+flags (`--growth-rate`, `--blocks 5,5,5,5`, `--gpu/--no-gpu`) and `resolve` merges a
+TOML file and the parsed flags, naming any unknown key or wrongly typed value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from cifarray.errors import UserError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its one-line help."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(type without Optional, is_optional)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    base, optional = _base_type(tp)
+    if value is None and optional:
+        return None
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise UserError(f"{where}: expected a non-empty list like 5,5,5,5, got {value!r}")
+        return tuple(_coerce(v, item, where) for v in value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"{where}: expected an integer, got {value!r}") from None
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if base is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp}")
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field; every default is None so that `resolve` knows what the user gave."""
+    for name, (f, tp) in _fields(cls).items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        base, _ = _base_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, metavar=name.upper(), help=help_text)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {p} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {p} is not valid TOML: {exc}") from None
+
+
+def resolve(cls: type, file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None,
+            source: str = "config file") -> Any:
+    """defaults -> file -> CLI; raises UserError naming an unknown key or a wrongly typed value."""
+    fields = _fields(cls)
+    values: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise UserError(f"{source}: unknown key '{key}'; known keys: {', '.join(sorted(fields))}")
+        values[name] = _coerce(value, fields[name][1], f"{source}: key '{key}'")
+    for name, value in (cli_values or {}).items():
+        if value is None or name not in fields:
+            continue
+        values[name] = _coerce(value, fields[name][1], f"--{name.replace('_', '-')}")
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

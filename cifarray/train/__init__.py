@@ -1,0 +1,1 @@
+"""Ray Train DDP trainers for the DenseNet and the DCGAN."""

@@ -1,0 +1,57 @@
+"""python -m cifarray.train {densenet,dcgan} [flags] [--config FILE]
+
+Flags may also come from a TOML file (--config): defaults, then the file, then the
+command line. Rerunning the same command with the same --out resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+from cifarray.config import add_arguments, load_toml, resolve
+from cifarray.errors import run_cli
+from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
+
+JOBS = {"densenet": DenseNetTrainConfig, "dcgan": DCGANTrainConfig}
+
+
+def parse(argv: Sequence[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m cifarray.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="job", required=True)
+    for name, cls in JOBS.items():
+        p = sub.add_parser(name, help=f"train the {name}", description=__doc__,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--config", metavar="FILE", help="TOML file of flags (keys as flag names)")
+        add_arguments(p, cls)
+    args = parser.parse_args(argv)
+    values = vars(args)
+    job, config_file = values.pop("job"), values.pop("config")
+    file_values = load_toml(config_file) if config_file else {}
+    return job, resolve(JOBS[job], file_values, values, source=config_file or "config file")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    job, cfg = parse(argv)
+    from cifarray.train import launch
+
+    if job == "densenet":
+        from cifarray.train.densenet import train_densenet
+
+        summary = launch.fit(cfg, train_densenet, cfg.model_config(), "densenet",
+                             ("loss", "train_acc", "val_acc", "images_per_s"))
+        keys = ("params", "steps", "seconds", "images_per_s", "val_acc", "test_acc")
+    else:
+        from cifarray.train.dcgan import train_dcgan
+
+        summary = launch.fit(cfg, train_dcgan, cfg.model_config(), "dcgan",
+                             ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s"))
+        keys = ("params_g", "params_d", "steps", "seconds", "images_per_s")
+    print(json.dumps({k: summary.get(k) for k in keys}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,187 @@
+"""Pieces both trainers share: the run folder, metrics, provenance, checkpoints, collectives.
+
+Inside a Ray Train worker, `rank == 0` is the one process that writes files; every
+rank takes part in collectives and in `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cifarray.data.cifar import Cifar100, load_cifar100
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class RunDir:
+    """RUN_DIR layout: config.json, metrics.csv, summary.json, model files, workers/, ray/ (checkpoints)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser().resolve()
+
+    config = property(lambda self: self.path / "config.json")
+    metrics = property(lambda self: self.path / "metrics.csv")
+    summary = property(lambda self: self.path / "summary.json")
+    workers = property(lambda self: self.path / "workers")
+    data = property(lambda self: self.path / "data")
+
+    def write_json(self, name: str, obj: Any) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.path / name)  # readers never see half a file
+
+    def read_json(self, name: str) -> dict | None:
+        p = self.path / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
+
+class MetricsLog:
+    """metrics.csv, appended by rank 0; on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        self.path, self.fields = path, fields
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        with open(self.path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, self.fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = not self.path.is_file()
+        with open(self.path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    import numpy
+    import ray
+    import torchvision
+
+    return {
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "ray": ray.__version__, "numpy": numpy.__version__},
+        "git_commit": git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "host": socket.gethostname(),
+    }
+
+
+def load_data(cfg) -> Cifar100:
+    if cfg.synthetic:
+        return load_cifar100(RunDir(cfg.out).data, verify=False)
+    return load_cifar100(cfg.data_dir, verify=not cfg.no_verify)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def params_sha256(model: torch.nn.Module) -> str:
+    """Hash of the trainable parameters: identical across DDP ranks when they are in sync."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_worker_info(run: RunDir, rank: int, **info: Any) -> None:
+    """workers/rank{r}.json: PID, host and state of each worker (for operators, py-spy, and tests)."""
+    run.workers.mkdir(exist_ok=True)
+    path = run.workers / f"rank{rank}.json"
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    current.update(info, updated=time.time())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2))
+    os.replace(tmp, path)
+
+
+def next_attempt(run: RunDir) -> int:
+    """How many times the training function has started in this run folder (0 first)."""
+    seen = run.read_json("attempts.json") or {"attempts": 0}
+    run.write_json("attempts.json", {"attempts": seen["attempts"] + 1})
+    return seen["attempts"]
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
+    """Report to Ray Train; rank 0 attaches the checkpoint (all ranks must call)."""
+    import ray.train
+
+    if state is None or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def latest_state() -> dict[str, Any] | None:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def augment_seed(seed: int, rank: int, step: int) -> int:
+    # Reseeded at every checkpoint step, so a resumed run draws what the uninterrupted run drew.
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+def setup_worker(cfg) -> tuple[torch.device, int, int]:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    threads = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers)
+    torch.set_num_threads(threads)
+    return device, rank, world
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)

@@ -1,0 +1,180 @@
+"""The driver side of training: validate, prepare the run folder, start Ray Train, show progress.
+
+Everything that can be wrong with the user's input is checked here, before Ray
+starts: the config, the parameter budget, the data. Rerunning the same command with
+the same --out resumes from the last checkpoint (Ray Train V2 restores a run from
+its storage path and name); a finished run is not trained again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from cifarray.config import to_dict
+from cifarray.data.cifar import load_cifar100
+from cifarray.data.synth import write_synthetic
+from cifarray.errors import UserError
+from cifarray.models.budget import enforce_budget
+from cifarray.train.common import RunDir, read_metrics
+
+RAY_RUN_NAME = "ray"  # RUN_DIR/ray holds Ray Train's checkpoints; a stable name lets reruns find them
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def _check_resumable(run: RunDir, resolved: dict) -> bool:
+    """True when RUN_DIR already holds this run finished; raises if it holds a different one."""
+    saved = run.read_json("config.json")
+    if saved is None:
+        return False
+    ignore = {"max_failures", "log_every"}  # may change between attempts without changing the result
+    diff = sorted(k for k in set(saved) | set(resolved)
+                  if k not in ignore and saved.get(k) != resolved.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved.get(k)!r}" for k in diff[:4])
+        raise UserError(f"{run.path} holds a run with other settings ({shown}); pass another --out, "
+                        "or rerun with the same settings to resume it")
+    summary = run.read_json("summary.json")
+    return bool(summary and summary.get("status") == "complete")
+
+
+def prepare_run(cfg, model_config) -> tuple[RunDir, dict, bool]:
+    enforce_budget(model_config, cfg.budget)  # an over-budget model never reaches Ray
+    run = RunDir(cfg.out)
+    resolved = to_dict(cfg) | {"out": str(run.path)}
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--out {run.path} exists and is not a folder; choose another --out")
+    done = _check_resumable(run, resolved)
+    if done:
+        return run, resolved, True
+    if cfg.synthetic:
+        write_synthetic(run.data, train_per_class=cfg.synthetic_train_per_class,
+                        test_per_class=cfg.synthetic_test_per_class, seed=cfg.seed)
+    else:
+        load_cifar100(cfg.data_dir, verify=not cfg.no_verify)  # fail here, with the file named, not in a worker
+    if cfg.val_size >= cfg.synthetic_train_per_class * 100 and cfg.synthetic:
+        raise UserError(f"--val-size {cfg.val_size} leaves no training images; lower it")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_json("config.json", resolved)
+    return run, resolved, False
+
+
+def init_ray(cfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # Workers write metrics that the driver renders; their own stdout would interleave with it.
+    kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+
+
+def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
+        progress_keys: tuple[str, ...]) -> dict:
+    """Run training to completion (or resume it) and return summary.json."""
+    run, resolved, done = prepare_run(cfg, model_config)
+    if done:
+        print(f"{run.path}: run already complete; nothing to do (summary.json)")
+        return run.read_json("summary.json")
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(cfg)
+    cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=resolved,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.gpu else {})}),
+        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run.path),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    resumed = run.read_json("last_checkpoint.json")
+    start = f"resuming (last checkpoint written: step {resumed['step']})" if resumed else "starting"
+    print(f"{what}: {start}; {cfg.steps} steps, batch {cfg.batch_size}, {cfg.workers} worker(s) "
+          f"({'GPU' if cfg.gpu else f'{cpus} CPU'} each); run folder {run.path}", flush=True)
+    with Progress(run, cfg.steps, progress_keys):
+        from ray.train import TrainingFailedError
+
+        try:
+            trainer.fit()
+        except TrainingFailedError as exc:
+            raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {exc}") from exc
+    diverged = run.read_json("diverged.json")
+    if diverged:
+        run.path.joinpath("diverged.json").rename(run.path / f"diverged-step{diverged['step']}.json")
+        last = diverged["last_checkpoint_step"]
+        kept = (f"the last good checkpoint (step {last}) is kept in {run.path / RAY_RUN_NAME}" if last
+                else "no checkpoint had been saved yet")
+        raise TrainingDiverged(f"training diverged: loss became {diverged['loss']} at step {diverged['step']}; "
+                               f"{kept}; lower --lr and pass another --out")
+    summary = run.read_json("summary.json")
+    if not summary:
+        raise RuntimeError(f"training ended without writing {run.summary}")
+    return summary
+
+
+class Progress:
+    """Render rank 0's metrics.csv while training runs: a Rich bar on a TTY, plain lines otherwise."""
+
+    def __init__(self, run: RunDir, total: int, keys: tuple[str, ...], interval: float = 1.0):
+        self.run, self.total, self.keys, self.interval = run, total, keys, interval
+        self._stop = threading.Event()
+        self._seen = len(read_metrics(run.metrics))
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.tty = sys.stdout.isatty()
+
+    def __enter__(self) -> "Progress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _fmt(self, row: dict[str, str]) -> str:
+        parts = []
+        for k in self.keys:
+            v = row.get(k, "")
+            if v not in ("", "nan"):
+                parts.append(f"{k} {float(v):.4g}")
+        return "  ".join(parts)
+
+    def _loop(self) -> None:
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            with Bar(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
+                     TimeRemainingColumn(), transient=False) as bar:
+                task = bar.add_task("", total=self.total)
+                while not self._stop.is_set():
+                    self._tick(lambda row: bar.update(task, completed=int(row["step"]), description=self._fmt(row)))
+                    self._stop.wait(self.interval)
+                self._tick(lambda row: bar.update(task, completed=int(row["step"]), description=self._fmt(row)))
+        else:
+            def line(row: dict[str, str]) -> None:
+                print(f"step {int(row['step']):>7d}/{self.total}  {self._fmt(row)}", flush=True)
+            while not self._stop.is_set():
+                self._tick(line, every_row=True)
+                self._stop.wait(self.interval)
+            self._tick(line, every_row=True)
+
+    def _tick(self, show: Callable[[dict[str, str]], None], every_row: bool = False) -> None:
+        rows = read_metrics(self.run.metrics)
+        new = rows[self._seen:] if len(rows) >= self._seen else rows
+        self._seen = len(rows)
+        for row in (new if every_row else new[-1:]):
+            show(row)
