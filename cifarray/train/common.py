@@ -164,6 +164,21 @@ def latest_state() -> dict[str, Any] | None:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
+def restore(components: dict[str, Any]) -> int:
+    """Load the latest Ray Train checkpoint into named stateful components; returns its step (0: none)."""
+    state = latest_state()
+    if state is None:
+        return 0
+    for name, component in components.items():
+        component.load_state_dict(state[name])
+    return int(state["step"])
+
+
+def snapshot(components: dict[str, Any], step: int) -> dict[str, Any]:
+    """Checkpoint state: every component's state_dict, and the step it was taken at."""
+    return {"step": step, **{name: component.state_dict() for name, component in components.items()}}
+
+
 def augment_seed(seed: int, rank: int, step: int) -> int:
     # Reseeded at every checkpoint step, so a resumed run draws what the uninterrupted run drew.
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)

@@ -58,17 +58,10 @@ def train_dcgan(config: dict) -> None:
     fixed_z = torch.randn(GRID, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
     gen = torch.Generator(device=device)
 
-    start = 0
-    state = common.latest_state()
-    if state is not None:
-        g.load_state_dict(state["g"])
-        d.load_state_dict(state["d"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        sampler.load_state_dict(state["sampler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start = int(state["step"])
+    stateful = {"g": g, "d": d, "opt_g": opt_g, "opt_d": opt_d, "sampler": sampler}
+    if ema is not None:
+        stateful["ema"] = ema
+    start = common.restore(stateful)
     gen.manual_seed(common.augment_seed(cfg.seed, rank, start))
     samples_dir = run.path / "samples"
     if rank == 0:
@@ -151,10 +144,7 @@ def train_dcgan(config: dict) -> None:
                 save_grid(ema or g, fixed_z, str(samples_dir / f"step_{step:07d}.png"))
         state = None
         if ckpt_now:
-            state = {"step": step, "g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(),
-                     "opt_d": opt_d.state_dict(), "sampler": sampler.state_dict()}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
+            state = common.snapshot(stateful, step)
             gen.manual_seed(common.augment_seed(cfg.seed, rank, step))
         if ckpt_now or step % cfg.eval_every == 0:  # a report is a round trip to the controller
             common.report(row, state, rank)

@@ -71,14 +71,8 @@ def train_densenet(config: dict) -> None:
                         data.mean, data.std, device=device)
     gen = torch.Generator(device=device)
 
-    start = 0
-    state = common.latest_state()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        start = int(state["step"])
+    stateful = {"model": model, "optimizer": opt, "scheduler": sched, "sampler": sampler}
+    start = common.restore(stateful)
     gen.manual_seed(common.augment_seed(cfg.seed, rank, start))
 
     raw_model = model
@@ -141,8 +135,7 @@ def train_densenet(config: dict) -> None:
             log.append(row)
         state = None
         if ckpt_now:
-            state = {"step": step, "model": raw_model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "sampler": sampler.state_dict()}
+            state = common.snapshot(stateful, step)
             gen.manual_seed(common.augment_seed(cfg.seed, rank, step))
         if ckpt_now or step % cfg.eval_every == 0:  # a report is a round trip to the controller
             common.report({k: v for k, v in row.items() if v == v}, state, rank)

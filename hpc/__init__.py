@@ -1,0 +1,1 @@
+"""Cluster plumbing: Slurm, submitit, per-job Ray clusters. Knows nothing about models or data."""
