@@ -1,0 +1,66 @@
+"""python -m cifarray.eval fid RUN_DIR [--samples N] [--reference test|train] [--inception-weights PATH]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cifarray.errors import UserError, run_cli
+
+
+def fid_command(args: argparse.Namespace) -> int:
+    from cifarray.data.cifar import load_cifar100
+    from cifarray.eval import fid
+    from cifarray.models.dcgan import Generator
+    from cifarray.train.common import RunDir
+    from cifarray.train.config import DCGANTrainConfig
+
+    run = RunDir(args.run_dir)
+    config = run.read_json("config.json")
+    if config is None or not (run.path / "generator.pt").is_file():
+        raise UserError(f"{run.path}: not a finished dcgan run (needs config.json and generator.pt); "
+                        "train one with python -m cifarray.train dcgan")
+    cfg = DCGANTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    if args.samples < 2:
+        raise UserError("--samples must be at least 2")
+    fid.resolve_weights(args.inception_weights)  # fail before any sampling when weights are missing
+    data = load_cifar100(run.data if cfg.synthetic else cfg.data_dir, verify=not (cfg.synthetic or cfg.no_verify))
+    reference = (data.test if args.reference == "test" else data.train).images
+    g = Generator(cfg.model_config())
+    g.load_state_dict(torch.load(run.path / "generator.pt", map_location="cpu", weights_only=True))
+    samples = fid.sample_generator(g, args.samples, cfg.z_dim, seed=args.seed)
+    result = fid.compute(samples, reference, split=args.reference, weights=args.inception_weights,
+                         isc=args.isc, kid=args.kid)
+    summary = run.read_json("summary.json") or {}
+    summary.update({f"{k}": v for k, v in result.items()})
+    summary.update({"fid_samples": args.samples, "fid_reference": args.reference,
+                    "fid_reference_images": int(len(reference)), "fid_synthetic_data": bool(cfg.synthetic)})
+    run.write_json("summary.json", summary)
+    shown = "  ".join(f"{k.upper()} {v:.4g}" for k, v in result.items())
+    print(f"{shown}  ({args.samples} samples vs {len(reference)} {args.reference} images"
+          f"{', procedural data' if cfg.synthetic else ''}); stored in {run.summary}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cifarray.eval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fid", help="FID of a dcgan run's generator against a CIFAR-100 split")
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=int, default=10_000, help="generated samples (default 10,000)")
+    p.add_argument("--reference", choices=("test", "train"), default="test")
+    p.add_argument("--inception-weights", metavar="PATH", help="weights-inception-2015-12-05-6726825d.pth")
+    p.add_argument("--isc", action="store_true", help="also the Inception Score")
+    p.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated noise")
+    p.set_defaults(func=fid_command)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,146 @@
+"""FID through the real torch-fidelity code path, with a local Inception weights file (random weights)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifarray.errors import UserError
+from cifarray.eval import fid
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    """InceptionV3 in torch-fidelity's exact layout with random weights (the real ones cannot be downloaded)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    path = tmp_path_factory.mktemp("weights") / fe.URL_INCEPTION_V3.rsplit("/", 1)[1]
+    saved = fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
+    try:
+        torch.manual_seed(0)
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict = saved
+    # PyTorch's default conv init shrinks activations ~3x per layer: through Inception's depth every
+    # image would map to the same (zero) features. He init keeps random features informative.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFARRAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no hub cache: only explicit weights
+
+
+def images(seed: int, n: int = 64, shift: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 200, (n, 3, 32, 32)) + shift
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.slow
+def test_fid_of_a_set_against_itself_is_zero_and_different_sets_differ(inception_weights):
+    a = images(0)
+    same = fid.compute(torch.from_numpy(a), a, split="t", weights=inception_weights)["fid"]
+    assert abs(same) < 1e-2
+    other = fid.compute(torch.from_numpy(images(1, shift=55)), a, split="t", weights=inception_weights)["fid"]
+    assert other > 1.0 and other > 100 * abs(same)
+
+
+class Exploding(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        raise AssertionError("reference images were read again: the cache was not used")
+
+
+@pytest.mark.slow
+def test_second_evaluation_uses_the_reference_cache(inception_weights, monkeypatch):
+    ref = images(2)
+    first = fid.compute(torch.from_numpy(images(3)), ref, split="t", weights=inception_weights)["fid"]
+    cached = list((fid.cache_dir() / "fidelity").glob("cifarray-t-*"))
+    assert cached, "no reference statistics were cached"
+    real = fid.UInt8Images
+    # The second evaluation must not touch the reference images at all.
+    monkeypatch.setattr(fid, "UInt8Images", lambda x: Exploding() if x is ref else real(x))
+    second = fid.compute(torch.from_numpy(images(3)), ref, split="t", weights=inception_weights)["fid"]
+    assert second == pytest.approx(first, rel=1e-6)
+
+
+def test_offline_without_weights_is_a_clean_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError, match=r"not available offline .* put weights-inception-2015-12-05-6726825d\.pth in"):
+        fid.resolve_weights(None)
+
+
+def test_crafted_weights_file_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(pickle.dumps({"Conv2d_1a_3x3.conv.weight": Evil()}))
+    with pytest.raises(UserError, match="not a plain PyTorch weights file"):
+        fid.resolve_weights(bad)
+    assert not marker.exists()
+    with pytest.raises(UserError, match="no such file"):
+        fid.resolve_weights(tmp_path / "missing.pth")
+
+
+def fake_dcgan_run(root: Path) -> Path:
+    """A run folder as `cifarray.train dcgan` leaves it (untrained generator: FID is still computable)."""
+    from cifarray.config import to_dict
+    from cifarray.data.synth import write_synthetic
+    from cifarray.models.dcgan import Generator
+    from cifarray.train.common import RunDir
+    from cifarray.train.config import DCGANTrainConfig
+
+    run = RunDir(root)
+    run.path.mkdir(parents=True)
+    cfg = DCGANTrainConfig(synthetic=True, synthetic_train_per_class=2, synthetic_test_per_class=1, out=str(root))
+    write_synthetic(run.data, train_per_class=2, test_per_class=1)
+    run.write_json("config.json", to_dict(cfg))
+    run.write_json("summary.json", {"model": "dcgan", "status": "complete"})
+    torch.save(Generator(cfg.model_config()).state_dict(), run.path / "generator.pt")
+    return run.path
+
+
+@pytest.mark.slow
+def test_eval_fid_cli_stores_results_and_fails_cleanly_without_weights(tmp_path, inception_weights):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = fake_dcgan_run(tmp_path / "gan")
+    env = {**os.environ, "CIFARRAY_OFFLINE": "1"}
+    ok = subprocess.run([sys.executable, "-m", "cifarray.eval", "fid", str(run), "--samples", "50",
+                         "--inception-weights", str(inception_weights)], capture_output=True, text=True, cwd=REPO,
+                        env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["fid"] > 0 and summary["fid_samples"] == 50 and summary["fid_reference"] == "test"
+    assert summary["fid_reference_images"] == 100 and "FID" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "cifarray.eval", "fid", str(run), "--samples", "50"],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: Inception weights for FID are not available offline")
+    assert len(bad.stderr.strip().splitlines()) == 1
