@@ -32,6 +32,10 @@ def train_cmd(job: str, out: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "cifarray.train", job, "--out", str(out), *args]
 
 
+def run_train(job: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(job, out, *args), capture_output=True, text=True, cwd=REPO)
+
+
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
@@ -75,7 +79,7 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     # The must-show command's budget (300 steps, batch 128, basic augmentation) on a model small enough
     # for CI; the paper model takes ~3 s/step on 2 CPU cores.
     args = [*TINY, "--steps", "300", "--batch-size", "128", "--checkpoint-every", "100", "--eval-every", "100"]
-    result = subprocess.run(train_cmd("densenet", out, *args), capture_output=True, text=True, cwd=REPO)
+    result = run_train("densenet", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     got = summary(out)
     for key in ("model", "params", "steps", "workers", "batch_size", "seconds", "images_per_s", "train_acc",
@@ -94,9 +98,8 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
 @pytest.mark.slow
 def test_two_cpu_workers_run_real_ddp(tmp_path):
     out = tmp_path / "ddp"
-    result = subprocess.run(train_cmd("densenet", out, *TINY, "--workers", "2", "--steps", "80", "--batch-size", "64",
-                                      "--eval-every", "40", "--checkpoint-every", "40"),
-                            capture_output=True, text=True, cwd=REPO)
+    result = run_train("densenet", out, *TINY, "--workers", "2", "--steps", "80", "--batch-size", "64",
+                       "--eval-every", "40", "--checkpoint-every", "40")
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["pid"] != ranks[1]["pid"]  # two processes
@@ -164,10 +167,9 @@ def grid_images(path: Path) -> torch.Tensor:
 @pytest.mark.slow
 def test_dcgan_samples_move_away_from_noise(tmp_path):
     out = tmp_path / "gan"
-    result = subprocess.run(train_cmd("dcgan", out, "--synthetic", "--synthetic-train-per-class", "40",
-                                      "--synthetic-test-per-class", "5", "--val-size", "500", "--steps", "300",
-                                      "--batch-size", "64", "--eval-every", "150", "--checkpoint-every", "150"),
-                            capture_output=True, text=True, cwd=REPO)
+    result = run_train("dcgan", out, "--synthetic", "--synthetic-train-per-class", "40",
+                       "--synthetic-test-per-class", "5", "--val-size", "500", "--steps", "300",
+                       "--batch-size", "64", "--eval-every", "150", "--checkpoint-every", "150")
     assert result.returncode == 0, result.stderr[-3000:]
     got = summary(out)
     assert got["params_g"] == 435_427 and got["params_d"] == 175_313 and got["steps"] == 300
@@ -193,9 +195,8 @@ def test_over_budget_model_is_refused_before_ray(tmp_path):
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     out = tmp_path / "nan"
-    result = subprocess.run(train_cmd("densenet", out, *TINY, "--steps", "60", "--batch-size", "64", "--lr", "1e6",
-                                      "--log-every", "5", "--checkpoint-every", "5"),
-                            capture_output=True, text=True, cwd=REPO)
+    result = run_train("densenet", out, *TINY, "--steps", "60", "--batch-size", "64", "--lr", "1e6",
+                       "--log-every", "5", "--checkpoint-every", "5")
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: training diverged: loss became") and "Traceback" not in result.stderr

@@ -13,7 +13,6 @@ import argparse
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch

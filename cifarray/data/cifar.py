@@ -11,7 +11,6 @@ one-line error that names it and never a silent mistake.
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path

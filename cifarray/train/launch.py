@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
-from pathlib import Path
 from typing import Callable
 
 from cifarray.config import to_dict
