@@ -122,6 +122,10 @@ def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
     summary = run.read_json("summary.json")
     if not summary:
         raise RuntimeError(f"training ended without writing {run.summary}")
+    from cifarray.report import make_report
+
+    figures = make_report(run.path)  # the same as `python -m cifarray.report RUN_DIR`
+    print(f"figures and tables: {', '.join(p.name for p in figures)} in {run.path}")
     return summary
 
 

@@ -1,0 +1,91 @@
+"""python -m cifarray.report regenerates every figure and table of a densenet and a dcgan run."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cifarray.config import to_dict
+from cifarray.data.synth import write_synthetic
+from cifarray.models.dcgan import Generator
+from cifarray.models.densenet import DenseNet
+from cifarray.train.common import MetricsLog, RunDir
+from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
+from cifarray.train.dcgan import METRIC_FIELDS as GAN_FIELDS
+from cifarray.train.densenet import METRIC_FIELDS as DENSENET_FIELDS
+from conftest import run_module
+
+
+def finished_run(root: Path, cfg, model: torch.nn.Module, weights: str, fields: list[str], row) -> Path:
+    """A run folder as the trainers leave it (untrained weights: the figures do not depend on quality)."""
+    run = RunDir(root)
+    run.path.mkdir(parents=True)
+    write_synthetic(run.data, train_per_class=cfg.synthetic_train_per_class,
+                    test_per_class=cfg.synthetic_test_per_class)
+    run.write_json("config.json", to_dict(cfg))
+    run.write_json("summary.json", {"model": "dcgan" if weights == "generator.pt" else "densenet",
+                                    "status": "complete"})
+    torch.save(model.state_dict(), run.path / weights)
+    log = MetricsLog(run.metrics, fields)
+    for step in (10, 20, 30):
+        log.append(row(step))
+    return run.path
+
+
+@pytest.fixture
+def densenet_run(tmp_path) -> Path:
+    cfg = DenseNetTrainConfig(synthetic=True, synthetic_train_per_class=12, synthetic_test_per_class=3, val_size=200,
+                              growth_rate=4, blocks=(2, 2), init_channels=8, out=str(tmp_path / "dn"))
+    return finished_run(tmp_path / "dn", cfg, DenseNet(cfg.model_config()), "model.pt", DENSENET_FIELDS,
+                        lambda s: {"step": s, "loss": 4 - s / 10, "train_acc": s / 100, "val_acc": s / 120})
+
+
+@pytest.fixture
+def dcgan_run(tmp_path) -> Path:
+    cfg = DCGANTrainConfig(synthetic=True, synthetic_train_per_class=2, synthetic_test_per_class=1, val_size=50,
+                           out=str(tmp_path / "gan"))
+    return finished_run(tmp_path / "gan", cfg, Generator(cfg.model_config()), "generator.pt", GAN_FIELDS,
+                        lambda s: {"step": s, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.7, "d_fake": 0.3})
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.verify()  # a valid PNG, not just a file
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_densenet_report(densenet_run):
+    result = run_module("cifarray.report", str(densenet_run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert png_size(densenet_run / "curves.png") == (1000, 400)
+    assert png_size(densenet_run / "inference.png") == (1000, 1100)
+    with open(densenet_run / "per_class_accuracy.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 100 and sum(int(r["test_images"]) for r in rows) == 300
+    with open(densenet_run / "confused_pairs.csv") as fh:
+        pairs = list(csv.DictReader(fh))
+    assert len(pairs) == 10
+    totals = [int(p["total"]) for p in pairs]
+    assert totals == sorted(totals, reverse=True) and all(p["class_a"] != p["class_b"] for p in pairs)
+    assert all(int(p["a_as_b"]) + int(p["b_as_a"]) == int(p["total"]) for p in pairs)
+
+
+def test_dcgan_report(dcgan_run):
+    result = run_module("cifarray.report", str(dcgan_run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert png_size(dcgan_run / "curves.png") == (1000, 400)
+    assert png_size(dcgan_run / "samples.png") == (274, 274)  # 8 x 8 images of 32 px, 2 px padding
+    assert png_size(dcgan_run / "interpolation.png") == (342, 274)  # 8 rows x 10 interpolants
+
+
+def test_report_errors_are_one_line(tmp_path):
+    result = run_module("cifarray.report", str(tmp_path / "nope"))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "no such run folder" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = run_module("cifarray.report", str(tmp_path / "empty"))
+    assert result.returncode == 2 and "no config.json" in result.stderr
