@@ -144,3 +144,29 @@ def test_eval_fid_cli_stores_results_and_fails_cleanly_without_weights(tmp_path,
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("error: Inception weights for FID are not available offline")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_fid_during_gan_training_keeps_the_best_generator(tmp_path, inception_weights):
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "gan"
+    result = subprocess.run(
+        [sys.executable, "-m", "cifarray.train", "dcgan", "--synthetic", "--synthetic-train-per-class", "20",
+         "--synthetic-test-per-class", "2", "--val-size", "200", "--steps", "100", "--batch-size", "32",
+         "--eval-every", "50", "--checkpoint-every", "50", "--fid-samples", "40",
+         "--inception-weights", str(inception_weights), "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / "metrics.csv") as fh:
+        fids = {int(r["step"]): r["fid"] for r in csv.DictReader(fh) if r["fid"]}
+    assert sorted(fids) == [50, 100] and all(float(v) > 0 for v in fids.values())
+    summary = json.loads((out / "summary.json").read_text())
+    best_step = min(fids, key=lambda s: float(fids[s]))
+    assert summary["best_fid_step"] == best_step and summary["best_fid"] == pytest.approx(float(fids[best_step]), rel=1e-4)
+    assert (out / "generator_best.pt").is_file() and "every 50 steps, 40 samples" in summary["fid_during_training"]

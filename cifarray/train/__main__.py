@@ -44,11 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("loss", "train_acc", "val_acc", "images_per_s"))
         keys = ("params", "steps", "seconds", "images_per_s", "val_acc", "test_acc")
     else:
-        from cifarray.train.dcgan import train_dcgan
+        from cifarray.train.dcgan import fid_weights_for_training, train_dcgan
 
         summary = launch.fit(cfg, train_dcgan, cfg.model_config(), "dcgan",
-                             ("loss_d", "loss_g", "d_real", "d_fake", "images_per_s"))
-        keys = ("params_g", "params_d", "steps", "seconds", "images_per_s")
+                             ("loss_d", "loss_g", "d_real", "d_fake", "fid", "images_per_s"),
+                             extra={"_fid_weights": fid_weights_for_training(cfg)})
+        keys = ("params_g", "params_d", "steps", "seconds", "images_per_s", "best_fid", "best_fid_step")
     print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 

@@ -114,6 +114,10 @@ class DCGANTrainConfig(CommonConfig):
     ema: float = opt(0.0, "decay of an EMA of generator weights used for samples (0 = off, e.g. 0.999)")
     flip: bool = opt(True, "random horizontal flips of real images")
     eval_every: int = opt(1000, "steps between sample grids")
+    fid_every: int = opt(0, "steps between FID evaluations while training (0: every --eval-every when Inception "
+                            "weights are available; -1: off)")
+    fid_samples: int = opt(2000, "generated samples per FID during training (python -m cifarray.eval fid: 10,000)")
+    inception_weights: str | None = opt(None, "Inception weights file for FID (else torch hub's cache)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,6 +127,8 @@ class DCGANTrainConfig(CommonConfig):
             raise UserError("--lr-g/--lr-d must be > 0, --beta1 and --ema in [0, 1)")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError("--label-smoothing must be in [0, 0.5)")
+        if self.fid_every < -1 or self.fid_samples < 2:
+            raise UserError("--fid-every must be -1, 0 or a step count, and --fid-samples at least 2")
         self.model_config()
 
     def model_config(self) -> DCGANConfig:

@@ -23,7 +23,7 @@ from cifarray.models.dcgan import Discriminator, Generator, discriminator_params
 from cifarray.train import common
 from cifarray.train.config import DCGANTrainConfig
 
-METRIC_FIELDS = ["step", "loss_d", "loss_g", "d_real", "d_fake", "lr_g", "images_per_s", "seconds", "attempt"]
+METRIC_FIELDS = ["step", "loss_d", "loss_g", "d_real", "d_fake", "fid", "lr_g", "images_per_s", "seconds", "attempt"]
 GRID = 64  # 8 x 8 samples
 
 
@@ -39,14 +39,35 @@ def save_grid(g: torch.nn.Module, z: torch.Tensor, path: str) -> None:
     g.train(was)
 
 
+def fid_weights_for_training(cfg: DCGANTrainConfig) -> str | None:
+    """Driver side: the safe Inception weights for FID during training, or None (with a notice) if unavailable."""
+    from cifarray.errors import UserError
+    from cifarray.eval import fid
+
+    if cfg.fid_every == -1:
+        return None
+    try:
+        return str(fid.resolve_weights(cfg.inception_weights)[0])
+    except UserError as exc:
+        if cfg.inception_weights:
+            raise  # asked for explicitly: a wrong path is an error
+        print(f"FID during training: off ({exc})", flush=True)
+        return None
+
+
 def train_dcgan(config: dict) -> None:
     import ray.train.torch
 
-    cfg = DCGANTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    fid_weights = config.get("_fid_weights")
+    cfg = DCGANTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+                              if not k.startswith("_")})
     run = common.RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
     attempt = common.next_attempt(run) if rank == 0 else 0
-    train = prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device).train
+    prepared = prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
+    train = prepared.train
+    fid_every = 0 if fid_weights is None else (cfg.fid_every or cfg.eval_every)
+    best = run.read_json("best_fid.json")  # survives restarts: the best generator so far is kept
     mc = cfg.model_config()
 
     torch.manual_seed(cfg.seed)
@@ -139,6 +160,16 @@ def train_dcgan(config: dict) -> None:
                "lr_g": cfg.lr_g, "images_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9),
                "seconds": elapsed, "attempt": attempt}
         if rank == 0:
+            if fid_every and (step % fid_every == 0 or is_last):
+                from cifarray.eval import fid as fid_lib
+
+                samples = fid_lib.sample_generator(ema or g, cfg.fid_samples, cfg.z_dim, seed=cfg.seed)
+                row["fid"] = fid_lib.compute(samples, prepared.test.images.cpu().numpy(), split="test",
+                                             weights=fid_weights)["fid"]
+                if best is None or row["fid"] < best["fid"]:
+                    best = {"step": step, "fid": row["fid"], "samples": cfg.fid_samples, "reference": "test"}
+                    torch.save((ema or g).state_dict(), run.path / "generator_best.pt")
+                    run.write_json("best_fid.json", best)
             log.append(row)
             if step % cfg.eval_every == 0 or is_last:
                 save_grid(ema or g, fixed_z, str(samples_dir / f"step_{step:07d}.png"))
@@ -165,6 +196,10 @@ def train_dcgan(config: dict) -> None:
             "steps": cfg.steps, "workers": world, "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
             "images_per_s": round(cfg.steps * cfg.batch_size / max(seconds, 1e-9), 1),
             "loss": cfg.loss, "ema": cfg.ema, "samples": str(samples_dir), "seed": cfg.seed,
+            "best_fid": best and best["fid"], "best_fid_step": best and best["step"],
+            "fid_during_training": (f"every {fid_every} steps, {cfg.fid_samples} samples vs the test split"
+                                    + (" (procedural data)" if cfg.synthetic else "")) if fid_every
+            else "off (no Inception weights)",
             "final": {k: float(rows[-1][k]) for k in ("loss_d", "loss_g", "d_real", "d_fake")} if rows else {},
             **common.provenance(device),
         })

@@ -79,7 +79,7 @@ def init_ray(cfg) -> None:
 
 
 def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
-        progress_keys: tuple[str, ...]) -> dict:
+        progress_keys: tuple[str, ...], extra: dict | None = None) -> dict:
     """Run training to completion (or resume it) and return summary.json."""
     run, resolved, done = prepare_run(cfg, model_config)
     if done:
@@ -93,7 +93,7 @@ def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
     cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config=resolved,
+        train_loop_config={**resolved, **(extra or {})},  # extra keys start with "_": not part of the config
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.gpu else {})}),
         run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run.path),
