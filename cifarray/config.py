@@ -120,3 +120,8 @@ def resolve(cls: type, file_values: dict[str, Any] | None = None, cli_values: di
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """The inverse of `to_dict` (a saved config.json); keys starting with "_" are not config."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if not k.startswith("_")})

@@ -56,6 +56,7 @@ def _curves(run, rows: list[dict], panels: list[tuple[str, list[str]]], title: s
 
 
 def _load(run):
+    from cifarray.config import from_dict
     from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
 
     config = run.read_json("config.json")
@@ -64,21 +65,15 @@ def _load(run):
         raise UserError(f"{run.path}: no config.json; pass a run folder made by python -m cifarray.train")
     model = summary.get("model") or ("dcgan" if "lr_g" in config else "densenet")
     cls = DCGANTrainConfig if model == "dcgan" else DenseNetTrainConfig
-    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    cfg = from_dict(cls, config)
     return model, cfg, summary
-
-
-def _data(run, cfg):
-    from cifarray.data.cifar import load_cifar100
-
-    return load_cifar100(run.data if cfg.synthetic else cfg.data_dir, verify=not (cfg.synthetic or cfg.no_verify))
 
 
 def densenet_report(run, cfg) -> list[Path]:
     from cifarray.data.augment import AugmentConfig, DeviceAugment
     from cifarray.data.loader import prepare
     from cifarray.models.densenet import DenseNet
-    from cifarray.train.common import read_metrics
+    from cifarray.train.common import load_data, read_metrics
     from cifarray.train.densenet import evaluate
 
     weights = run.path / "model.pt"
@@ -87,7 +82,7 @@ def densenet_report(run, cfg) -> list[Path]:
     tag = " (procedural data)" if cfg.synthetic else ""
     out = [_curves(run, read_metrics(run.metrics), [("loss", ["loss"]), ("accuracy", ["train_acc", "val_acc"])],
                    f"DenseNet k={cfg.growth_rate} blocks={','.join(map(str, cfg.blocks))}{tag}")]
-    data = prepare(_data(run, cfg), val_size=cfg.val_size, seed=cfg.seed)
+    data = prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed)
     model = DenseNet(cfg.model_config())
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     aug = DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std)

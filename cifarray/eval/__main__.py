@@ -11,10 +11,10 @@ from cifarray.errors import UserError, run_cli
 
 
 def fid_command(args: argparse.Namespace) -> int:
-    from cifarray.data.cifar import load_cifar100
+    from cifarray.config import from_dict
     from cifarray.eval import fid
     from cifarray.models.dcgan import Generator
-    from cifarray.train.common import RunDir
+    from cifarray.train.common import RunDir, load_data
     from cifarray.train.config import DCGANTrainConfig
 
     run = RunDir(args.run_dir)
@@ -22,11 +22,11 @@ def fid_command(args: argparse.Namespace) -> int:
     if config is None or not (run.path / "generator.pt").is_file():
         raise UserError(f"{run.path}: not a finished dcgan run (needs config.json and generator.pt); "
                         "train one with python -m cifarray.train dcgan")
-    cfg = DCGANTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    cfg = from_dict(DCGANTrainConfig, config)
     if args.samples < 2:
         raise UserError("--samples must be at least 2")
     fid.resolve_weights(args.inception_weights)  # fail before any sampling when weights are missing
-    data = load_cifar100(run.data if cfg.synthetic else cfg.data_dir, verify=not (cfg.synthetic or cfg.no_verify))
+    data = load_data(cfg)
     reference = (data.test if args.reference == "test" else data.train).images
     g = Generator(cfg.model_config())
     g.load_state_dict(torch.load(run.path / "generator.pt", map_location="cpu", weights_only=True))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
+from cifarray.config import from_dict
 from cifarray.data.loader import ShardedBatches, prepare
 from cifarray.models.dcgan import Discriminator, Generator, discriminator_params, generator_params
 from cifarray.train import common
@@ -59,8 +60,7 @@ def train_dcgan(config: dict) -> None:
     import ray.train.torch
 
     fid_weights = config.get("_fid_weights")
-    cfg = DCGANTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
-                              if not k.startswith("_")})
+    cfg = from_dict(DCGANTrainConfig, config)
     run = common.RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
     attempt = common.next_attempt(run) if rank == 0 else 0

@@ -8,6 +8,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cifarray.config import from_dict
 from cifarray.data.augment import AugmentConfig, DeviceAugment
 from cifarray.data.loader import DeviceSplit, ShardedBatches, prepare
 from cifarray.models.densenet import DenseNet, param_count
@@ -55,7 +56,7 @@ def evaluate(model: torch.nn.Module, split: DeviceSplit, augment: DeviceAugment,
 def train_densenet(config: dict) -> None:
     import ray.train.torch
 
-    cfg = DenseNetTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    cfg = from_dict(DenseNetTrainConfig, config)
     run = common.RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
     attempt = common.next_attempt(run) if rank == 0 else 0
