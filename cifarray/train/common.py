@@ -164,6 +164,15 @@ def latest_state() -> dict[str, Any] | None:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
+def stop_diverged(run: RunDir, step: int, loss: float, rank: int) -> None:
+    """Record a NaN/inf loss for the driver to report, and end this rank's loop cleanly (all ranks call)."""
+    if rank == 0:
+        last = run.read_json("last_checkpoint.json")
+        run.write_json("diverged.json", {"step": step, "loss": str(loss),
+                                         "last_checkpoint_step": last and last["step"]})
+    report({"step": step, "diverged": 1}, None, rank)
+
+
 def restore(components: dict[str, Any]) -> int:
     """Load the latest Ray Train checkpoint into named stateful components; returns its step (0: none)."""
     state = latest_state()

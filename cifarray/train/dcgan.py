@@ -150,11 +150,7 @@ def train_dcgan(config: dict) -> None:
         means = [v / (window_steps * world) for v in common.all_reduce_sum(sums.tolist(), device)]
         elapsed = time.perf_counter() - window_start
         if not all(math.isfinite(v) for v in means):
-            if rank == 0:
-                last = run.read_json("last_checkpoint.json")
-                run.write_json("diverged.json", {"step": step, "loss": str(means[0]),
-                                                 "last_checkpoint_step": last and last["step"]})
-            common.report({"step": step, "diverged": 1}, None, rank)
+            common.stop_diverged(run, step, means[0] if not math.isfinite(means[0]) else means[1], rank)
             return
         row = {"step": step, "loss_d": means[0], "loss_g": means[1], "d_real": means[2], "d_fake": means[3],
                "lr_g": cfg.lr_g, "images_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9),

@@ -121,10 +121,7 @@ def train_densenet(config: dict) -> None:
         elapsed = time.perf_counter() - window_start
         mean_loss = loss_total / max(1, window_steps * world)
         if not math.isfinite(mean_loss):
-            if rank == 0:
-                run.write_json("diverged.json", {"step": step, "loss": str(mean_loss),
-                                                 "last_checkpoint_step": start_or_last(run)})
-            common.report({"step": step, "diverged": 1}, None, rank)
+            common.stop_diverged(run, step, mean_loss, rank)
             return
         if step % cfg.eval_every == 0 or is_last:
             val_acc = evaluate(raw_model, data.val, aug, device)[0] if rank == 0 else float("nan")
@@ -151,11 +148,6 @@ def train_densenet(config: dict) -> None:
     common.write_worker_info(run, rank, params_sha256=common.params_sha256(raw_model), final_step=cfg.steps)
     if rank == 0:
         _finish(cfg, run, raw_model, data, aug, device, world)
-
-
-def start_or_last(run: common.RunDir) -> int | None:
-    last = run.read_json("last_checkpoint.json")
-    return None if last is None else last["step"]
 
 
 def _finish(cfg, run, model, data, aug, device, world) -> None:
