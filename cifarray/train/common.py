@@ -39,9 +39,10 @@ class RunDir:
     data = property(lambda self: self.path / "data")
 
     def write_json(self, name: str, obj: Any) -> None:
-        tmp = self.path / f".{name}.tmp"
+        target = self.path / name
+        tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path / name)  # readers never see half a file
+        os.replace(tmp, target)  # readers never see half a file
 
     def read_json(self, name: str) -> dict | None:
         p = self.path / name
@@ -127,12 +128,8 @@ def params_sha256(model: torch.nn.Module) -> str:
 def write_worker_info(run: RunDir, rank: int, **info: Any) -> None:
     """workers/rank{r}.json: PID, host and state of each worker (for operators, py-spy, and tests)."""
     run.workers.mkdir(exist_ok=True)
-    path = run.workers / f"rank{rank}.json"
-    current = json.loads(path.read_text()) if path.is_file() else {}
-    current.update(info, updated=time.time())
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2))
-    os.replace(tmp, path)
+    name = f"workers/rank{rank}.json"
+    run.write_json(name, {**(run.read_json(name) or {}), **info, "updated": time.time()})
 
 
 def next_attempt(run: RunDir) -> int:

@@ -8,6 +8,7 @@ its storage path and name); a finished run is not trained again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -53,12 +54,12 @@ def prepare_run(cfg, model_config) -> tuple[RunDir, dict, bool]:
     if done:
         return run, resolved, True
     if cfg.synthetic:
+        if cfg.val_size >= cfg.synthetic_train_per_class * 100:
+            raise UserError(f"--val-size {cfg.val_size} leaves no training images; lower it")
         write_synthetic(run.data, train_per_class=cfg.synthetic_train_per_class,
                         test_per_class=cfg.synthetic_test_per_class, seed=cfg.seed)
     else:
         load_cifar100(cfg.data_dir, verify=not cfg.no_verify)  # fail here, with the file named, not in a worker
-    if cfg.val_size >= cfg.synthetic_train_per_class * 100 and cfg.synthetic:
-        raise UserError(f"--val-size {cfg.val_size} leaves no training images; lower it")
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", resolved)
     return run, resolved, False
@@ -159,20 +160,24 @@ class Progress:
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
-            with Bar(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
-                     TimeRemainingColumn(), transient=False) as bar:
-                task = bar.add_task("", total=self.total)
-                while not self._stop.is_set():
-                    self._tick(lambda row: bar.update(task, completed=int(row["step"]), description=self._fmt(row)))
-                    self._stop.wait(self.interval)
-                self._tick(lambda row: bar.update(task, completed=int(row["step"]), description=self._fmt(row)))
+            display = Bar(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+                          TextColumn("{task.description}"), TimeRemainingColumn(), transient=False)
+            task = display.add_task("", total=self.total)
+
+            def show(row: dict[str, str]) -> None:
+                display.update(task, completed=int(row["step"]), description=self._fmt(row))
         else:
-            def line(row: dict[str, str]) -> None:
+            display = contextlib.nullcontext()
+
+            def show(row: dict[str, str]) -> None:
                 print(f"step {int(row['step']):>7d}/{self.total}  {self._fmt(row)}", flush=True)
-            while not self._stop.is_set():
-                self._tick(line, every_row=True)
+        with display:
+            while True:
+                stopping = self._stop.is_set()
+                self._tick(show, every_row=not self.tty)  # a bar shows the newest row; logs show every row
+                if stopping:
+                    return  # that was the last look, after training ended
                 self._stop.wait(self.interval)
-            self._tick(line, every_row=True)
 
     def _tick(self, show: Callable[[dict[str, str]], None], every_row: bool = False) -> None:
         rows = read_metrics(self.run.metrics)
