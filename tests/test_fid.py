@@ -51,9 +51,10 @@ def images(seed: int, n: int = 64, shift: int = 0) -> np.ndarray:
 @pytest.mark.slow
 def test_fid_of_a_set_against_itself_is_zero_and_different_sets_differ(inception_weights):
     a = images(0)
-    same = fid.compute(torch.from_numpy(a), a, split="t", weights=inception_weights)["fid"]
+    weights = fid.resolve_weights(inception_weights)
+    same = fid.compute(torch.from_numpy(a), a, split="t", weights=weights)["fid"]
     assert abs(same) < 1e-2
-    other = fid.compute(torch.from_numpy(images(1, shift=55)), a, split="t", weights=inception_weights)["fid"]
+    other = fid.compute(torch.from_numpy(images(1, shift=55)), a, split="t", weights=weights)["fid"]
     assert other > 1.0 and other > 100 * abs(same)
 
 
@@ -68,13 +69,14 @@ class Exploding(torch.utils.data.Dataset):
 @pytest.mark.slow
 def test_second_evaluation_uses_the_reference_cache(inception_weights, monkeypatch):
     ref = images(2)
-    first = fid.compute(torch.from_numpy(images(3)), ref, split="t", weights=inception_weights)["fid"]
+    weights = fid.resolve_weights(inception_weights)
+    first = fid.compute(torch.from_numpy(images(3)), ref, split="t", weights=weights)["fid"]
     cached = list((fid.cache_dir() / "fidelity").glob("cifarray-t-*"))
     assert cached, "no reference statistics were cached"
     real = fid.UInt8Images
     # The second evaluation must not touch the reference images at all.
     monkeypatch.setattr(fid, "UInt8Images", lambda x: Exploding() if x is ref else real(x))
-    second = fid.compute(torch.from_numpy(images(3)), ref, split="t", weights=inception_weights)["fid"]
+    second = fid.compute(torch.from_numpy(images(3)), ref, split="t", weights=weights)["fid"]
     assert second == pytest.approx(first, rel=1e-6)
 
 

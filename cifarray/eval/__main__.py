@@ -25,13 +25,13 @@ def fid_command(args: argparse.Namespace) -> int:
     cfg = from_dict(DCGANTrainConfig, config)
     if args.samples < 2:
         raise UserError("--samples must be at least 2")
-    fid.resolve_weights(args.inception_weights)  # fail before any sampling when weights are missing
+    weights = fid.resolve_weights(args.inception_weights)  # before any sampling: missing weights fail fast
     data = load_data(cfg)
     reference = (data.test if args.reference == "test" else data.train).images
     g = Generator(cfg.model_config())
     g.load_state_dict(torch.load(run.path / "generator.pt", map_location="cpu", weights_only=True))
     samples = fid.sample_generator(g, args.samples, cfg.z_dim, seed=args.seed)
-    result = fid.compute(samples, reference, split=args.reference, weights=args.inception_weights,
+    result = fid.compute(samples, reference, split=args.reference, weights=weights,
                          isc=args.isc, kid=args.kid)
     summary = run.read_json("summary.json") or {}
     summary.update({f"{k}": v for k, v in result.items()})

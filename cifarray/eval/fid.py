@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,8 +56,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_weights(path: str | Path | None) -> tuple[Path, str]:
-    """Return (path of a safe copy of the Inception weights, their sha256)."""
+class InceptionWeights(NamedTuple):
+    path: Path  # our safe copy, the file torch-fidelity loads
+    sha256: str  # of the original file: names the safe copy and the cached reference statistics
+
+
+def resolve_weights(path: str | Path | None) -> InceptionWeights:
+    """Find, check and safely copy the Inception weights, once per run: hashing them reads ~100 MB."""
     hub_file = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
     if path is not None:
         source = Path(path).expanduser()
@@ -89,7 +95,7 @@ def resolve_weights(path: str | Path | None) -> tuple[Path, str]:
         tmp = safe.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, safe)
-    return safe, digest
+    return InceptionWeights(safe, digest)
 
 
 def reference_name(images: np.ndarray, split: str, weights_sha: str) -> str:
@@ -97,17 +103,16 @@ def reference_name(images: np.ndarray, split: str, weights_sha: str) -> str:
     return f"cifarray-{split}-{content}-inception-{weights_sha[:12]}"
 
 
-def compute(generated: torch.Tensor, reference: np.ndarray, *, split: str, weights: str | Path | None,
+def compute(generated: torch.Tensor, reference: np.ndarray, *, split: str, weights: InceptionWeights,
             isc: bool = False, kid: bool = False, batch_size: int = 200) -> dict[str, float]:
     """FID (and optionally IS, KID) of uint8 `generated` against uint8 `reference` images."""
     import torch_fidelity
 
-    weights_path, weights_sha = resolve_weights(weights)
     kid_subset = min(1000, len(generated), len(reference))
     metrics = torch_fidelity.calculate_metrics(
         input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, isc=isc, kid=kid,
-        kid_subset_size=kid_subset, feature_extractor_weights_path=str(weights_path),
-        cache_root=str(cache_dir() / "fidelity"), input2_cache_name=reference_name(reference, split, weights_sha),
+        kid_subset_size=kid_subset, feature_extractor_weights_path=str(weights.path),
+        cache_root=str(cache_dir() / "fidelity"), input2_cache_name=reference_name(reference, split, weights.sha256),
         cuda=torch.cuda.is_available(), batch_size=batch_size, verbose=False, save_cpu_ram=True)
     out = {"fid": float(metrics["frechet_inception_distance"])}
     if isc:

@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +41,18 @@ def save_grid(g: torch.nn.Module, z: torch.Tensor, path: str) -> None:
     g.train(was)
 
 
-def fid_weights_for_training(cfg: DCGANTrainConfig) -> str | None:
-    """Driver side: the safe Inception weights for FID during training, or None (with a notice) if unavailable."""
+def fid_weights_for_training(cfg: DCGANTrainConfig) -> list[str] | None:
+    """Driver side: [safe weights path, sha256] for FID during training, or None (with a notice) if unavailable.
+
+    Resolved once here, so workers neither re-hash the file at every evaluation nor cache the
+    reference statistics a second time under the safe copy's hash."""
     from cifarray.errors import UserError
     from cifarray.eval import fid
 
     if cfg.fid_every == -1:
         return None
     try:
-        return str(fid.resolve_weights(cfg.inception_weights)[0])
+        return [str(p) for p in fid.resolve_weights(cfg.inception_weights)]
     except UserError as exc:
         if cfg.inception_weights:
             raise  # asked for explicitly: a wrong path is an error
@@ -59,7 +63,7 @@ def fid_weights_for_training(cfg: DCGANTrainConfig) -> str | None:
 def train_dcgan(config: dict) -> None:
     import ray.train.torch
 
-    fid_weights = config.get("_fid_weights")
+    fid_weights = config.get("_fid_weights")  # [path, sha256] from fid_weights_for_training
     cfg = from_dict(DCGANTrainConfig, config)
     run = common.RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
@@ -160,8 +164,9 @@ def train_dcgan(config: dict) -> None:
                 from cifarray.eval import fid as fid_lib
 
                 samples = fid_lib.sample_generator(ema or g, cfg.fid_samples, cfg.z_dim, seed=cfg.seed)
+                weights = fid_lib.InceptionWeights(Path(fid_weights[0]), fid_weights[1])
                 row["fid"] = fid_lib.compute(samples, prepared.test.images.cpu().numpy(), split="test",
-                                             weights=fid_weights)["fid"]
+                                             weights=weights)["fid"]
                 if best is None or row["fid"] < best["fid"]:
                     best = {"step": step, "fid": row["fid"], "samples": cfg.fid_samples, "reference": "test"}
                     torch.save((ema or g).state_dict(), run.path / "generator_best.pt")
