@@ -21,12 +21,15 @@ from torchvision.utils import save_image
 
 from cifarray.config import from_dict
 from cifarray.data.loader import ShardedBatches, prepare
+from cifarray.metrics import stats_fd
 from cifarray.models.dcgan import Discriminator, Generator, discriminator_params, generator_params
 from cifarray.train import common
 from cifarray.train.config import DCGANTrainConfig
 
-METRIC_FIELDS = ["step", "loss_d", "loss_g", "d_real", "d_fake", "fid", "lr_g", "images_per_s", "seconds", "attempt"]
+METRIC_FIELDS = ["step", "loss_d", "loss_g", "d_real", "d_fake", "fid", "stats_fd", "lr_g", "images_per_s", "seconds",
+                 "attempt"]
 GRID = 64  # 8 x 8 samples
+STATS_SAMPLES = 1000  # generated and real images per stats_fd (~0.1 s on a CPU)
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,9 @@ def train_dcgan(config: dict) -> None:
     attempt = common.next_attempt(run) if rank == 0 else 0
     prepared = prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
     train = prepared.train
+    # A sweep selects on validation images; the test split stays unseen until the paper-style FID afterwards.
+    reference_name = "val" if config.get("_sweep_trial") else "test"
+    reference = prepared.val if reference_name == "val" else prepared.test
     fid_every = 0 if fid_weights is None else (cfg.fid_every or cfg.eval_every)
     best = run.read_json("best_fid.json")  # survives restarts: the best generator so far is kept
     mc = cfg.model_config()
@@ -160,15 +166,20 @@ def train_dcgan(config: dict) -> None:
                "lr_g": cfg.lr_g, "images_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9),
                "seconds": elapsed, "attempt": attempt}
         if rank == 0:
-            if fid_every and (step % fid_every == 0 or is_last):
-                from cifarray.eval import fid as fid_lib
+            from cifarray.eval import fid as fid_lib
 
+            if step % cfg.eval_every == 0 or is_last:
+                # Offline sanity signal (not FID): distance of low-order image statistics to real images.
+                n = min(STATS_SAMPLES, len(reference))
+                row["stats_fd"] = stats_fd(fid_lib.sample_generator(ema or g, n, cfg.z_dim, seed=cfg.seed).float() / 255,
+                                           reference.images[:n].float().cpu() / 255)
+            if fid_every and (step % fid_every == 0 or is_last):
                 samples = fid_lib.sample_generator(ema or g, cfg.fid_samples, cfg.z_dim, seed=cfg.seed)
                 weights = fid_lib.InceptionWeights(Path(fid_weights[0]), fid_weights[1])
-                row["fid"] = fid_lib.compute(samples, prepared.test.images.cpu().numpy(), split="test",
+                row["fid"] = fid_lib.compute(samples, reference.images.cpu().numpy(), split=reference_name,
                                              weights=weights)["fid"]
                 if best is None or row["fid"] < best["fid"]:
-                    best = {"step": step, "fid": row["fid"], "samples": cfg.fid_samples, "reference": "test"}
+                    best = {"step": step, "fid": row["fid"], "samples": cfg.fid_samples, "reference": reference_name}
                     torch.save((ema or g).state_dict(), run.path / "generator_best.pt")
                     run.write_json("best_fid.json", best)
             log.append(row)
@@ -198,7 +209,7 @@ def train_dcgan(config: dict) -> None:
             "images_per_s": round(cfg.steps * cfg.batch_size / max(seconds, 1e-9), 1),
             "loss": cfg.loss, "ema": cfg.ema, "samples": str(samples_dir), "seed": cfg.seed,
             "best_fid": best and best["fid"], "best_fid_step": best and best["step"],
-            "fid_during_training": (f"every {fid_every} steps, {cfg.fid_samples} samples vs the test split"
+            "fid_during_training": (f"every {fid_every} steps, {cfg.fid_samples} samples vs the {reference_name} split"
                                     + (" (procedural data)" if cfg.synthetic else "")) if fid_every
             else "off (no Inception weights)",
             "final": {k: float(rows[-1][k]) for k in ("loss_d", "loss_g", "d_real", "d_fake")} if rows else {},

@@ -147,14 +147,15 @@ def train_densenet(config: dict) -> None:
 
     common.write_worker_info(run, rank, params_sha256=common.params_sha256(raw_model), final_step=cfg.steps)
     if rank == 0:
-        _finish(cfg, run, raw_model, data, aug, device, world)
+        # A sweep trial leaves the test split alone: the tuner evaluates only the best trial on it, once.
+        _finish(cfg, run, raw_model, data, aug, device, world, evaluate_test=not config.get("_sweep_trial"))
 
 
-def _finish(cfg, run, model, data, aug, device, world) -> None:
+def _finish(cfg, run, model, data, aug, device, world, evaluate_test: bool = True) -> None:
     rows = common.read_metrics(run.metrics)
     total_seconds = sum(float(r["seconds"]) for r in rows)
     val_acc, _ = evaluate(model, data.val, aug, device)
-    test_acc, _ = evaluate(model, data.test, aug, device)  # the one and only use of the test split
+    test_acc = evaluate(model, data.test, aug, device)[0] if evaluate_test else None  # the only use of test
     train_eval = DeviceSplit(data.train.images[:len(data.test)], data.train.labels[:len(data.test)])
     train_acc, _ = evaluate(model, train_eval, aug, device)
     torch.save(model.state_dict(), run.path / "model.pt")

@@ -65,7 +65,8 @@ def prepare_run(cfg, model_config) -> tuple[RunDir, dict, bool]:
     return run, resolved, False
 
 
-def init_ray(cfg) -> None:
+def init_ray(cfg, dashboard: bool = False) -> None:
+    """Join $RAY_ADDRESS, or start a local cluster (with the dashboard when asked: the tuner needs it)."""
     import ray
 
     if ray.is_initialized():
@@ -76,7 +77,7 @@ def init_ray(cfg) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(include_dashboard=dashboard, **kwargs)
 
 
 def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
@@ -87,20 +88,10 @@ def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
         print(f"{run.path}: run already complete; nothing to do (summary.json)")
         return run.read_json("summary.json")
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     init_ray(cfg)
     cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
-    trainer = TorchTrainer(
-        train_fn,
-        train_loop_config={**resolved, **(extra or {})},  # extra keys start with "_": not part of the config
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.gpu else {})}),
-        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run.path),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = build_trainer(cfg, run, train_fn, resolved, cpus, extra)
     resumed = run.read_json("last_checkpoint.json")
     start = f"resuming (last checkpoint written: step {resumed['step']})" if resumed else "starting"
     print(f"{what}: {start}; {cfg.steps} steps, batch {cfg.batch_size}, {cfg.workers} worker(s) "
@@ -128,6 +119,23 @@ def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
     figures = make_report(run.path)  # the same as `python -m cifarray.report RUN_DIR`
     print(f"figures and tables: {', '.join(p.name for p in figures)} in {run.path}")
     return summary
+
+
+def build_trainer(cfg, run: RunDir, train_fn: Callable[[dict], None], resolved: dict, cpus: float,
+                  extra: dict | None = None, callbacks: list | None = None):
+    """The TorchTrainer of one run; its storage (RUN_DIR/ray) is where a rerun resumes from."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_fn,
+        train_loop_config={**resolved, **(extra or {})},  # extra keys start with "_": not part of the config
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.gpu else {})}),
+        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run.path),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+    )
 
 
 class Progress:

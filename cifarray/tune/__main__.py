@@ -1,0 +1,230 @@
+"""python -m cifarray.tune: one Ray Tune experiment (Optuna TPE + ASHA) over a sweep file.
+
+    python -m cifarray.tune --sweep sweeps/densenet_100k.toml --data-dir ~/data --out runs/tune
+    python -m cifarray.tune --sweep sweeps/quickstart.toml --synthetic --out runs/quick
+    python -m cifarray.tune --out runs/tune --resume          # after an interruption or a requeue
+
+Each trial is a Tune driver function that builds a TorchTrainer (1..N DDP workers)
+in OUT/trials/<trial id>. Configs over the parameter budget get no training step:
+they are reported infeasible and Optuna's constraint API teaches TPE the boundary.
+ASHA stops weak trials on validation accuracy (or FID). The test split is used once,
+after the sweep, on the best trial. Outputs: OUT/trials.csv, OUT/summary.json,
+OUT/val_vs_params.png, OUT/learning_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from cifarray.errors import UserError, run_cli
+from cifarray.tune import results
+from cifarray.tune.sweep import Sweep, default_sweep, load
+from cifarray.tune.trial import DRIVER_CPU
+
+EXPERIMENT = "tune"  # Tune's experiment folder inside OUT; a stable name lets --resume find it
+SWEEP_COPY = "sweep.toml"
+ARGS_FILE = "tune_args.json"
+RESUME_KEYS = ("data_dir", "synthetic", "no_verify", "workers_per_trial", "gpus_per_trial", "cpus_per_trial",
+               "max_concurrent", "trials")  # trials: restore() keeps the saved count; the console shows it
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cifarray.tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", help=f"sweep file (TOML; default {default_sweep().relative_to(Path.cwd()) if default_sweep().is_relative_to(Path.cwd()) else default_sweep()})")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data-dir", help="folder holding cifar-100-python/ or its .tar.gz")
+    data.add_argument("--synthetic", action="store_true", help="procedural CIFAR-format data, written once to OUT/data")
+    p.add_argument("--no-verify", action="store_true", help="skip the md5 check of --data-dir")
+    p.add_argument("--out", help="experiment folder (default runs/tune-<sweep name>)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment in --out (finished trials are kept)")
+    p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else a local one)")
+    p.add_argument("--max-concurrent", type=int, help="cap on trials at once (default: what the cluster fits)")
+    p.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial, one per DDP worker (default 0)")
+    p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default: GPUs per trial, or 1)")
+    p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial, split across its workers (default: 1 per "
+                   "worker on CPU; the node's CPUs shared out on GPU)")
+    p.add_argument("--trials", type=int, help="override the sweep file's number of trials")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out = Path(args.out or f"runs/tune-{Path(args.sweep or default_sweep()).stem}").expanduser().resolve()
+    experiment = out / EXPERIMENT
+    if args.resume:
+        saved = _json(out / ARGS_FILE)
+        if saved is None or not experiment.exists():
+            raise UserError(f"--resume: {out} holds no experiment to resume; run without --resume to start one")
+        if args.sweep and Path(args.sweep).resolve() != (out / SWEEP_COPY).resolve():
+            sweep_now = load(args.sweep)
+            if _canon(sweep_now) != _canon(load(out / SWEEP_COPY)):
+                raise UserError(f"--resume: {args.sweep} differs from the sweep of {out} ({out / SWEEP_COPY}); "
+                                "drop --sweep to resume, or pass another --out")
+        for key in RESUME_KEYS:  # the experiment's own settings, unless given again
+            if getattr(args, key) in (None, False, 0) and saved.get(key) not in (None, False):
+                setattr(args, key, saved[key])
+        sweep = load(out / SWEEP_COPY)
+    else:
+        sweep = load(args.sweep or default_sweep())
+        if experiment.exists():
+            raise UserError(f"{out} already holds an experiment; pass --resume to continue it, or another --out")
+    if not args.synthetic and not args.data_dir:
+        raise UserError("no data given: pass --data-dir DIR (real CIFAR-100) or --synthetic (procedural data)")
+    for name in ("max_concurrent", "workers_per_trial", "cpus_per_trial", "trials"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.gpus_per_trial < 0:
+        raise UserError("--gpus-per-trial must be >= 0")
+    workers = args.workers_per_trial or max(1, args.gpus_per_trial)
+    if args.gpus_per_trial and args.gpus_per_trial != workers:
+        raise UserError(f"--gpus-per-trial {args.gpus_per_trial} must equal --workers-per-trial {workers} "
+                        "(one GPU per DDP worker)")
+    trials = args.trials or sweep.trials
+    batches = [sweep.train.get("batch_size", sweep.cls.__dataclass_fields__["batch_size"].default)]
+    if "batch_size" in sweep.space and sweep.space["batch_size"].kind == "choice":
+        batches = list(sweep.space["batch_size"].values)
+    odd = [b for b in batches if b % workers]
+    if odd:
+        raise UserError(f"batch size {odd[0]} is not divisible by {workers} workers per trial; "
+                        "change the sweep's batch sizes or --workers-per-trial")
+
+    data_dir = _prepare_data(args, sweep, out)  # before Ray: a missing or corrupt dataset fails here
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        shutil.copyfile(sweep.source, out / SWEEP_COPY)
+        (out / ARGS_FILE).write_text(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS},
+                                                 "sweep": str(Path(sweep.source).resolve())}, indent=2))
+    return run(args, sweep, out, data_dir, workers, trials)
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _canon(sweep: Sweep) -> str:
+    return repr((sweep.model, sweep.trials, sweep.seed, sorted(sweep.train.items()), sorted(sweep.space.items()),
+                 sweep.grace_period, sweep.reduction_factor))
+
+
+def _prepare_data(args, sweep: Sweep, out: Path) -> Path:
+    from cifarray.data.cifar import load_cifar100
+    from cifarray.data.synth import write_synthetic
+
+    if args.synthetic:
+        data = out / "data"
+        per_class = sweep.train.get("synthetic_train_per_class", 500)
+        test_per_class = sweep.train.get("synthetic_test_per_class", 100)
+        val = sweep.train.get("val_size", 5000)
+        if val >= per_class * 100:
+            raise UserError(f"the sweep's val_size {val} leaves no training images with "
+                            f"synthetic_train_per_class {per_class}; lower val_size")
+        if not (data / "cifar-100-python" / "meta").exists():
+            write_synthetic(data, train_per_class=per_class, test_per_class=test_per_class, seed=sweep.seed)
+        return data
+    data = Path(args.data_dir).expanduser().resolve()
+    load_cifar100(data, verify=not args.no_verify)
+    return data
+
+
+def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int) -> int:
+    # Tune snapshots the experiment at most this often; a killed sweep loses at most these seconds of bookkeeping.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+    import optuna
+
+    from cifarray.train import launch
+    from cifarray.tune.console import SweepConsole
+    from cifarray.tune.trial import SpaceSampler, objective, run_trial
+
+    fid_weights = None
+    if sweep.model == "dcgan":
+        from cifarray.train.config import DCGANTrainConfig
+        from cifarray.train.dcgan import fid_weights_for_training
+
+        probe = DCGANTrainConfig(**{**sweep.train, "synthetic": True})
+        fid_weights = fid_weights_for_training(probe)
+    metric, mode, label = objective(sweep, fid_weights is not None)
+
+    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a trial's controller
+    # is gone; without it, a trial that Tune ends keeps its workers' CPUs reserved and later trials starve.
+    launch.init_ray(None, dashboard=True)
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    if args.gpus_per_trial:
+        if gpus < args.gpus_per_trial:
+            raise UserError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus} GPU(s); "
+                            "lower it or run on GPU nodes")
+        fit_by = gpus // args.gpus_per_trial
+        cpus_per_worker = max(1, (args.cpus_per_trial or cpus // fit_by) // workers)
+    else:
+        cpus_per_worker = max(1, (args.cpus_per_trial or workers) // workers)
+        fit_by = cpus // (cpus_per_worker * workers)
+    if fit_by < 1:
+        raise UserError(f"one trial needs {workers * cpus_per_worker} CPUs but the Ray cluster has {cpus}; "
+                        "lower --workers-per-trial or --cpus-per-trial")
+    concurrent = min(fit_by, args.max_concurrent or fit_by, trials)
+
+    base = {**{k: list(v) if isinstance(v, tuple) else v for k, v in sweep.train.items()},
+            "data_dir": str(data_dir), "synthetic": False, "no_verify": True if args.synthetic else args.no_verify,
+            "workers": workers, "gpu": bool(args.gpus_per_trial), "cpus_per_worker": cpus_per_worker,
+            "checkpoint_every": sweep.eval_every}  # every report carries a checkpoint and the objective
+    if fid_weights:
+        base["fid_every"] = sweep.eval_every
+    trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), metric=metric, mode=mode,
+                                     fid_weights=fid_weights)
+    # The driver only waits on its TorchTrainer; Tune cannot place a trial that asks for nothing, so the
+    # driver holds a sliver of a CPU that its workers give up (see run_trial): a trial takes exactly
+    # workers x cpus_per_worker CPUs, and 2 one-CPU trials fit on 2 CPUs.
+    trainable = tune.with_resources(trainable, {"CPU": DRIVER_CPU})
+
+    console = SweepConsole(str(out), sweep, metric, mode, label, trials, concurrent=concurrent)
+    run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[console],
+                                failure_config=tune.FailureConfig(max_failures=1))
+    print(f"sweep {Path(sweep.source).name}: {sweep.model}, {trials} trials, objective {label} ({mode}), "
+          f"budget {sweep.budget:,} params; ASHA grace {sweep.grace_period} steps, reduction x{sweep.reduction_factor}, "
+          f"max {sweep.steps} steps; {concurrent} trial(s) at once, {workers} worker(s) x "
+          f"{'1 GPU' if args.gpus_per_trial else f'{cpus_per_worker} CPU'} each; out {out}", flush=True)
+    started = time.time()
+    if args.resume:
+        # The saved RunConfig comes back with it, console callback included (see SweepConsole.__getstate__).
+        tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        print(f"resuming {out / EXPERIMENT}: finished trials are kept, unfinished ones continue from "
+              "their checkpoints", flush=True)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, max(2, trials // 3)))
+        search = OptunaSearch(space=SpaceSampler(sweep), metric=metric, mode=mode, sampler=sampler)
+        scheduler = ASHAScheduler(time_attr="step", metric=metric, mode=mode, max_t=sweep.steps,
+                                  grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+        tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
+            search_alg=search, scheduler=scheduler, num_samples=trials, max_concurrent_trials=concurrent))
+    tuner.fit()
+    summary = results.finish(out, sweep, metric, mode, label, data_dir=data_dir, synthetic=bool(args.synthetic),
+                             seconds=time.time() - started)
+    results.print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

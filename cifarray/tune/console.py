@@ -1,0 +1,202 @@
+"""The sweep's console: a Ray Tune `Callback` that renders trials with Rich.
+
+On a TTY: a live table (id, status, batch, lr, k, layout, params, step, objective)
+under a header with the best objective, resources in use, elapsed time and ETA.
+Elsewhere (Slurm logs): one line per trial event and a status line every 30 s.
+The same callback keeps OUT/trials.csv current, so a killed sweep leaves it behind.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from ray.tune import Callback
+
+from cifarray.tune.results import layout, resources_line, trial_status, write_trials
+from cifarray.tune.trial import INFEASIBLE
+
+COLUMNS = ("trial", "status", "batch", "lr", "k", "layout", "params", "step")
+GAN_COLUMNS = ("trial", "status", "batch", "lr_g", "lr_d", "widths", "params", "step")
+
+
+def fmt(v: Any, spec: str = "") -> str:
+    if v is None or v == "":
+        return ""
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+class SweepConsole(Callback):
+    """Renders the sweep and keeps trial bookkeeping; Tune's own output is off (verbose=0)."""
+
+    def __init__(self, out: str, sweep: Any, metric: str, mode: str, label: str, total: int, concurrent: int = 1,
+                 console: Console | None = None, live: bool | None = None):
+        self.out, self.sweep = out, sweep
+        self.model, self.metric, self.mode, self.label = sweep.model, metric, mode, label
+        self.max_steps, self.total, self.defaults, self.concurrent = sweep.steps, total, sweep.train, concurrent
+        self._console, self._live_flag = console, live
+        self._reset()
+
+    def _reset(self) -> None:
+        self.console = self._console or Console()
+        self.live_enabled = sys.stdout.isatty() if self._live_flag is None else self._live_flag
+        self.started = time.time()
+        self._live = None
+        self._last_render = self._last_line = self._resources_at = 0.0
+        self._resources_text = ""
+        self.trials: list = []
+        self.durations: list[float] = []
+        self._starts: dict[str, float] = {}
+
+    # Tune pickles its RunConfig, callbacks included, so that Tuner.restore brings this console back:
+    # the terminal handles and timers are this process's and are made afresh.
+    def __getstate__(self) -> dict:
+        return {"out": self.out, "sweep": self.sweep, "metric": self.metric, "mode": self.mode, "label": self.label,
+                "total": self.total, "concurrent": self.concurrent}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    # ----- what the table shows
+    def value(self, trial: Any) -> float | None:
+        """The trial's best objective so far (Tune's own running max/min; None for infeasible trials)."""
+        result = trial.last_result or {}
+        if result.get(INFEASIBLE) or result.get("diverged"):
+            return None
+        v = (getattr(trial, "metric_analysis", None) or {}).get(self.metric, {}).get(self.mode)
+        return float(v) if isinstance(v, (int, float)) else None
+
+    def best(self) -> tuple[Any, float] | None:
+        scored = [(t, self.value(t)) for t in self.trials if self.value(t) is not None]
+        if not scored:
+            return None
+        return (max if self.mode == "max" else min)(scored, key=lambda tv: tv[1])
+
+    def row(self, trial: Any) -> list[str]:
+        c = {**self.defaults, **trial.config}
+        r = trial.last_result or {}
+        params = c.get("params")
+        common = [trial.trial_id, trial_status(trial, self.max_steps), fmt(c.get("batch_size"))]
+        if self.model == "densenet":
+            cells = common + [fmt(c.get("lr"), ".3g"), fmt(c.get("growth_rate")),
+                              layout(c) or ",".join(map(str, c.get("blocks", ()))), fmt(params, ",")]
+        else:
+            widths = f"{c.get('g_width', '')}/{c.get('d_width', '')}" if "g_width" in c or "d_width" in c else ""
+            cells = common + [fmt(c.get("lr_g"), ".2g"), fmt(c.get("lr_d"), ".2g"), widths, fmt(params, ",")]
+        best = self.value(trial)
+        return cells + [fmt(r.get("step", "")), fmt(best, ".4g")]
+
+    def header(self) -> str:
+        elapsed = time.time() - self.started
+        done = sum(trial_status(t, self.max_steps) in ("complete", "early-stopped", "infeasible", "error", "diverged")
+                   for t in self.trials)
+        best = self.best()
+        best_text = f"best {self.label}: {best[1]:.4g} ({best[0].trial_id})" if best else f"best {self.label}: -"
+        eta = ""
+        if self.durations and done < self.total:
+            mean = sum(self.durations) / len(self.durations)
+            eta = f"  ETA ~{_clock(mean * (self.total - done) / max(1, self.concurrent))}"
+        now = time.time()
+        if now - self._resources_at > 5:
+            self._resources_text, self._resources_at = resources_line(), now
+        return (f"{best_text}  |  trials {done}/{self.total} done  |  {self._resources_text}  |  "
+                f"elapsed {_clock(elapsed)}{eta}")
+
+    def table(self) -> Table:
+        cols = COLUMNS if self.model == "densenet" else GAN_COLUMNS
+        table = Table(title=None, expand=False, show_lines=False)
+        for name in cols + (self.metric,):
+            table.add_column(name, justify="right" if name not in ("trial", "status", "layout") else "left")
+        for t in self.trials:
+            table.add_row(*self.row(t))
+        return table
+
+    def renderable(self) -> Group:
+        return Group(Text(self.header(), style="bold"), self.table())
+
+    # ----- Tune callback hooks
+    def setup(self, **info: Any) -> None:
+        if self.live_enabled:
+            from rich.live import Live
+
+            self._live = Live(self.renderable(), console=self.console, auto_refresh=False, transient=False)
+            self._live.start()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.trials = trials
+        self._starts[trial.trial_id] = time.time()
+        self._event(f"trial {trial.trial_id} started: {self._describe(trial)}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.trials = trials
+        self._changed()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.trials = trials
+        started = self._starts.pop(trial.trial_id, None)
+        if started is not None and not (trial.last_result or {}).get(INFEASIBLE):
+            self.durations.append(time.time() - started)
+        status = trial_status(trial, self.max_steps, ended=True)
+        best = self.value(trial)
+        extra = f", best {self.metric} {best:.4g}" if best is not None else ""
+        params = trial.config.get("params")
+        reason = f" ({trial.config.get(INFEASIBLE)})" if status == "infeasible" else ""
+        self._event(f"trial {trial.trial_id} {status}{reason} at step {(trial.last_result or {}).get('step', 0)}"
+                    f"{extra}; {params:,} params" if isinstance(params, int) else f"trial {trial.trial_id} {status}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.trials = trials
+        self._starts.pop(trial.trial_id, None)
+        self._event(f"trial {trial.trial_id} failed; its error is in {trial.local_path or 'the trial folder'}")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.trials = trials
+        now = time.time()
+        if self._live is not None and now - self._last_render >= 1.0:
+            self._render()
+        elif self._live is None and now - self._last_line >= 30:
+            self._last_line = now
+            self.console.print(self.header(), highlight=False)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.trials = trials
+        self._changed()
+        if self._live is not None:
+            self._render()
+            self._live.stop()
+            self._live = None
+
+    # ----- output
+    def _describe(self, trial: Any) -> str:
+        return "  ".join(f"{k}={fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in trial.config.items()
+                         if k != INFEASIBLE)
+
+    def _event(self, line: str) -> None:
+        if self._live is not None:
+            self._live.console.print(line, highlight=False)
+            self._render()
+        else:
+            self.console.print(line, highlight=False)
+        self._changed()
+
+    def _changed(self) -> None:
+        write_trials(Path(self.out), self.sweep, self.trials, self.metric, self.mode)
+
+    def _render(self) -> None:
+        self._last_render = time.time()
+        self._live.update(self.renderable(), refresh=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"

@@ -1,0 +1,249 @@
+"""What a sweep leaves in OUT: trials.csv, summary.json, plots, and the one test evaluation.
+
+Steps per trial are read from the trial's own metrics.csv (what its workers really
+trained), not from what Tune last heard; an infeasible trial has no run folder and
+so, measurably, zero steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from cifarray.tune.trial import INFEASIBLE
+
+DONE = ("complete", "early-stopped", "infeasible", "diverged", "error")
+
+
+def trial_status(trial: Any, max_steps: int, ended: bool = False) -> str:
+    """complete | early-stopped | infeasible | diverged | error | running | pending | paused.
+
+    ended: the trial is known to be over (Tune calls on_trial_complete before it updates the status)."""
+    result = trial.last_result or {}
+    status = "terminated" if ended and trial.status.lower() != "error" else trial.status.lower()
+    if result.get(INFEASIBLE):
+        return "infeasible"
+    if status == "terminated":
+        if result.get("diverged"):
+            return "diverged"
+        return "complete" if int(result.get("step", 0)) >= max_steps else "early-stopped"
+    return status
+
+
+def layout(config: dict[str, Any]) -> str:
+    if "num_blocks" in config:
+        return "-".join(str(config[f"layers_{i}"]) for i in range(int(config["num_blocks"])))
+    return ""
+
+
+def trial_dir(out: Path, trial_id: str) -> Path:
+    return out / "trials" / trial_id
+
+
+def metric_rows(out: Path, trial_id: str) -> list[dict[str, str]]:
+    from cifarray.train.common import read_metrics
+
+    return read_metrics(trial_dir(out, trial_id) / "metrics.csv")
+
+
+def _best(rows: list[dict[str, str]], metric: str, mode: str) -> float | None:
+    vals = [float(r[metric]) for r in rows if r.get(metric) not in (None, "", "nan")]
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return None
+    return max(vals) if mode == "max" else min(vals)
+
+
+def trial_records(out: Path, sweep: Any, trials: list, metric: str, mode: str, exact: bool) -> list[dict[str, Any]]:
+    """One record per trial. exact: read run folders (steps, best objective) instead of Tune's view."""
+    records = []
+    for t in sorted(trials, key=lambda t: t.trial_id):
+        config = dict(t.config)
+        status = trial_status(t, sweep.steps)
+        sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
+        overrides = sweep.overrides(sampled)
+        result = t.last_result or {}
+        if exact:
+            rows = metric_rows(out, t.trial_id)
+            steps = max((int(r["step"]) for r in rows), default=0)
+            best = _best(rows, metric, mode)
+        else:
+            steps = int(result.get("step", 0) or 0)
+            v = (getattr(t, "metric_analysis", None) or {}).get(metric, {}).get(mode)
+            best = None if status in ("infeasible", "diverged") or v is None else float(v)
+        records.append({
+            "trial_id": t.trial_id, "status": status, "params": config.get("params"), "steps": steps,
+            f"best_{metric}": best, "infeasible_reason": config.get(INFEASIBLE) or "",
+            **{k: (",".join(map(str, v)) if isinstance(v, (tuple, list)) else v) for k, v in overrides.items()},
+        })
+    return records
+
+
+def write_trials(out: Path, sweep: Any, trials: list, metric: str, mode: str, exact: bool = False) -> Path:
+    records = trial_records(out, sweep, trials, metric, mode, exact)
+    path = out / "trials.csv"
+    first = ["trial_id", "status", "params", "steps", f"best_{metric}"]
+    rest = sorted({k for r in records for k in r} - set(first) - {"infeasible_reason"})
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=first + rest + ["infeasible_reason"])
+        w.writeheader()
+        for r in records:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    os.replace(tmp, path)  # readers (and a kill mid-write) never see half a file
+    return path
+
+
+def resources_line() -> str:
+    try:
+        import ray
+
+        total, free = ray.cluster_resources(), ray.available_resources()
+    except Exception:  # the cluster is going away; the header just omits resources
+        return "resources: -"
+    parts = []
+    for key in ("CPU", "GPU"):
+        if total.get(key):
+            parts.append(f"{key} {total[key] - free.get(key, 0):g}/{total[key]:g}")
+    nodes = sum(1 for k in total if k.startswith("node:") and not k.startswith("node:__internal"))
+    return f"in use: {', '.join(parts) or '-'} on {nodes} node(s)"
+
+
+def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str, data_dir: Path) -> float:
+    """The one use of the test split in a sweep: the best trial's final weights, evaluated once."""
+    import torch
+
+    from cifarray.config import from_dict
+    from cifarray.data.augment import AugmentConfig, DeviceAugment
+    from cifarray.data.cifar import load_cifar100
+    from cifarray.data.loader import prepare
+    from cifarray.models.densenet import DenseNet
+    from cifarray.train.common import RunDir
+    from cifarray.train.densenet import evaluate
+
+    run = RunDir(trial_dir(out, trial_id))
+    cfg = from_dict(sweep.cls, run.read_json("config.json"))
+    data = prepare(load_cifar100(data_dir, verify=False), val_size=cfg.val_size, seed=cfg.seed,
+                   device=torch.device("cpu"))
+    model = DenseNet(cfg.model_config())
+    model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
+    aug = DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std, device=torch.device("cpu"))
+    return evaluate(model, data.test, aug, torch.device("cpu"))[0]
+
+
+def plots(out: Path, sweep: Any, records: list[dict[str, Any]], metric: str, mode: str, label: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = f"best_{metric}"
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"complete": ("o", "tab:blue"), "early-stopped": ("s", "tab:orange"), "infeasible": ("x", "tab:red"),
+              "diverged": ("v", "tab:gray"), "error": ("v", "tab:gray")}
+    for status, (marker, color) in styles.items():
+        pts = [(r["params"], r[key] if r[key] is not None else 0.0) for r in records
+               if r["status"] == status and isinstance(r["params"], int) and r["params"] >= 0]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, color=color, label=f"{status} ({len(pts)})")
+    ax.axvline(sweep.budget, color="k", linestyle="--", label=f"budget {sweep.budget:,}")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"best {label}")
+    ax.set_title("sweep: objective vs parameters (infeasible: no training, plotted at 0)"
+                 if mode == "max" else "sweep: objective vs parameters")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    made.append(out / "val_vs_params.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+
+    scored = [r for r in records if r[key] is not None and r["status"] not in ("infeasible", "diverged")]
+    top = sorted(scored, key=lambda r: r[key], reverse=mode == "max")[:5]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in top:
+        rows = [row for row in metric_rows(out, r["trial_id"]) if row.get(metric) not in (None, "", "nan")]
+        if rows:
+            ax.plot([int(row["step"]) for row in rows], [float(row[metric]) for row in rows], marker=".",
+                    label=f"{r['trial_id']} ({r['params']:,} params)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.set_title(f"learning curves of the top {len(top)} trials")
+    if top:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    made.append(out / "learning_curves.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    return made
+
+
+def load_trials(out: Path) -> list:
+    """Tune's own record of the experiment's trials (statuses, configs, results), after fit or a restore."""
+    from ray.tune import ExperimentAnalysis
+
+    return ExperimentAnalysis(str(out / "tune")).trials
+
+
+def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: Path, synthetic: bool,
+           seconds: float) -> dict[str, Any]:
+    trials = load_trials(out)
+    write_trials(out, sweep, trials, metric, mode, exact=True)
+    records = trial_records(out, sweep, trials, metric, mode, exact=True)
+    by_status: dict[str, int] = {}
+    for r in records:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    # Selection uses validation only; the final weights (model.pt) exist for trials that ran to the end.
+    finals = []
+    for r in records:
+        if r["status"] != "complete":
+            continue
+        last = [row for row in metric_rows(out, r["trial_id"]) if row.get(metric) not in (None, "", "nan")]
+        if last:
+            finals.append((float(last[-1][metric]), r))
+    best = None
+    if finals:
+        value, rec = (max if mode == "max" else min)(finals, key=lambda vr: vr[0])
+        best = {"trial_id": rec["trial_id"], "params": rec["params"], metric: value,
+                "config": json.loads((trial_dir(out, rec["trial_id"]) / "config.json").read_text())}
+        if sweep.model == "densenet":
+            best["test_acc"] = evaluate_best_on_test(out, sweep, rec["trial_id"], data_dir)
+        else:
+            best["test_fid"] = None
+            best["test_fid_note"] = ("not computed by the sweep: run python -m cifarray.eval fid "
+                                     f"{trial_dir(out, rec['trial_id'])} (needs Inception weights)")
+    figures = plots(out, sweep, records, metric, mode, label)
+    summary = {
+        "model": sweep.model, "sweep": str(out / "sweep.toml"), "objective": metric, "objective_label": label,
+        "mode": mode, "budget": sweep.budget, "trials": len(records), "by_status": by_status,
+        "best": best, "total_steps": sum(r["steps"] for r in records),
+        "infeasible_steps": sum(r["steps"] for r in records if r["status"] == "infeasible"),
+        "infeasible_trials": by_status.get("infeasible", 0), "seconds": round(seconds, 1),
+        "synthetic_data": synthetic, "data_dir": str(data_dir),
+        "selection": "validation split only; the test split is evaluated once, on the best trial",
+        "figures": [p.name for p in figures], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    best = summary["best"]
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["by_status"].items()))
+    print(f"sweep done: {summary['trials']} trials ({counts}); {summary['total_steps']:,} training steps, "
+          f"{summary['infeasible_steps']} on infeasible configs; {summary['seconds']:.0f} s")
+    if best is None:
+        print("no trial ran to the end; nothing to evaluate on test")
+        return
+    obj = summary["objective"]
+    line = f"best trial {best['trial_id']}: {best['params']:,} params, {obj} {best[obj]:.4f}"
+    if "test_acc" in best:
+        line += f", test accuracy {best['test_acc']:.4f} (evaluated once, after selection)"
+    print(line)
+    if summary["synthetic_data"]:
+        print("(procedural data: these accuracies say the sweep works, not how well CIFAR-100 is learned)")

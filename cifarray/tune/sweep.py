@@ -1,0 +1,309 @@
+"""Sweep files: a validated, declarative search space over the training configs.
+
+A sweep file (TOML) has a model, a number of trials, fixed training settings, the
+ASHA schedule and the space::
+
+    model = "densenet"            # or "dcgan"
+    trials = 48
+    seed = 0
+
+    [train]                       # fixed for every trial: any key of `python -m cifarray.train MODEL`
+    steps = 10000
+    eval_every = 500              # trials report (and checkpoint) every eval_every steps
+
+    [asha]
+    grace_period = 1000           # steps before a trial can be stopped
+    reduction_factor = 3          # max_t is train.steps
+
+    [space]
+    batch_size = { choice = [256, 512, 1024] }
+    lr = { loguniform = [0.02, 0.5] }
+    growth_rate = { int = [4, 16] }
+    num_blocks = { int = [2, 4] }          # block layout: how many dense blocks ...
+    layers_per_block = { int = [2, 8] }    # ... and, per block, how many layers
+
+Distributions: `choice = [...]`, `uniform = [lo, hi]`, `loguniform = [lo, hi]`,
+`int = [lo, hi]` (add `log = true` for a log scale). DCGAN spaces may use
+`g_width`/`d_width`: the narrowest generator/discriminator width, doubled per layer.
+
+Everything is checked here, before Ray starts: unknown keys, empty or inverted
+ranges, values of the wrong type, and whether any config in the space fits the
+parameter budget at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cifarray.config import _base_type, _coerce, _fields, load_toml, resolve
+from cifarray.errors import UserError
+from cifarray.models.dcgan import param_count as dcgan_params
+from cifarray.models.densenet import param_count as densenet_params
+from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
+
+CONFIGS = {"densenet": DenseNetTrainConfig, "dcgan": DCGANTrainConfig}
+# Keys the tuner sets per trial or per experiment: a sweep file may not set them.
+RESERVED = {"data_dir", "synthetic", "no_verify", "out", "workers", "gpu", "cpus_per_worker", "checkpoint_every"}
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+SPECIAL = {"densenet": ("num_blocks", "layers_per_block"), "dcgan": ("g_width", "d_width")}
+TOP_KEYS = {"model", "trials", "seed", "train", "asha", "space", "description"}
+ASHA_KEYS = {"grace_period", "reduction_factor"}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # one of DISTRIBUTIONS
+    values: tuple  # choice: the options; others: (lo, hi)
+    log: bool = False
+
+    def suggest(self, trial: Any, name: str | None = None) -> Any:
+        name = name or self.name
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, list(self.values))
+        lo, hi = self.values
+        if self.kind == "int":
+            return trial.suggest_int(name, lo, hi, log=self.log)
+        return trial.suggest_float(name, lo, hi, log=self.kind == "loguniform")
+
+    def corners(self) -> list:
+        """Values at which the parameter count of the space can be smallest (counts grow with sizes)."""
+        return list(self.values) if self.kind == "choice" else [self.values[0]]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    model: str
+    trials: int
+    seed: int
+    train: dict[str, Any]  # validated fixed settings (config keys)
+    space: dict[str, Param]
+    grace_period: int
+    reduction_factor: int
+    source: str = ""
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cls(self) -> type:
+        return CONFIGS[self.model]
+
+    @property
+    def steps(self) -> int:
+        return int(self.train.get("steps", self.cls.__dataclass_fields__["steps"].default))
+
+    @property
+    def eval_every(self) -> int:
+        return int(self.train.get("eval_every", self.cls.__dataclass_fields__["eval_every"].default))
+
+    @property
+    def budget(self) -> int:
+        return self.config_for({}).budget
+
+    def overrides(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        """Config values for sampled space values (special keys expanded)."""
+        out = {k: v for k, v in sampled.items() if k in self.cls.__dataclass_fields__}
+        if self.model == "densenet" and "num_blocks" in sampled:
+            out["blocks"] = tuple(int(sampled[f"layers_{i}"]) for i in range(int(sampled["num_blocks"])))
+        if self.model == "dcgan":
+            if "g_width" in sampled:
+                w = int(sampled["g_width"])
+                out["g_widths"] = (8 * w, 4 * w, 2 * w, w)
+            if "d_width" in sampled:
+                w = int(sampled["d_width"])
+                out["d_widths"] = (w, 2 * w, 4 * w, 8 * w)
+        return out
+
+    def config_for(self, overrides: dict[str, Any]) -> Any:
+        """The trial's training config (procedural data stands in for the data source here)."""
+        values = {**self.train, **overrides, "synthetic": True}
+        return self.cls(**values)
+
+    def params_of(self, overrides: dict[str, Any]) -> int:
+        cfg = self.config_for(overrides)
+        mc = cfg.model_config()
+        return densenet_params(mc) if self.model == "densenet" else dcgan_params(mc)
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Define-by-run: suggest every parameter, including the per-block layer counts."""
+        sampled: dict[str, Any] = {}
+        for name, p in self.space.items():
+            if name == "layers_per_block":
+                continue
+            sampled[name] = p.suggest(trial)
+        if "num_blocks" in sampled:
+            lpb = self.space["layers_per_block"]
+            for i in range(int(sampled["num_blocks"])):
+                sampled[f"layers_{i}"] = lpb.suggest(trial, f"layers_{i}")
+        return sampled
+
+    def smallest(self) -> tuple[int, dict[str, Any]]:
+        """The smallest parameter count in the space and a config that has it."""
+        names = list(self.space)
+        grids = [self.space[n].corners() for n in names]
+        best: tuple[int, dict[str, Any]] | None = None
+        for i, combo in enumerate(itertools.product(*grids)):
+            if i >= 20_000:
+                break  # categorical products this large are not real sweeps; the lower bound found so far stands
+            sampled = dict(zip(names, combo))
+            if "num_blocks" in sampled:
+                for b in range(int(sampled["num_blocks"])):
+                    sampled[f"layers_{b}"] = sampled["layers_per_block"]
+            try:
+                n = self.params_of(self.overrides(sampled))
+            except UserError:
+                continue
+            if best is None or n < best[0]:
+                best = (n, sampled)
+        if best is None:
+            raise UserError(f"{self.source}: no combination of the space's lower bounds is a valid model; "
+                            "check the ranges in [space]")
+        return best
+
+
+def _dist(name: str, spec: Any, tp: Any, where: str) -> Param:
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: '{name}' must be a table like {{ choice = [...] }} or {{ int = [lo, hi] }}, "
+                        f"got {spec!r}")
+    kinds = [k for k in spec if k in DISTRIBUTIONS]
+    unknown = [k for k in spec if k not in DISTRIBUTIONS and k != "log"]
+    if unknown or len(kinds) != 1:
+        raise UserError(f"{where}: '{name}' needs exactly one of {', '.join(DISTRIBUTIONS)} (and optionally log), "
+                        f"got keys {', '.join(spec) or 'none'}")
+    kind = kinds[0]
+    raw = spec[kind]
+    log = spec.get("log", False)
+    if not isinstance(log, bool) or (log and kind != "int"):
+        raise UserError(f"{where}: '{name}': log = true applies to int ranges only (use loguniform for floats)")
+    if kind == "choice":
+        if not isinstance(raw, list) or not raw:
+            raise UserError(f"{where}: '{name}': choice must be a non-empty list")
+        values = tuple(_coerce(v, tp, f"{where}: '{name}'") for v in raw)
+        if len(set(map(repr, values))) != len(values):
+            raise UserError(f"{where}: '{name}': choice lists a value twice")
+        return Param(name, kind, values)
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise UserError(f"{where}: '{name}': {kind} needs [lo, hi], got {raw!r}")
+    lo, hi = raw
+    if kind == "int":
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+            raise UserError(f"{where}: '{name}': int range needs integers, got {raw!r}")
+    elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
+        raise UserError(f"{where}: '{name}': {kind} range needs numbers, got {raw!r}")
+    if not lo < hi:
+        raise UserError(f"{where}: '{name}': range [{lo}, {hi}] is empty or inverted; need lo < hi "
+                        "(use choice = [value] for a fixed value, or set it in [train])")
+    if (kind == "loguniform" or log) and lo <= 0:
+        raise UserError(f"{where}: '{name}': a log range needs lo > 0, got {lo}")
+    base = _base_type(tp)[0]
+    if kind in ("uniform", "loguniform") and base is not float:
+        raise UserError(f"{where}: '{name}' is not a real-valued setting; use int or choice")
+    if kind == "int" and base is not int:
+        raise UserError(f"{where}: '{name}' is not an integer setting; use {'uniform' if base is float else 'choice'}")
+    return Param(name, kind, (lo, hi), log)
+
+
+def parse(values: dict[str, Any], source: str) -> Sweep:
+    unknown = sorted(set(values) - TOP_KEYS)
+    if unknown:
+        raise UserError(f"{source}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(TOP_KEYS))}")
+    model = values.get("model")
+    if model not in CONFIGS:
+        raise UserError(f"{source}: model must be one of {', '.join(CONFIGS)}, got {model!r}")
+    cls = CONFIGS[model]
+    fields = _fields(cls)
+    trials, seed = values.get("trials", 16), values.get("seed", 0)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise UserError(f"{source}: trials must be a positive integer, got {trials!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"{source}: seed must be an integer, got {seed!r}")
+    for table in ("train", "asha", "space"):
+        if not isinstance(values.get(table, {}), dict):
+            raise UserError(f"{source}: [{table}] must be a table")
+
+    train_raw = dict(values.get("train", {}))
+    for key in train_raw:
+        if key.replace("-", "_") in RESERVED:
+            raise UserError(f"{source}: [train] key '{key}' is set by the tuner; remove it "
+                            "(data: --data-dir/--synthetic; workers/GPUs: --workers-per-trial/--gpus-per-trial)")
+    # Validates every key and type (and the settings as a whole) with the trainer's own rules.
+    base = resolve(cls, {**train_raw, "synthetic": True}, source=f"{source} [train]")
+    train = {k.replace("-", "_"): getattr(base, k.replace("-", "_")) for k in train_raw}
+
+    space_raw = values.get("space", {})
+    if not space_raw:
+        raise UserError(f"{source}: [space] is empty; give at least one parameter to search")
+    special = SPECIAL[model]
+    space: dict[str, Param] = {}
+    for key, spec in space_raw.items():
+        name = key.replace("-", "_")
+        if name in RESERVED or name == "steps":
+            raise UserError(f"{source}: [space] key '{key}' cannot be searched (steps: ASHA decides; the rest are "
+                            "set by the tuner)")
+        if name in special:
+            tp = int
+        elif name in fields:
+            tp = fields[name][1]
+        else:
+            known = sorted(set(fields) - RESERVED - {"steps"}) + list(special)
+            raise UserError(f"{source}: [space] unknown key '{key}'; known keys: {', '.join(known)}")
+        space[name] = _dist(name, spec, tp, f"{source} [space]")
+    if model == "densenet":
+        if ("num_blocks" in space) != ("layers_per_block" in space):
+            raise UserError(f"{source}: [space] num_blocks and layers_per_block go together (the block layout)")
+        if "num_blocks" in space and "blocks" in space:
+            raise UserError(f"{source}: [space] blocks and num_blocks/layers_per_block exclude each other")
+        for n in ("num_blocks", "layers_per_block"):
+            if n in space and space[n].kind != "choice" and space[n].kind != "int":
+                raise UserError(f"{source}: [space] {n} must be int or choice")
+            if n in space and min(space[n].corners()) < 1:
+                raise UserError(f"{source}: [space] {n} must be at least 1")
+    for n in ("g_width", "d_width"):
+        if n in space and min(space[n].corners()) < 1:
+            raise UserError(f"{source}: [space] {n} must be at least 1")
+
+    asha = dict(values.get("asha", {}))
+    unknown = sorted(set(asha) - ASHA_KEYS)
+    if unknown:
+        raise UserError(f"{source}: [asha] unknown key '{unknown[0]}'; known keys: {', '.join(sorted(ASHA_KEYS))}")
+    sweep = Sweep(model=model, trials=trials, seed=seed, train=train, space=space, source=source,
+                  grace_period=0, reduction_factor=0, description=str(values.get("description", "")))
+    grace = asha.get("grace_period", max(sweep.eval_every, sweep.steps // 10))
+    rf = asha.get("reduction_factor", 3)
+    if not isinstance(grace, int) or not 1 <= grace < sweep.steps:
+        raise UserError(f"{source}: [asha] grace_period must be an integer in [1, train.steps={sweep.steps}), "
+                        f"got {grace!r}")
+    if grace < sweep.eval_every:
+        raise UserError(f"{source}: [asha] grace_period {grace} is shorter than train.eval_every "
+                        f"{sweep.eval_every}: trials report every eval_every steps; lower eval_every")
+    if not isinstance(rf, int) or rf < 2:
+        raise UserError(f"{source}: [asha] reduction_factor must be an integer >= 2, got {rf!r}")
+    sweep = Sweep(**{**sweep.__dict__, "grace_period": grace, "reduction_factor": rf})
+
+    n, at = sweep.smallest()
+    if n > sweep.budget:
+        shown = ", ".join(f"{k}={v}" for k, v in at.items())
+        raise UserError(f"{source}: no config in the space fits the budget of {sweep.budget:,} parameters "
+                        f"(smallest: {n:,} at {shown}); lower the ranges' lower bounds in [space]")
+    return sweep
+
+
+def load(path: str | Path) -> Sweep:
+    p = Path(path).expanduser()
+    if not p.exists():
+        shipped = Path(__file__).resolve().parents[2] / "sweeps" / p.name
+        hint = f" (the shipped sweeps are in {shipped.parent})" if shipped.parent.is_dir() else ""
+        raise UserError(f"sweep file {p} not found{hint}")
+    return parse(load_toml(p), str(p))
+
+
+def default_sweep() -> Path:
+    return Path(__file__).resolve().parents[2] / "sweeps" / "densenet_100k.toml"
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

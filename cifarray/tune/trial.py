@@ -1,0 +1,113 @@
+"""One Tune trial: the Ray 2.60 pattern of a Tune driver function that builds a TorchTrainer.
+
+The driver checks the sampled config against the parameter budget first. An
+over-budget config is reported to Tune as infeasible at step 0 and never reaches a
+trainer; Optuna learns the boundary from the constraint the sampler recorded. A
+feasible config trains in OUT/trials/<trial id> with the same trainer code as
+`python -m cifarray.train`, so a restarted trial resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cifarray.tune.sweep import Sweep
+
+INFEASIBLE = "infeasible"
+CONSTRAINT = "params_over_budget"
+DRIVER_CPU = 0.01  # what a trial's driver holds; its workers ask for that much less between them
+
+
+def objective(sweep: Sweep, fid_available: bool) -> tuple[str, str, str]:
+    """(metric, mode, label) that the sweep selects on."""
+    if sweep.model == "densenet":
+        return "val_acc", "max", "validation accuracy"
+    if fid_available:
+        return "fid", "min", "FID vs the validation split"
+    # Without Inception weights there is no FID. The fallback is a Fréchet distance of low-order image
+    # statistics (colour, contrast, edges) between samples and validation images: it falls as samples
+    # stop looking like noise (the trainer tests rely on that), and it is labelled as what it is.
+    return "stats_fd", "min", "stats_fd (fallback: no Inception weights, NOT FID)"
+
+
+def worst(mode: str) -> float:
+    return 0.0 if mode == "max" else 1e9
+
+
+class SpaceSampler:
+    """Optuna define-by-run space: sample, count parameters exactly, record the budget constraint."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        from cifarray.errors import UserError
+
+        sampled = self.sweep.sample(trial)
+        overrides = self.sweep.overrides(sampled)
+        try:
+            params = self.sweep.params_of(overrides)
+            reason = "" if params <= self.sweep.budget else f"{params:,} parameters > budget {self.sweep.budget:,}"
+        except UserError as exc:  # a combination the model cannot build, e.g. too many blocks to downsample
+            params, reason = -1, str(exc)
+        # Optuna's constraint API: a value > 0 marks the trial infeasible, so TPE learns where the budget ends.
+        trial.set_constraint(CONSTRAINT, float(params - self.sweep.budget) if params >= 0 else 1.0)
+        return {"params": params, INFEASIBLE: reason}
+
+
+def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: str, metric: str, mode: str,
+              fid_weights: list[str] | None) -> None:
+    """The Tune trainable: a driver that builds and fits the trial's TorchTrainer (or refuses it)."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    if config.get(INFEASIBLE):
+        # No trainer, no worker, no step: the result Optuna and ASHA see is the worst value at step 0.
+        tune.report({"step": 0, metric: worst(mode), INFEASIBLE: True, "params": config["params"]})
+        return
+    from cifarray.config import from_dict
+    from cifarray.train import launch
+    from cifarray.train.common import RunDir
+
+    sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
+    cfg = from_dict(sweep.cls, {**base, **to_dict_values(sweep.overrides(sampled)),
+                                "out": str(Path(out) / "trials" / trial_id)})
+    run, resolved, done = launch.prepare_run(cfg, cfg.model_config())
+    if done:  # finished before the driver was killed, but Tune never heard: tell it now
+        tune.report(final_result(run, metric, mode))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    if sweep.model == "densenet":
+        from cifarray.train.densenet import train_densenet as train_fn
+    else:
+        from cifarray.train.dcgan import train_dcgan as train_fn
+    extra = {"_sweep_trial": True, **({"_fid_weights": fid_weights} if fid_weights else {})}
+    cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU / cfg.workers
+    trainer = launch.build_trainer(cfg, run, train_fn, resolved, cpus, extra, callbacks=[TuneReportCallback()])
+    trainer.fit()
+    if not RunDir(cfg.out).read_json("summary.json"):
+        diverged = run.read_json("diverged.json")
+        if diverged:
+            tune.report({"step": int(diverged["step"]), metric: worst(mode), "diverged": True})
+            return
+        raise RuntimeError(f"trial {trial_id} ended without a summary.json in {run.path}")
+
+
+def to_dict_values(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+
+
+def final_result(run, metric: str, mode: str) -> dict[str, Any]:
+    from cifarray.train.common import read_metrics
+
+    rows = read_metrics(run.metrics)
+    last = rows[-1] if rows else {}
+    result = {"step": int(last.get("step", 0))}
+    for row in reversed(rows):
+        if row.get(metric) not in (None, "", "nan"):
+            result[metric] = float(row[metric])
+            break
+    result.setdefault(metric, worst(mode))
+    return result

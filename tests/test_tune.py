@@ -1,0 +1,246 @@
+"""python -m cifarray.tune: sweep validation, budget-infeasible trials, ASHA, resume after SIGKILL, console."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO, run_module
+
+CI_SWEEP = REPO / "sweeps" / "ci_densenet.toml"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_sweep(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+BASE = """
+model = "densenet"
+trials = 4
+[train]
+steps = 40
+eval_every = 20
+[space]
+"""
+
+
+@pytest.mark.parametrize("text, expected", [
+    (BASE.replace("trials = 4", "trails = 4") + "lr = { loguniform = [0.01, 0.1] }", "unknown key 'trails'"),
+    (BASE + "lr = { loguniform = [0.01, 0.1] }\nwidth = { int = [1, 4] }", "[space] unknown key 'width'"),
+    (BASE + "lr = { loguniform = [0.1, 0.01] }", "range [0.1, 0.01] is empty or inverted"),
+    (BASE + "growth_rate = { int = [4, 4] }", "range [4, 4] is empty or inverted"),
+    (BASE + "batch_size = { choice = [] }", "choice must be a non-empty list"),
+    (BASE + "lr = { loguniform = [0.0, 0.1] }", "a log range needs lo > 0"),
+    (BASE + "growth_rate = { uniform = [2, 8] }", "not a real-valued setting"),
+    (BASE.replace("steps = 40", "steps = 40\nout = 'x'") + "lr = { loguniform = [0.01, 0.1] }",
+     "[train] key 'out' is set by the tuner"),
+    (BASE.replace("steps = 40", "steps = 40\nlearning_rate = 0.1") + "lr = { loguniform = [0.01, 0.1] }",
+     "unknown key 'learning_rate'"),
+    (BASE + "growth_rate = { int = [30, 40] }\nnum_blocks = { int = [3, 4] }\nlayers_per_block = { int = [6, 9] }",
+     "no config in the space fits the budget of 100,000 parameters"),
+    (BASE + "num_blocks = { int = [2, 3] }", "num_blocks and layers_per_block go together"),
+    (BASE.replace("[space]", "[asha]\ngrace_period = 10\n[space]") + "lr = { loguniform = [0.01, 0.1] }",
+     "grace_period 10 is shorter than train.eval_every"),
+])
+def test_bad_sweep_files_are_refused_in_one_line_before_ray(tmp_path, text, expected):
+    sweep = write_sweep(tmp_path / "bad.toml", text)
+    out = tmp_path / "out"
+    t = time.perf_counter()
+    result = run_module("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # nothing written: the sweep is checked first
+    assert time.perf_counter() - t < 60  # no Ray cluster was started (that alone takes ~10 s here)
+
+
+def test_space_sampler_marks_over_budget_configs_through_optunas_constraint_api():
+    import optuna
+
+    from cifarray.tune.sweep import load
+    from cifarray.tune.trial import CONSTRAINT, INFEASIBLE, SpaceSampler
+
+    sweep = load(CI_SWEEP)
+    sampler = SpaceSampler(sweep)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    seen = {True: 0, False: 0}
+    for _ in range(40):
+        trial = study.ask()
+        out = sampler(trial)
+        over = out["params"] > sweep.budget
+        assert bool(out[INFEASIBLE]) == over
+        study.tell(trial, 0.0 if over else 0.5)
+        # TPE's feasibility signal (Optuna's constraint API) matches the budget exactly.
+        assert (study.trials[-1].constraints[CONSTRAINT] > 0) == over
+        # The count is exact: the model built from the sampled config has exactly that many parameters.
+        from cifarray.models.densenet import DenseNet
+
+        cfg = sweep.config_for(sweep.overrides({k: v for k, v in trial.params.items()}))
+        assert sum(p.numel() for p in DenseNet(cfg.model_config()).parameters()) == out["params"]
+        seen[over] += 1
+    assert seen[True] and seen[False]  # the CI space straddles its budget
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def metric_steps(trial_dir: Path) -> int:
+    with open(trial_dir / "metrics.csv", newline="") as fh:
+        return max(int(r["step"]) for r in csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_sweep_skips_infeasible_configs_stops_weak_trials_and_tests_only_the_best(tmp_path):
+    out = tmp_path / "sweep"
+    # One trial at a time: ASHA's decisions then depend only on the (seeded) results, not on timing.
+    result = run_module("cifarray.tune", "--sweep", str(CI_SWEEP), "--synthetic", "--out", str(out),
+                        "--max-concurrent", "1", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = rows(out / "trials.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(trials) == 6 == summary["trials"]
+    by = {s: [t for t in trials if t["status"] == s] for s in ("complete", "early-stopped", "infeasible")}
+    assert len(by["infeasible"]) >= 1 and len(by["early-stopped"]) >= 1 and len(by["complete"]) >= 1, trials
+    for t in by["infeasible"]:
+        assert int(t["params"]) > 8000 and t["steps"] == "0" and "budget" in t["infeasible_reason"]
+        assert not (out / "trials" / t["trial_id"]).exists()  # no trainer was ever built for it
+    for t in by["complete"] + by["early-stopped"]:
+        assert int(t["params"]) <= 8000
+        assert int(t["steps"]) == metric_steps(out / "trials" / t["trial_id"])
+    assert all(int(t["steps"]) == 60 for t in by["complete"])
+    assert all(int(t["steps"]) < 60 for t in by["early-stopped"])  # ASHA stopped them at a rung
+    assert summary["infeasible_steps"] == 0 and summary["infeasible_trials"] == len(by["infeasible"])
+    assert summary["total_steps"] == sum(int(t["steps"]) for t in trials)
+    # Selection on validation; test evaluated once, for the best trial only (trial runs never touch it).
+    best = summary["best"]
+    assert best["trial_id"] in {t["trial_id"] for t in by["complete"]}
+    finals = [json.loads((out / "trials" / t["trial_id"] / "summary.json").read_text())["val_acc"]
+              for t in by["complete"]]
+    assert best["val_acc"] == pytest.approx(max(finals), abs=1e-6)  # metrics.csv holds 6 significant digits
+    assert 0.0 <= best["test_acc"] <= 1.0 and best["params"] <= 8000
+    for t in by["complete"]:
+        assert json.loads((out / "trials" / t["trial_id"] / "summary.json").read_text())["test_acc"] is None
+    for name in ("val_vs_params.png", "learning_curves.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert "Traceback" not in result.stderr
+    assert "sweep done" in result.stdout and "0 on infeasible configs" in result.stdout
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs started (transitively) by `pid`, read from /proc while it still lives."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    return found
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_completes_without_rerunning_finished_trials(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "cifarray.tune", "--sweep", str(CI_SWEEP), "--synthetic", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started: set[int] = set()
+    try:
+        deadline = time.time() + 300
+        finished: list[dict[str, str]] = []
+        while time.time() < deadline and proc.poll() is None:
+            started |= descendants(proc.pid)
+            if (out / "trials.csv").exists():
+                finished = [t for t in rows(out / "trials.csv") if t["status"] == "complete"]
+                if finished:
+                    break
+            time.sleep(0.5)
+        assert finished and proc.poll() is None, "no trial completed while the sweep ran"
+        time.sleep(3)  # past Tune's 2 s experiment snapshot period
+        started |= descendants(proc.pid)
+        before = {t["trial_id"]: digest(out / "trials" / t["trial_id"] / "metrics.csv") for t in finished}
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in started:  # Ray processes the killed driver had started (stopped by PID)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    result = run_module("cifarray.tune", "--out", str(out), "--resume", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = rows(out / "trials.csv")
+    assert len(trials) == 6
+    assert all(t["status"] in ("complete", "early-stopped", "infeasible") for t in trials), trials
+    for trial_id, h in before.items():
+        kept = next(t for t in trials if t["trial_id"] == trial_id)
+        assert kept["status"] == "complete"
+        assert digest(out / "trials" / trial_id / "metrics.csv") == h  # not trained again
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["infeasible_steps"] == 0 and summary["best"] is not None
+
+
+def test_console_renders_the_trial_table_and_header():
+    from rich.console import Console
+
+    from cifarray.tune.console import SweepConsole
+    from cifarray.tune.sweep import load
+
+    sweep = load(CI_SWEEP)
+    console = Console(record=True, width=160, force_terminal=False)
+    view = SweepConsole("/nonexistent", sweep, "val_acc", "max", "validation accuracy", total=3, console=console,
+                        live=False)
+    view.trials = [
+        SimpleNamespace(trial_id="aaaa0001", status="TERMINATED", local_path=None,
+                        config={"batch_size": 32, "lr": 0.123456, "growth_rate": 6, "num_blocks": 2, "layers_0": 1,
+                                "layers_1": 3, "params": 4846, "infeasible": ""},
+                        last_result={"step": 60, "val_acc": 0.25}, metric_analysis={"val_acc": {"max": 0.3}}),
+        SimpleNamespace(trial_id="aaaa0002", status="TERMINATED", local_path=None,
+                        config={"batch_size": 64, "lr": 0.2, "growth_rate": 9, "num_blocks": 3, "layers_0": 4,
+                                "layers_1": 4, "layers_2": 4, "params": 21562, "infeasible": "over budget"},
+                        last_result={"step": 0, "val_acc": 0.0, "infeasible": True},
+                        metric_analysis={"val_acc": {"max": 0.0}}),
+        SimpleNamespace(trial_id="aaaa0003", status="RUNNING", local_path=None,
+                        config={"batch_size": 32, "lr": 0.05, "growth_rate": 2, "num_blocks": 2, "layers_0": 2,
+                                "layers_1": 2, "params": 2040, "infeasible": ""},
+                        last_result={"step": 20, "val_acc": 0.1}, metric_analysis={"val_acc": {"max": 0.1}}),
+    ]
+    console.print(view.renderable())
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "trial" in line and "status" in line)
+    for col in ("trial", "status", "batch", "lr", "k", "layout", "params", "step", "val_acc"):
+        assert col in header, header
+    assert "best validation accuracy: 0.3 (aaaa0001)" in text  # the infeasible trial's 0.0 is not a score
+    assert "trials 2/3 done" in text
+    row = {t: next(line for line in text.splitlines() if t in line and "best" not in line) for t in ("aaaa0001", "aaaa0002", "aaaa0003")}
+    assert "complete" in row["aaaa0001"] and "1-3" in row["aaaa0001"] and "4,846" in row["aaaa0001"]
+    assert "0.123" in row["aaaa0001"] and "0.3" in row["aaaa0001"]
+    assert "infeasible" in row["aaaa0002"] and "21,562" in row["aaaa0002"]
+    assert "running" in row["aaaa0003"] and "2-2" in row["aaaa0003"]
