@@ -17,12 +17,11 @@ venv: $(STAMP)
 
 RUN    ?= runs/quickstart
 
-## The main job on the embedded default: a DenseNet trained by Ray Train on procedural CIFAR-format data
-## (a small model and 300 steps, so that it finishes in a few minutes on 2 CPU cores). Rerun: resumes/no-op.
+## The main job on the embedded default: a real Ray Tune + Optuna sweep of small DenseNets on procedural
+## CIFAR-format data (sweeps/quickstart.toml; ~3-4 minutes on 2 CPU cores). Rerun: resumes, or reports.
 run: $(STAMP)
-	$(PY) -m cifarray.train densenet --synthetic --synthetic-train-per-class 100 --synthetic-test-per-class 20 \
-		--val-size 1000 --growth-rate 6 --blocks 3,3,3 --init-channels 16 --batch-size 128 --steps 300 \
-		--augment basic --eval-every 100 --checkpoint-every 100 --out $(RUN)
+	$(PY) -m cifarray.tune --sweep sweeps/quickstart.toml --synthetic --out $(RUN) \
+		$(if $(wildcard $(RUN)/tune),--resume,)
 	$(PY) -m cifarray.data check $(RUN)/data --no-verify
 
 ## The whole test suite, slow tests included (CI runs exactly this).

@@ -244,3 +244,23 @@ def test_console_renders_the_trial_table_and_header():
     assert "0.123" in row["aaaa0001"] and "0.3" in row["aaaa0001"]
     assert "infeasible" in row["aaaa0002"] and "21,562" in row["aaaa0002"]
     assert "running" in row["aaaa0003"] and "2-2" in row["aaaa0003"]
+
+
+@pytest.mark.slow
+def test_gan_sweep_without_inception_weights_selects_on_a_labelled_fallback(tmp_path):
+    out = tmp_path / "gan"
+    env_note = "NOT FID"
+    result = run_module("cifarray.tune", "--sweep", str(REPO / "sweeps" / "ci_dcgan.toml"), "--synthetic",
+                        "--out", str(out), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == "stats_fd" and env_note in summary["objective_label"]
+    assert env_note in result.stdout.splitlines()[0]  # said up front, not discovered afterwards
+    best = summary["best"]
+    assert "fid" not in best and best["stats_fd"] > 0
+    trials = rows(out / "trials.csv")
+    assert "best_stats_fd" in trials[0] and not any("fid" == k for k in trials[0])
+    assert best["stats_fd"] == pytest.approx(min(float(t["best_stats_fd"]) for t in trials
+                                                 if t["status"] == "complete"), abs=1e-6)
+    for t in trials:
+        assert int(t["params"]) <= 1_000_000

@@ -189,6 +189,8 @@ def train_dcgan(config: dict) -> None:
         if ckpt_now:
             state = common.snapshot(stateful, step)
             gen.manual_seed(common.augment_seed(cfg.seed, rank, step))
+        if is_last:
+            break  # the final report comes after the final files (below)
         if ckpt_now or step % cfg.eval_every == 0:  # a report is a round trip to the controller
             common.report(row, state, rank)
             if state is not None and rank == 0:
@@ -215,3 +217,7 @@ def train_dcgan(config: dict) -> None:
             "final": {k: float(rows[-1][k]) for k in ("loss_d", "loss_g", "d_real", "d_fake")} if rows else {},
             **common.provenance(device),
         })
+    if start < cfg.steps:
+        # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
+        # the generator and summary.json already written.
+        common.report(row, state, rank)

@@ -135,6 +135,8 @@ def train_densenet(config: dict) -> None:
         if ckpt_now:
             state = common.snapshot(stateful, step)
             gen.manual_seed(common.augment_seed(cfg.seed, rank, step))
+        if is_last:
+            break  # the final report comes after the final files (below)
         if ckpt_now or step % cfg.eval_every == 0:  # a report is a round trip to the controller
             common.report({k: v for k, v in row.items() if v == v}, state, rank)
             if state is not None and rank == 0:
@@ -149,6 +151,10 @@ def train_densenet(config: dict) -> None:
     if rank == 0:
         # A sweep trial leaves the test split alone: the tuner evaluates only the best trial on it, once.
         _finish(cfg, run, raw_model, data, aug, device, world, evaluate_test=not config.get("_sweep_trial"))
+    if start < cfg.steps:
+        # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
+        # the weights and summary.json already written.
+        common.report({k: v for k, v in row.items() if v == v}, state, rank)
 
 
 def _finish(cfg, run, model, data, aug, device, world, evaluate_test: bool = True) -> None:

@@ -246,4 +246,4 @@ def print_summary(summary: dict[str, Any]) -> None:
         line += f", test accuracy {best['test_acc']:.4f} (evaluated once, after selection)"
     print(line)
     if summary["synthetic_data"]:
-        print("(procedural data: these accuracies say the sweep works, not how well CIFAR-100 is learned)")
+        print("(procedural data: these numbers show the sweep works, not how well CIFAR-100 is learned)")
