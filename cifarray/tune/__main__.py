@@ -32,13 +32,13 @@ EXPERIMENT = "tune"  # Tune's experiment folder inside OUT; a stable name lets -
 SWEEP_COPY = "sweep.toml"
 ARGS_FILE = "tune_args.json"
 RESUME_KEYS = ("data_dir", "synthetic", "no_verify", "workers_per_trial", "gpus_per_trial", "cpus_per_trial",
-               "max_concurrent", "trials")  # trials: restore() keeps the saved count; the console shows it
+               "max_concurrent", "trials")  # what --resume reads back from OUT when not given again
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cifarray.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", help=f"sweep file (TOML; default {default_sweep().relative_to(Path.cwd()) if default_sweep().is_relative_to(Path.cwd()) else default_sweep()})")
+    p.add_argument("--sweep", help="sweep file (TOML; default: the shipped sweeps/densenet_100k.toml)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data-dir", help="folder holding cifar-100-python/ or its .tar.gz")
     data.add_argument("--synthetic", action="store_true", help="procedural CIFAR-format data, written once to OUT/data")
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"runs/tune-{Path(args.sweep or default_sweep()).stem}").expanduser().resolve()
     experiment = out / EXPERIMENT
     if args.resume:
+        if args.trials is not None:
+            raise UserError("--trials cannot change when resuming: the experiment keeps its own count")
         saved = _json(out / ARGS_FILE)
         if saved is None or not experiment.exists():
             raise UserError(f"--resume: {out} holds no experiment to resume; run without --resume to start one")

@@ -34,8 +34,7 @@ parameter budget at all.
 from __future__ import annotations
 
 import itertools
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,6 @@ class Sweep:
     reduction_factor: int
     source: str = ""
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def cls(self) -> type:
@@ -304,6 +302,3 @@ def load(path: str | Path) -> Sweep:
 def default_sweep() -> Path:
     return Path(__file__).resolve().parents[2] / "sweeps" / "densenet_100k.toml"
 
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
