@@ -27,6 +27,16 @@ class BudgetError(UserError):
 EXIT_USER_ERROR = 2
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def handle_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt. Called again after ray.init, whose core worker installs its own
+    handler that aborts the process with a stack dump instead."""
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run `main(argv)` and exit; a `UserError` becomes `error: ...` on stderr and exit 2.
 
@@ -34,10 +44,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     Ctrl-C, so that `finally` blocks and Ray's shutdown run and checkpoints stay usable.
     """
 
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
+    handle_sigterm()
     try:
         code = main(argv)
     except UserError as exc:

@@ -17,7 +17,7 @@ from typing import Callable
 from cifarray.config import to_dict
 from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
-from cifarray.errors import UserError
+from cifarray.errors import UserError, handle_sigterm
 from cifarray.models.budget import enforce_budget
 from cifarray.train.common import RunDir, read_metrics
 
@@ -78,6 +78,8 @@ def init_ray(cfg, dashboard: bool = False) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(include_dashboard=dashboard, **kwargs)
+    if threading.current_thread() is threading.main_thread():
+        handle_sigterm()
 
 
 def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
