@@ -70,11 +70,8 @@ def _load(run):
 
 
 def densenet_report(run, cfg) -> list[Path]:
-    from cifarray.data.augment import AugmentConfig, DeviceAugment
-    from cifarray.data.loader import prepare
-    from cifarray.models.densenet import DenseNet
-    from cifarray.train.common import load_data, read_metrics
-    from cifarray.train.densenet import evaluate
+    from cifarray.train.common import read_metrics
+    from cifarray.train.densenet import evaluate, load_finished
 
     weights = run.path / "model.pt"
     if not weights.is_file():
@@ -82,10 +79,7 @@ def densenet_report(run, cfg) -> list[Path]:
     tag = " (procedural data)" if cfg.synthetic else ""
     out = [_curves(run, read_metrics(run.metrics), [("loss", ["loss"]), ("accuracy", ["train_acc", "val_acc"])],
                    f"DenseNet k={cfg.growth_rate} blocks={','.join(map(str, cfg.blocks))}{tag}")]
-    data = prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed)
-    model = DenseNet(cfg.model_config())
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    aug = DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std)
+    model, data, aug = load_finished(run, cfg)
     _, logits = evaluate(model, data.test, aug, torch.device("cpu"))
     probs = logits.softmax(1)
     pred, labels, names = probs.argmax(1), data.test.labels, data.class_names

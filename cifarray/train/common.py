@@ -139,16 +139,23 @@ def next_attempt(run: RunDir) -> int:
     return seen["attempts"]
 
 
-def report(metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
-    """Report to Ray Train; rank 0 attaches the checkpoint (all ranks must call)."""
+def report(run: RunDir, metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
+    """Report to Ray Train (all ranks must call); rank 0 attaches the checkpoint and records its step.
+
+    Metrics that are not yet measured (NaN) are left out. last_checkpoint.json is written after the
+    report returned, i.e. once the checkpoint is persisted; Ray registers it when its controller next
+    polls, so a crash within that window resumes from the one before.
+    """
     import ray.train
 
+    metrics = {k: v for k, v in metrics.items() if v == v}
     if state is None or rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    run.write_json("last_checkpoint.json", {"step": state["step"]})
 
 
 def latest_state() -> dict[str, Any] | None:
@@ -167,7 +174,7 @@ def stop_diverged(run: RunDir, step: int, loss: float, rank: int) -> None:
         last = run.read_json("last_checkpoint.json")
         run.write_json("diverged.json", {"step": step, "loss": str(loss),
                                          "last_checkpoint_step": last and last["step"]})
-    report({"step": step, "diverged": 1}, None, rank)
+    report(run, {"step": step, "diverged": 1}, None, rank)
 
 
 def restore(components: dict[str, Any]) -> int:

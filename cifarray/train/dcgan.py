@@ -192,9 +192,7 @@ def train_dcgan(config: dict) -> None:
         if is_last:
             break  # the final report comes after the final files (below)
         if ckpt_now or step % cfg.eval_every == 0:  # a report is a round trip to the controller
-            common.report(row, state, rank)
-            if state is not None and rank == 0:
-                run.write_json("last_checkpoint.json", {"step": step})  # persisted (see densenet.py)
+            common.report(run, row, state, rank)
         sums.zero_()
         window_steps, window_start = 0, time.perf_counter()
 
@@ -220,4 +218,4 @@ def train_dcgan(config: dict) -> None:
     if start < cfg.steps:
         # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
         # the generator and summary.json already written.
-        common.report(row, state, rank)
+        common.report(run, row, state, rank)

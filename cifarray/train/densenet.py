@@ -138,11 +138,7 @@ def train_densenet(config: dict) -> None:
         if is_last:
             break  # the final report comes after the final files (below)
         if ckpt_now or step % cfg.eval_every == 0:  # a report is a round trip to the controller
-            common.report({k: v for k, v in row.items() if v == v}, state, rank)
-            if state is not None and rank == 0:
-                # Written after the report returned: the checkpoint is persisted. Ray registers it when
-                # its controller next polls, so a crash within that window resumes from the one before.
-                run.write_json("last_checkpoint.json", {"step": step})
+            common.report(run, row, state, rank)
         loss_sum.zero_()
         correct.zero_()
         seen, window_steps, window_start = 0, 0, time.perf_counter()
@@ -154,7 +150,15 @@ def train_densenet(config: dict) -> None:
     if start < cfg.steps:
         # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
         # the weights and summary.json already written.
-        common.report({k: v for k, v in row.items() if v == v}, state, rank)
+        common.report(run, row, state, rank)
+
+
+def load_finished(run: common.RunDir, cfg: DenseNetTrainConfig):
+    """A finished run's final weights, data splits and normalisation, on the CPU: (model, data, augment)."""
+    data = prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed)
+    model = DenseNet(cfg.model_config())
+    model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
+    return model, data, DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std)
 
 
 def _finish(cfg, run, model, data, aug, device, world, evaluate_test: bool = True) -> None:

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--gpus-per-trial {args.gpus_per_trial} must equal --workers-per-trial {workers} "
                         "(one GPU per DDP worker)")
     trials = args.trials or sweep.trials
-    batches = [sweep.train.get("batch_size", sweep.cls.__dataclass_fields__["batch_size"].default)]
+    batches = [sweep.base.batch_size]
     if "batch_size" in sweep.space and sweep.space["batch_size"].kind == "choice":
         batches = list(sweep.space["batch_size"].values)
     odd = [b for b in batches if b % workers]
@@ -126,14 +126,13 @@ def _prepare_data(args, sweep: Sweep, out: Path) -> Path:
 
     if args.synthetic:
         data = out / "data"
-        per_class = sweep.train.get("synthetic_train_per_class", 500)
-        test_per_class = sweep.train.get("synthetic_test_per_class", 100)
-        val = sweep.train.get("val_size", 5000)
-        if val >= per_class * 100:
-            raise UserError(f"the sweep's val_size {val} leaves no training images with "
-                            f"synthetic_train_per_class {per_class}; lower val_size")
+        base = sweep.base
+        if base.val_size >= base.synthetic_train_per_class * 100:
+            raise UserError(f"the sweep's val_size {base.val_size} leaves no training images with "
+                            f"synthetic_train_per_class {base.synthetic_train_per_class}; lower val_size")
         if not (data / "cifar-100-python" / "meta").exists():
-            write_synthetic(data, train_per_class=per_class, test_per_class=test_per_class, seed=sweep.seed)
+            write_synthetic(data, train_per_class=base.synthetic_train_per_class,
+                            test_per_class=base.synthetic_test_per_class, seed=sweep.seed)
         return data
     data = Path(args.data_dir).expanduser().resolve()
     load_cifar100(data, verify=not args.no_verify)
@@ -158,11 +157,9 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
 
     fid_weights = None
     if sweep.model == "dcgan":
-        from cifarray.train.config import DCGANTrainConfig
         from cifarray.train.dcgan import fid_weights_for_training
 
-        probe = DCGANTrainConfig(**{**sweep.train, "synthetic": True})
-        fid_weights = fid_weights_for_training(probe)
+        fid_weights = fid_weights_for_training(sweep.base)
     metric, mode, label = objective(sweep, fid_weights is not None)
 
     # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a trial's controller
@@ -187,9 +184,8 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
                         "lower --workers-per-trial or --cpus-per-trial")
     concurrent = min(fit_by, args.max_concurrent or fit_by, trials)
 
-    base = {**{k: list(v) if isinstance(v, tuple) else v for k, v in sweep.train.items()},
-            "data_dir": str(data_dir), "synthetic": False, "no_verify": True if args.synthetic else args.no_verify,
-            "workers": workers, "gpu": bool(args.gpus_per_trial), "cpus_per_worker": cpus_per_worker,
+    base = {**sweep.train, "data_dir": str(data_dir), "synthetic": False,
+            "no_verify": True if args.synthetic else args.no_verify, "workers": workers, "gpu": bool(args.gpus_per_trial), "cpus_per_worker": cpus_per_worker,
             "checkpoint_every": sweep.eval_every}  # every report carries a checkpoint and the objective
     if fid_weights:
         base["fid_every"] = sweep.eval_every

@@ -114,25 +114,16 @@ def resources_line() -> str:
     return f"in use: {', '.join(parts) or '-'} on {nodes} node(s)"
 
 
-def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str, data_dir: Path) -> float:
+def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str) -> float:
     """The one use of the test split in a sweep: the best trial's final weights, evaluated once."""
     import torch
 
     from cifarray.config import from_dict
-    from cifarray.data.augment import AugmentConfig, DeviceAugment
-    from cifarray.data.cifar import load_cifar100
-    from cifarray.data.loader import prepare
-    from cifarray.models.densenet import DenseNet
     from cifarray.train.common import RunDir
-    from cifarray.train.densenet import evaluate
+    from cifarray.train.densenet import evaluate, load_finished
 
     run = RunDir(trial_dir(out, trial_id))
-    cfg = from_dict(sweep.cls, run.read_json("config.json"))
-    data = prepare(load_cifar100(data_dir, verify=False), val_size=cfg.val_size, seed=cfg.seed,
-                   device=torch.device("cpu"))
-    model = DenseNet(cfg.model_config())
-    model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
-    aug = DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std, device=torch.device("cpu"))
+    model, data, aug = load_finished(run, from_dict(sweep.cls, run.read_json("config.json")))
     return evaluate(model, data.test, aug, torch.device("cpu"))[0]
 
 
@@ -212,7 +203,7 @@ def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: 
         best = {"trial_id": rec["trial_id"], "params": rec["params"], metric: value,
                 "config": json.loads((trial_dir(out, rec["trial_id"]) / "config.json").read_text())}
         if sweep.model == "densenet":
-            best["test_acc"] = evaluate_best_on_test(out, sweep, rec["trial_id"], data_dir)
+            best["test_acc"] = evaluate_best_on_test(out, sweep, rec["trial_id"])
         else:
             best["test_fid"] = None
             best["test_fid_note"] = ("not computed by the sweep: run python -m cifarray.eval fid "

@@ -91,16 +91,21 @@ class Sweep:
         return CONFIGS[self.model]
 
     @property
+    def base(self) -> Any:
+        """The fixed settings as a full training config (defaults filled in), procedural data assumed."""
+        return self.config_for({})
+
+    @property
     def steps(self) -> int:
-        return int(self.train.get("steps", self.cls.__dataclass_fields__["steps"].default))
+        return self.base.steps
 
     @property
     def eval_every(self) -> int:
-        return int(self.train.get("eval_every", self.cls.__dataclass_fields__["eval_every"].default))
+        return self.base.eval_every
 
     @property
     def budget(self) -> int:
-        return self.config_for({}).budget
+        return self.base.budget
 
     def overrides(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Config values for sampled space values (special keys expanded)."""

@@ -71,8 +71,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
     from cifarray.train.common import RunDir
 
     sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
-    cfg = from_dict(sweep.cls, {**base, **to_dict_values(sweep.overrides(sampled)),
-                                "out": str(Path(out) / "trials" / trial_id)})
+    cfg = from_dict(sweep.cls, {**base, **sweep.overrides(sampled), "out": str(Path(out) / "trials" / trial_id)})
     run, resolved, done = launch.prepare_run(cfg, cfg.model_config())
     if done:  # finished before the driver was killed, but Tune never heard: tell it now
         tune.report(final_result(run, metric, mode))
@@ -93,10 +92,6 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
             tune.report({"step": int(diverged["step"]), metric: worst(mode), "diverged": True})
             return
         raise RuntimeError(f"trial {trial_id} ended without a summary.json in {run.path}")
-
-
-def to_dict_values(overrides: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
 def final_result(run, metric: str, mode: str) -> dict[str, Any]:
