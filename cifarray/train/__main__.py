@@ -2,6 +2,7 @@
 
 Flags may also come from a TOML file (--config): defaults, then the file, then the
 command line. Rerunning the same command with the same --out resumes the run.
+--workers auto: one DDP worker per GPU of the Ray cluster (and --gpu), else one per node.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from cifarray.config import add_arguments, load_toml, resolve
 from cifarray.errors import run_cli
 from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
 
+AUTO = "auto"
 JOBS = {"densenet": DenseNetTrainConfig, "dcgan": DCGANTrainConfig}
 
 
@@ -30,13 +32,20 @@ def parse(argv: Sequence[str] | None = None):
     values = vars(args)
     job, config_file = values.pop("job"), values.pop("config")
     file_values = load_toml(config_file) if config_file else {}
-    return job, resolve(JOBS[job], file_values, values, source=config_file or "config file")
+    # --workers auto: sized to the Ray cluster once it is joined (launch.scale_to_cluster)
+    auto = AUTO in (values.get("workers"), file_values.get("workers"))
+    if auto:
+        values["workers"] = None
+        file_values.pop("workers", None)
+    return job, resolve(JOBS[job], file_values, values, source=config_file or "config file"), auto
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    job, cfg = parse(argv)
+    job, cfg, auto = parse(argv)
     from cifarray.train import launch
 
+    if auto:
+        cfg = launch.scale_to_cluster(cfg)
     if job == "densenet":
         from cifarray.train.densenet import train_densenet
 

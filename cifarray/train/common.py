@@ -101,6 +101,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "git_commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "host": socket.gethostname(),
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),  # Ray nodes started inside a Slurm job inherit it
     }
 
 

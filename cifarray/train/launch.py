@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 from typing import Callable
@@ -76,10 +77,33 @@ def init_ray(cfg, dashboard: bool = False) -> None:
     kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
     if address:
         ray.init(address=address, **kwargs)
+    elif dashboard:
+        # Ray's state API (Ray Train's placement-group cleaner uses it from inside the cluster) otherwise
+        # looks for "the" Ray cluster on this machine, and fails when another job runs one here too; the
+        # Ray processes started below inherit this variable.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(include_dashboard=True, dashboard_port=port, **kwargs)
     else:
-        ray.init(include_dashboard=dashboard, **kwargs)
+        ray.init(include_dashboard=False, **kwargs)
     if threading.current_thread() is threading.main_thread():
         handle_sigterm()
+
+
+def scale_to_cluster(cfg):
+    """--workers auto: one DDP worker per GPU of the Ray cluster (GPU training), else one per node."""
+    import dataclasses
+
+    import ray
+
+    init_ray(cfg)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    workers = gpus or nodes
+    print(f"--workers auto: {workers} worker(s), {'one per GPU' if gpus else 'one per node, on CPU'}", flush=True)
+    return dataclasses.replace(cfg, workers=workers, gpu=bool(gpus))
 
 
 def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,

@@ -44,10 +44,13 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--synthetic", action="store_true", help="procedural CIFAR-format data, written once to OUT/data")
     p.add_argument("--no-verify", action="store_true", help="skip the md5 check of --data-dir")
     p.add_argument("--out", help="experiment folder (default runs/tune-<sweep name>)")
-    p.add_argument("--resume", action="store_true", help="continue the experiment in --out (finished trials are kept)")
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"),
+                   help="continue the experiment in --out (finished trials are kept); --resume=auto: continue "
+                   "it if --out holds one, else start it (for batch jobs that may be requeued)")
     p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else a local one)")
     p.add_argument("--max-concurrent", type=int, help="cap on trials at once (default: what the cluster fits)")
-    p.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial, one per DDP worker (default 0)")
+    p.add_argument("--gpus-per-trial", default="0", help="GPUs per trial, one per DDP worker (default 0); auto: 1 "
+                   "if the Ray cluster has GPUs, else 0")
     p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default: GPUs per trial, or 1)")
     p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial, split across its workers (default: 1 per "
                    "worker on CPU; the node's CPUs shared out on GPU)")
@@ -59,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     out = Path(args.out or f"runs/tune-{Path(args.sweep or default_sweep()).stem}").expanduser().resolve()
     experiment = out / EXPERIMENT
+    saved = _json(out / ARGS_FILE)
+    if args.resume == "auto":
+        args.resume = saved is not None and experiment.exists()
+    args.auto_gpus = args.gpus_per_trial == "auto"  # decided in run(), once the Ray cluster is joined
+    try:
+        args.gpus_per_trial = 0 if args.auto_gpus else int(args.gpus_per_trial)
+    except ValueError:
+        raise UserError(f"--gpus-per-trial must be a number or auto, got {args.gpus_per_trial!r}") from None
     if args.resume:
-        if args.trials is not None:
-            raise UserError("--trials cannot change when resuming: the experiment keeps its own count")
-        saved = _json(out / ARGS_FILE)
         if saved is None or not experiment.exists():
             raise UserError(f"--resume: {out} holds no experiment to resume; run without --resume to start one")
         if args.sweep and Path(args.sweep).resolve() != (out / SWEEP_COPY).resolve():
@@ -70,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             if _canon(sweep_now) != _canon(load(out / SWEEP_COPY)):
                 raise UserError(f"--resume: {args.sweep} differs from the sweep of {out} ({out / SWEEP_COPY}); "
                                 "drop --sweep to resume, or pass another --out")
+        sweep = load(out / SWEEP_COPY)
+        if args.trials is not None and args.trials != (saved.get("trials") or sweep.trials):
+            raise UserError("--trials cannot change when resuming: the experiment keeps its own count")
         for key in RESUME_KEYS:  # the experiment's own settings, unless given again
             if getattr(args, key) in (None, False, 0) and saved.get(key) not in (None, False):
                 setattr(args, key, saved[key])
-        sweep = load(out / SWEEP_COPY)
     else:
         sweep = load(args.sweep or default_sweep())
         if experiment.exists():
@@ -170,6 +180,8 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    if args.auto_gpus and gpus and workers == 1:
+        args.gpus_per_trial = 1
     if args.gpus_per_trial:
         if gpus < args.gpus_per_trial:
             raise UserError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus} GPU(s); "

@@ -104,13 +104,13 @@ def resources_line() -> str:
         import ray
 
         total, free = ray.cluster_resources(), ray.available_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))  # by node id: nodes may share an IP
     except Exception:  # the cluster is going away; the header just omits resources
         return "resources: -"
     parts = []
     for key in ("CPU", "GPU"):
         if total.get(key):
             parts.append(f"{key} {total[key] - free.get(key, 0):g}/{total[key]:g}")
-    nodes = sum(1 for k in total if k.startswith("node:") and not k.startswith("node:__internal"))
     return f"in use: {', '.join(parts) or '-'} on {nodes} node(s)"
 
 

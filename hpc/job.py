@@ -1,0 +1,46 @@
+"""The callable that hpc.submit hands to submitit (its own module: submitit pickles it by import path)."""
+
+from __future__ import annotations
+
+import os
+
+
+class RayJob:
+    """The submitted callable: picklable, and checkpointable so that submitit requeues it."""
+
+    def __init__(self, cmd: list[str], join_timeout: float):
+        self.cmd = cmd
+        self.join_timeout = join_timeout
+
+    def __call__(self) -> int:
+        import signal
+
+        import submitit
+
+        from cifarray.errors import handle_sigterm
+        from hpc import ray_cluster
+
+        env = submitit.JobEnvironment()
+        # submitit ignores SIGTERM and waits for its own signal; here SIGTERM (scancel, requeue) must stop
+        # the driver and the Ray nodes at once.
+        handle_sigterm()
+        signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+        if os.environ.get("SLURM_JOB_ID") is None:  # local executor: a one-node "allocation" of this machine
+            os.environ.update(SLURM_JOB_ID=f"local-{env.job_id}", SLURM_JOB_NODELIST="localhost",
+                              SLURMD_NODENAME="localhost")
+        if env.global_rank == 0:
+            code = ray_cluster.run_on_cluster(self.cmd, spawn_workers=False, join_timeout=self.join_timeout)
+        else:
+            from hpc.slurm import Allocation
+
+            code = ray_cluster.join_cluster(Allocation.from_env().job_dir, None, None, self.join_timeout)
+        if code:
+            raise RuntimeError(f"{' '.join(self.cmd)} exited with status {code}")
+        return code
+
+    def checkpoint(self):
+        import submitit
+
+        print("[hpc] preempted or near the time limit: requeueing; the command continues from its output "
+              "folder", flush=True)
+        return submitit.helpers.DelayedSubmission(self)

@@ -1,0 +1,365 @@
+"""python -m hpc.ray_cluster -- CMD ...: a Ray cluster for the life of one Slurm job, and CMD run on it.
+
+    sbatch --nodes=2 --wrap "python -m hpc.ray_cluster -- python -m cifarray.tune --synthetic --out runs/t"
+
+Run by the batch step (the job's first node): a Ray head here, one Ray worker on each other node
+(one srun step), CPUs and GPUs as Slurm allocated them, ports picked free on each node so that
+two jobs sharing a node never collide, a short temp dir per node (Ray's socket paths must stay
+under 107 bytes). Token authentication is on: a random token in a 0600 file in the job's folder
+(~/.hpc-ray/jobs/<job id>/, or $HPC_JOBS_DIR/<job id>), so other users of the cluster cannot
+run code on this job's Ray cluster. When every node has joined, CMD runs with RAY_ADDRESS and
+the token set; its exit status is this command's. Everything is torn down when CMD ends and on
+SIGTERM/SIGINT/SIGHUP (scancel, requeue, preemption, the --signal before the time limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cifarray.errors import UserError, run_cli
+from hpc.dashboard import Dashboard, DashboardError
+from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip
+
+CLUSTER_FILE = "cluster.json"
+NODE_LABEL = "slurm-node"
+TOKEN_FILE = "token"
+SOCKET_PATH_MAX = 107
+SESSION_SUFFIX = len("/session_2026-11-25_22-16-44_882869_4194304/sockets/plasma_store")
+NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
+HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
+WORKER_STEP = "ray-workers"
+STOP_GRACE_S = 45  # `ray start --block` drains for up to 30 s on SIGTERM before it stops its processes
+
+
+def log(msg: str) -> None:
+    print(f"[hpc] {msg}", flush=True)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on this node right now. Ray is given every port explicitly: its fixed
+    defaults (6379, 8265, 52365, 10001, ...) are what two jobs on one node would collide on."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def temp_dir(job_id: str, role: str) -> Path:
+    base = Path(os.environ.get("HPC_RAY_TMP") or "/tmp")
+    path = base / f"ray-{job_id}-{role}"
+    if len(str(path)) + SESSION_SUFFIX > SOCKET_PATH_MAX:
+        raise UserError(f"Ray temp dir {path} is too long for Ray's socket paths (max {SOCKET_PATH_MAX} bytes "
+                        "in all); set HPC_RAY_TMP to a short node-local folder such as /tmp")
+    return path
+
+
+def ray_env(token_file: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+def ray_executable() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
+def start_node(*, head: str | None, dashboard: str | None, ip: str, node: str, cpus: int, gpus: int, tmp: Path,
+               log_file: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict[str, int]]:
+    """`ray start --block` for this node (the head when `head` is None); it stops its own processes when it
+    gets SIGTERM."""
+    names = NODE_PORTS + (HEAD_PORTS if head is None else ())
+    ports = dict(zip(names, free_ports(len(names))))
+    if head is None:
+        dashboard = f"http://{ip}:{ports['--dashboard-port']}"
+    # Ray's state API, which Ray Train uses to clean up after trials that Tune ends, otherwise looks for
+    # "the" Ray cluster on the node and fails when another job runs one there too.
+    env = {**env, "RAY_API_SERVER_ADDRESS": dashboard}
+    argv = [ray_executable(), "start", "--block", "--node-ip-address", ip, "--num-cpus", str(cpus),
+            "--num-gpus", str(gpus), "--temp-dir", str(tmp), "--disable-usage-stats",
+            "--labels", f"{NODE_LABEL}={node}",  # the Slurm node name; nodes may share an IP
+            # 0: each Ray worker process binds a port the kernel picks, never a fixed range shared by jobs
+            "--min-worker-port", "0", "--max-worker-port", "0"]
+    if head is None:
+        argv += ["--head", "--include-dashboard", "true", "--dashboard-host", "0.0.0.0"]
+    else:
+        argv += ["--address", head]
+    for flag, port in ports.items():
+        argv += [flag, str(port)]
+    tmp.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return proc, {flag.strip("-"): port for flag, port in ports.items()}
+
+
+def stop(proc: subprocess.Popen | None, grace: float, what: str) -> int | None:
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        log(f"{what} still running {grace:.0f} s after SIGTERM; killing it")
+        proc.kill()
+        return proc.wait()
+
+
+def new_token(job_dir: Path) -> Path:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(job_dir, 0o700)
+    path = job_dir / TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to a file left by an earlier run of this job
+    return path
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+class Cluster:
+    """The head side: start, wait for nodes, run the driver, tear down."""
+
+    def __init__(self, alloc: Allocation, spawn_workers: bool, join_timeout: float):
+        self.alloc = alloc
+        self.spawn_workers = spawn_workers
+        self.join_timeout = join_timeout
+        self.job_dir = alloc.job_dir
+        self.head: subprocess.Popen | None = None
+        self.workers: subprocess.Popen | None = None
+        self.driver: subprocess.Popen | None = None
+        self.tmp = temp_dir(alloc.job_id, "head")
+        self.info: dict = {}
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        (self.job_dir / CLUSTER_FILE).unlink(missing_ok=True)  # an earlier run of a requeued job
+        token_file = new_token(self.job_dir)
+        self.env = ray_env(token_file)
+        ip = node_ip(self.alloc.this_node)
+        cpus, gpus = cpus_on_node(), gpus_on_node()
+        head_log = self.job_dir / "ray-head.log"
+        log(f"job {self.alloc.job_id}: starting the Ray head on {self.alloc.this_node} ({ip}): {cpus} CPUs, "
+            f"{gpus} GPUs; logs in {self.job_dir}")
+        self.head, ports = start_node(head=None, dashboard=None, ip=ip, node=self.alloc.this_node, cpus=cpus, gpus=gpus, tmp=self.tmp, log_file=head_log,
+                                      env=self.env)
+        address = f"{ip}:{ports['port']}"
+        self.dashboard = Dashboard(f"http://{ip}:{ports['dashboard-port']}", token_file.read_text().strip())
+        self._wait(lambda: self._dashboard_up(), 120, "the Ray head", head_log)
+        self.info = {"job_id": self.alloc.job_id, "restart_count": self.alloc.restart_count, "state": "starting",
+                     "head_node": self.alloc.this_node, "head_ip": ip, "address": address,
+                     "dashboard_url": self.dashboard.url, "token_file": str(token_file), "ports": ports,
+                     "nodes": self.alloc.nodes, "pid": os.getpid()}
+        write_json(self.job_dir / CLUSTER_FILE, self.info)
+        others = [n for n in self.alloc.nodes if n != self.alloc.this_node]
+        if others and self.spawn_workers:
+            self.workers = subprocess.Popen(
+                ["srun", f"--job-name={WORKER_STEP}", f"--nodes={len(others)}", f"--ntasks={len(others)}", "--ntasks-per-node=1",
+                 f"--nodelist={','.join(others)}", "--kill-on-bad-exit=1",
+                 sys.executable, "-m", "hpc.ray_cluster", "worker", "--head", address,
+                 "--dashboard", self.dashboard.url, "--job-dir", str(self.job_dir)],
+                env=self.env, stdin=subprocess.DEVNULL)
+        want = len(self.alloc.nodes)
+        self._wait(lambda: len(self.dashboard.alive_nodes()) >= want, self.join_timeout,
+                   f"all {want} nodes to join", self.job_dir / "ray-worker-*.log")
+        nodes = self.dashboard.alive_nodes()
+        total = {k: sum(n.get("resources_total", {}).get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+        self.info.update(state="running", cpus=total["CPU"], gpus=total["GPU"])
+        write_json(self.job_dir / CLUSTER_FILE, self.info)
+        url = self.dashboard.url
+        port = url.rsplit(":", 1)[1]
+        log(f"Ray cluster up in {time.monotonic() - t0:.1f} s: {len(nodes)} nodes ({', '.join(self.alloc.nodes)}), "
+            f"{total['CPU']:g} CPUs, {total['GPU']:g} GPUs; token auth on")
+        log(f"address   {address}")
+        log(f"dashboard {url}  (token: {token_file})")
+        log(f"tunnel    ssh -N -L 8265:{ip}:{port} <login node>   then open http://localhost:8265 "
+            "and paste the token")
+        log(f"status    python -m hpc.status {self.alloc.job_id}")
+
+    def _dashboard_up(self) -> bool:
+        try:
+            self.dashboard.version()
+            return True
+        except DashboardError:
+            return False
+
+    def _wait(self, cond, timeout: float, what: str, logs) -> None:
+        end = time.monotonic() + timeout
+        while True:
+            for name, proc in (("Ray head", self.head), ("Ray worker step", self.workers)):
+                if proc is not None and proc.poll() is not None:
+                    raise UserError(f"{name} exited ({proc.returncode}) while waiting for {what}; see {logs}")
+            try:
+                if cond():
+                    return
+            except DashboardError:
+                pass
+            if time.monotonic() > end:
+                raise UserError(f"timed out after {timeout:.0f} s waiting for {what}; see {logs} "
+                                "(raise --join-timeout if nodes are slow to start)")
+            time.sleep(0.5)
+
+    def run(self, cmd: list[str]) -> int:
+        env = {**self.env, "RAY_ADDRESS": self.info["address"]}
+        log(f"running   {' '.join(cmd)}")
+        self.driver = subprocess.Popen(cmd, env=env)
+        return self.driver.wait()
+
+    def teardown(self, interrupted: bool) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the teardown short
+        if self.info:
+            self.info["state"] = "stopping"
+            write_json(self.job_dir / CLUSTER_FILE, self.info)
+        if self.driver is not None and self.driver.poll() is None:
+            log("stopping the driver")
+            stop(self.driver, 60, "the driver")
+        if self.workers is not None and self.workers.poll() is None:
+            # SIGTERM to srun itself makes it SIGKILL the tasks, which then cannot stop their Ray nodes
+            # or remove their temp dirs; the tasks are signalled instead and srun exits after them.
+            steps = subprocess.run(["squeue", "-h", "-s", "-j", self.alloc.job_id, "-o", "%i %j"],
+                                   capture_output=True, text=True).stdout.split("\n")
+            for line in steps:
+                if line.endswith(" " + WORKER_STEP):
+                    subprocess.run(["scancel", "--signal=TERM", line.split()[0]], capture_output=True)
+            try:
+                self.workers.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                stop(self.workers, 10, "the Ray worker step")
+        if self.head is not None:
+            stop(self.head, STOP_GRACE_S, "the Ray head")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.info:
+            self.info["state"] = "interrupted" if interrupted else "ended"
+            write_json(self.job_dir / CLUSTER_FILE, self.info)
+        log("Ray cluster stopped")
+
+
+def run_on_cluster(cmd: list[str], spawn_workers: bool = True, join_timeout: float = 300) -> int:
+    """Start the cluster, run cmd, tear down; returns cmd's exit status (130 when interrupted)."""
+    if not cmd:
+        raise UserError("no command given: python -m hpc.ray_cluster -- python -m cifarray.tune ...")
+    if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+        raise UserError(f"command not found: {cmd[0]}")
+    alloc = Allocation.from_env()
+    cluster = Cluster(alloc, spawn_workers, join_timeout)
+    interrupted = False
+    try:
+        cluster.start()
+        code = cluster.run(cmd)
+        log(f"driver exited with status {code}")
+        return code
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted (SIGTERM/SIGINT): tearing down")
+        return 130
+    finally:
+        cluster.teardown(interrupted)
+
+
+def join_cluster(job_dir: Path, head: str | None, dashboard: str | None, timeout: float = 300) -> int:
+    """A worker node: join the head (given, or found in the job's cluster.json), block until signalled."""
+    alloc = Allocation.from_env()
+    end = time.monotonic() + timeout
+    while head is None:
+        try:
+            info = json.loads((job_dir / CLUSTER_FILE).read_text())
+            if info.get("restart_count") == alloc.restart_count and info.get("state") == "starting":
+                head, dashboard = info["address"], info["dashboard_url"]
+                break
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > end:
+            raise UserError(f"no Ray head of job {alloc.job_id} appeared in {job_dir / CLUSTER_FILE} "
+                            f"within {timeout:.0f} s")
+        time.sleep(0.5)
+    tmp = temp_dir(alloc.job_id, alloc.this_node)
+    proc = None
+    try:
+        proc, _ = start_node(head=head, dashboard=dashboard, ip=node_ip(alloc.this_node), node=alloc.this_node,
+                             cpus=cpus_on_node(), gpus=gpus_on_node(), tmp=tmp,
+                             log_file=job_dir / f"ray-worker-{alloc.this_node}.log", env=ray_env(job_dir / TOKEN_FILE))
+        while True:
+            try:
+                code = proc.wait(2)
+            except subprocess.TimeoutExpired:
+                code = None
+            # Under submitit nobody signals this task: it leaves when the head announces the end.
+            if _head_stopping(job_dir, alloc.restart_count):
+                return 0
+            if code is not None:
+                return code
+    except KeyboardInterrupt:
+        return 0  # told to stop: the normal end of a worker
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        stop(proc, STOP_GRACE_S, "the Ray worker")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _head_stopping(job_dir: Path, restart_count: int) -> bool:
+    try:
+        info = json.loads((job_dir / CLUSTER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("restart_count") == restart_count and info.get("state") in ("stopping", "ended", "interrupted")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hpc.ray_cluster", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--join-timeout", type=float, default=300, help="seconds to wait for every node (default 300)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the driver command")
+    return p
+
+
+def requeue_self(signum, frame) -> None:
+    """SIGUSR1 (sbatch --signal=B:USR1@SECONDS): the time limit is near. Requeue the job; Slurm then
+    SIGTERMs it, the cluster is torn down, and the requeued job continues from its output folder."""
+    job = os.environ.get("SLURM_JOB_ID")
+    log(f"time limit near (SIGUSR1): requeueing job {job}")
+    proc = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True)
+    if proc.returncode:
+        log(f"scontrol requeue {job} failed: {proc.stderr.strip()}; the job will end at its time limit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+    signal.signal(signal.SIGUSR1, requeue_self)
+    if argv[:1] == ["worker"]:
+        w = argparse.ArgumentParser(prog="python -m hpc.ray_cluster worker")
+        w.add_argument("--head")
+        w.add_argument("--dashboard")
+        w.add_argument("--job-dir", required=True)
+        args = w.parse_args(argv[1:])
+        return join_cluster(Path(args.job_dir), args.head, args.dashboard)
+    args = parser().parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return run_on_cluster(cmd, join_timeout=args.join_timeout)
+
+
+if __name__ == "__main__":
+    run_cli(main)

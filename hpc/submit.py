@@ -1,0 +1,118 @@
+"""python -m hpc.submit [options] -- CMD ...: CMD on a per-job Ray cluster, submitted with submitit.
+
+    python -m hpc.submit --nodes 2 --gpus-per-node 4 --time 240 -- \\
+        python -m cifarray.tune --sweep sweeps/densenet_100k.toml --data-dir ~/data --out runs/tune --resume=auto
+    python -m hpc.submit --executor local -- python -m cifarray.train densenet --synthetic --steps 300
+
+Every task of the job starts a Ray node (task 0 the head, with the dashboard and token auth, see
+hpc.ray_cluster); CMD runs on task 0 once all nodes joined. The job is checkpointable: on preemption or
+near its time limit submitit requeues it and CMD runs again, so CMD should continue from its own output
+folder (cifarray.train always does; give cifarray.tune --resume=auto). This command waits for the job and
+exits with CMD's status (--no-wait: print the job id and return).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cifarray.errors import UserError, run_cli
+from hpc.job import RayJob
+
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE", "FINISHED", "INTERRUPTED")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hpc.submit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=1, help="Slurm nodes, one Ray node each (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0)")
+    p.add_argument("--cpus-per-node", type=int, default=None, help="CPUs per node (default: the partition's)")
+    p.add_argument("--mem-per-cpu", help="memory per CPU, e.g. 4G (default: the cluster's)")
+    p.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
+    p.add_argument("--time", type=int, default=60, help="time limit in minutes (default 60)")
+    p.add_argument("--name", default="cifarray", help="job name (default cifarray)")
+    p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
+                   help="slurm: sbatch through submitit; local: this machine, no Slurm (default slurm)")
+    p.add_argument("--folder", default="runs/submitit/%j", help="submitit's logs and pickles (default %(default)s)")
+    p.add_argument("--join-timeout", type=float, default=300, help="seconds to wait for all Ray nodes")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command to run on the Ray cluster")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise UserError("no command given: python -m hpc.submit [options] -- python -m cifarray.tune ...")
+    for name in ("nodes", "time"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.executor == "local" and args.nodes != 1:
+        raise UserError("--executor local runs on this machine only: use --nodes 1, or --executor slurm")
+    import submitit
+
+    if args.executor == "slurm":
+        from shutil import which
+
+        if which("sbatch") is None:
+            raise UserError("sbatch not found: run on a Slurm login node, or use --executor local")
+        executor = submitit.AutoExecutor(folder=args.folder, cluster="slurm")
+        extra = {}
+        if args.gpus_per_node:
+            extra["slurm_gpus_per_node"] = args.gpus_per_node
+        if args.partition:
+            extra["slurm_partition"] = args.partition
+        if args.mem_per_cpu:
+            extra["slurm_mem_per_cpu"] = args.mem_per_cpu
+        executor.update_parameters(name=args.name, nodes=args.nodes, tasks_per_node=1, timeout_min=args.time,
+                                   cpus_per_task=args.cpus_per_node, slurm_additional_parameters={"requeue": True},
+                                   **extra)
+    else:
+        executor = submitit.AutoExecutor(folder=args.folder, cluster="local")
+        executor.update_parameters(timeout_min=args.time, tasks_per_node=1, nodes=1)
+    job = executor.submit(RayJob(cmd, args.join_timeout))
+    where = Path(str(job.paths.stdout)).parent
+    print(f"submitted job {job.job_id} ({args.executor}, {args.nodes} node(s)); logs in {where}", flush=True)
+    if args.no_wait:
+        print(f"status: python -m hpc.status {job.job_id}    cancel: scancel {job.job_id}")
+        return 0
+    return wait(job)
+
+
+def wait(job) -> int:
+    seen = None
+    try:
+        while True:
+            state = job.state
+            if state != seen:
+                print(f"job {job.job_id}: {state}", flush=True)
+                seen = state
+            if job.done() or state.split()[0] in FINAL_STATES:
+                break
+            time.sleep(2)
+    except KeyboardInterrupt:
+        print(f"stopped waiting; job {job.job_id} goes on (scancel {job.job_id} to stop it)", file=sys.stderr)
+        return 130
+    state = job.state
+    if state.startswith("CANCELLED"):
+        print(f"job {job.job_id} was cancelled ({state}); logs in {Path(str(job.paths.stdout)).parent}",
+              file=sys.stderr)
+        return 1
+    try:
+        code = job.results()[0]  # task 0 ran the command; the other tasks were Ray worker nodes
+    except Exception as exc:  # submitit re-raises the job's failure here; its traceback is in the job log
+        first = str(exc).strip().splitlines()
+        reason = next((line for line in reversed(first) if line.strip()), type(exc).__name__)
+        print(f"job {job.job_id} failed ({state}): {reason.strip()}; log: {job.paths.stderr}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} completed: command exited with status {code}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,25 @@
+#!/bin/bash
+#SBATCH --job-name=train-densenet
+# One DenseNet run, DDP with one worker per GPU of the job (one per node without GPUs).
+#   sbatch slurm/train_densenet.sh --steps 10000 --batch-size 512
+#   sbatch --nodes=2 --gpus-per-node=4 slurm/train_densenet.sh
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --gpus-per-node=1
+#SBATCH --time=02:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@180
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+# One Ray node per Slurm node (python -m hpc.ray_cluster), token auth, dashboard URL in the log.
+# SIGUSR1 three minutes before the time limit requeues the job; a requeued job (scontrol requeue,
+# preemption, the time limit) continues the same run from OUT.
+# Environment: DATA_DIR (folder of cifar-100-python/, default data), SYNTHETIC=1 (procedural data),
+# OUT (default runs/<job name>-<job id>), PYTHON (default python); more flags after the script name.
+set -euo pipefail
+PY=${PYTHON:-python}
+data=(--data-dir "${DATA_DIR:-data}")
+if [ -n "${SYNTHETIC:-}" ]; then data=(--synthetic); fi
+exec "$PY" -m hpc.ray_cluster -- "$PY" -m cifarray.train densenet --workers auto "${data[@]}" \
+    --out "${OUT:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}" "$@"

@@ -1,0 +1,28 @@
+#!/bin/bash
+#SBATCH --job-name=tune-densenet
+# Ray Tune + Optuna sweep of DenseNets under the 100k-parameter budget.
+#   sbatch slurm/tune_densenet.sh                                    # 1 node, 1 GPU
+#   sbatch --nodes=4 --gpus-per-node=4 slurm/tune_densenet.sh
+#   sbatch --gpus-per-node=0 slurm/tune_densenet.sh                   # CPU-only cluster
+#   SWEEP=sweeps/quickstart.toml SYNTHETIC=1 OUT=runs/t sbatch slurm/tune_densenet.sh
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --gpus-per-node=1
+#SBATCH --time=08:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@180
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+# One Ray node per Slurm node (python -m hpc.ray_cluster), token auth, dashboard URL in the log.
+# SIGUSR1 three minutes before the time limit requeues the job; a requeued job (scontrol requeue,
+# preemption, the time limit) continues the same run from OUT.
+# Environment: DATA_DIR (folder of cifar-100-python/, default data), SYNTHETIC=1 (procedural data),
+# OUT (default runs/<job name>-<job id>), PYTHON (default python), SWEEP (default sweeps/densenet_100k.toml), GPUS_PER_TRIAL (default auto); more flags after the script name.
+set -euo pipefail
+PY=${PYTHON:-python}
+data=(--data-dir "${DATA_DIR:-data}")
+if [ -n "${SYNTHETIC:-}" ]; then data=(--synthetic); fi
+exec "$PY" -m hpc.ray_cluster -- "$PY" -m cifarray.tune --sweep "${SWEEP:-sweeps/densenet_100k.toml}" --resume=auto \
+    --gpus-per-trial "${GPUS_PER_TRIAL:-auto}" "${data[@]}" \
+    --out "${OUT:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}" "$@"

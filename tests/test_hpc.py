@@ -1,0 +1,261 @@
+"""hpc/ against a real two-node Slurm (tests/slurmctl.py starts munge, MariaDB, slurmdbd, slurmctld and
+two slurmd on this host): per-job Ray clusters from sbatch and submitit, requeue, token auth, ports."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from slurmctl import Slurm, SlurmUnavailable
+
+from hpc import ray_cluster
+from hpc.slurm import gpus_on_node
+
+PY = sys.executable
+pytestmark = pytest.mark.slow
+
+
+# ---- without Slurm ---------------------------------------------------------------------------------------
+def test_gpus_on_node_reads_what_slurm_sets_for_gpus_and_gres_requests():
+    assert gpus_on_node({"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_TASK": ""}) == 4  # --gres=gpu:4
+    assert gpus_on_node({"SLURM_JOB_GPUS": "0,2,3"}) == 3  # older Slurm
+    assert gpus_on_node({"SLURM_GPUS_ON_NODE": " "}) == 0
+    assert gpus_on_node({}) == 0
+
+
+def test_ray_temp_dir_refuses_paths_too_long_for_ray_sockets(monkeypatch):
+    monkeypatch.setenv("HPC_RAY_TMP", "/tmp/" + "x" * 60)
+    with pytest.raises(ray_cluster.UserError, match="too long.*HPC_RAY_TMP"):
+        ray_cluster.temp_dir("123456", "head")
+    monkeypatch.setenv("HPC_RAY_TMP", "/tmp")
+    assert len(str(ray_cluster.temp_dir("123456", "node2"))) + ray_cluster.SESSION_SUFFIX <= 107
+
+
+def test_cli_errors_are_one_line_without_slurm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for argv, expected in ((["hpc.ray_cluster", "--", "true"], "not inside a Slurm job"),
+                           (["hpc.ray_cluster"], "no command given"),
+                           (["hpc.submit", "--nodes", "0", "--", "true"], "--nodes must be at least 1"),
+                           (["hpc.status", "424242"], "no Ray cluster recorded for job 424242")):
+        proc = subprocess.run([PY, "-m", *argv], cwd=REPO, env={**env, "HPC_JOBS_DIR": str(tmp_path)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---- a real Slurm ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    root = Path(f"/tmp/cifarray-slurm-{os.getpid()}")  # short: munge and MariaDB sockets live here
+    try:
+        cluster = Slurm(root).start()
+    except SlurmUnavailable as exc:
+        if os.environ.get("CI"):
+            raise  # CI installs Slurm (.ci/run): never skip the real-component tests there
+        pytest.skip(str(exc))
+    jobs = tmp_path_factory.mktemp("hpc-jobs")
+    cluster.jobs_dir = jobs
+    cluster.job_env = {**cluster.env, "HPC_JOBS_DIR": str(jobs), "PYTHON": PY,
+                       "PATH": f"{Path(PY).parent}:{cluster.env['PATH']}"}
+    yield cluster
+    cluster.drain()
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def sbatch(slurm: Slurm, *args: str, env: dict | None = None) -> str:
+    proc = slurm.run(["sbatch", "--parsable", f"--chdir={REPO}", *args], env={**slurm.job_env, **(env or {})})
+    return proc.stdout.strip().split(";")[0]
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {what}")
+
+
+def cluster_info(slurm: Slurm, job: str) -> dict | None:
+    try:
+        return json.loads((slurm.jobs_dir / job / ray_cluster.CLUSTER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def running_cluster(slurm: Slurm, job: str, timeout: float = 120) -> dict:
+    def up():
+        info = cluster_info(slurm, job)
+        if slurm.job_state(job) in ("FAILED", "COMPLETED", "CANCELLED"):
+            raise AssertionError(f"job {job} ended before its Ray cluster ran")
+        return info if info and info.get("state") == "running" else None
+    return wait_for(up, timeout, f"the Ray cluster of job {job}")
+
+
+def http_status(url: str, token: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_path):
+    out = tmp_path / "tune"
+    log = tmp_path / "job.out"
+    job = sbatch(slurm, "--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={log}",
+                 "slurm/tune_densenet.sh", env={"SWEEP": "sweeps/ci_cluster.toml", "SYNTHETIC": "1",
+                                                "OUT": str(out)})
+    info = running_cluster(slurm, job)
+    assert info["nodes"] == ["node1", "node2"] and info["cpus"] == 2
+
+    # The dashboard answers while the sweep runs, with the job's token only.
+    token = Path(info["token_file"]).read_text().strip()
+    assert oct(Path(info["token_file"]).stat().st_mode & 0o777) == "0o600"
+    code, body = http_status(info["dashboard_url"] + "/api/version", token)
+    assert code == 200 and json.loads(body)["ray_version"]
+    assert http_status(info["dashboard_url"] + "/api/version")[0] == 401
+    status = subprocess.run([PY, "-m", "hpc.status", job], cwd=REPO, env=slurm.job_env, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "2 of 2 node(s) alive" in status.stdout and "node1" in status.stdout and "node2" in status.stdout
+
+    # Requeue once Tune has recorded a finished trial: the job comes back and resumes the same experiment.
+    def completed():
+        try:
+            with open(out / "trials.csv") as f:
+                return [r["trial_id"] for r in csv.DictReader(f) if r["status"] == "complete"]
+        except OSError:
+            return None
+    first = wait_for(completed, 300, "a completed trial")
+    time.sleep(3)  # Tune snapshots its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
+    before = {t: digest(out / "trials" / t / "metrics.csv") for t in first}
+    slurm.run(["scontrol", "requeue", job])
+    slurm.wait_state(job, {"PENDING"}, 120)
+    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # Slurm holds a requeued job 120 s
+    wait_for(lambda: (cluster_info(slurm, job) or {}).get("restart_count") == 1, 180, "the requeued job's cluster")
+    state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 420)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-3000:]
+
+    runs = text.split("Ray cluster up")
+    assert len(runs) == 3 and "resuming" in runs[2], text[-3000:]
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(r["status"] == "complete" for r in rows), rows
+    for trial, h in before.items():  # finished before the requeue: neither restarted nor trained again
+        assert f"trial {trial} started" not in runs[2]
+        assert digest(out / "trials" / trial / "metrics.csv") == h
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"]["test_acc"] is not None
+    finished = sorted(p.parent for p in (out / "trials").glob("*/summary.json"))
+    nodes = {json.loads((d / "summary.json").read_text())["slurm_node"] for d in finished}
+    assert nodes == {"node1", "node2"}, nodes  # trials trained on both Ray nodes
+    assert not list(Path("/tmp").glob(f"ray-{job}-*")), "Ray temp dirs left behind"
+
+
+DRIVER = """
+import json, os, sys, time, ray
+ray.init()
+print("DRIVER", json.dumps({"nodes": len([n for n in ray.nodes() if n["Alive"]]),
+                             "cpus": ray.cluster_resources().get("CPU")}), flush=True)
+release = sys.argv[1] if len(sys.argv) > 1 else None
+while release and not os.path.exists(release):
+    time.sleep(0.5)
+
+@ray.remote
+def state_api():  # from a Ray worker, as Ray Train's placement-group cleaner does
+    from ray.util.state import list_nodes
+    return len(list_nodes())
+
+print("STATE_API", ray.get(state_api.remote()), flush=True)
+"""
+
+
+def test_two_jobs_on_one_node_do_not_collide_and_refuse_tokenless_clients(slurm, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    release = tmp_path / "release"
+    jobs = [sbatch(slurm, "--nodes=1", "--nodelist=node1", "--cpus-per-task=1", f"--output={tmp_path}/j{i}.out",
+                   "--wrap", f"exec {PY} -m hpc.ray_cluster -- {PY} {driver} {release}") for i in range(2)]
+    infos = [running_cluster(slurm, j) for j in jobs]
+    assert all(slurm.job_state(j) == "RUNNING" for j in jobs)  # both at once, on node1
+    ports = [set(i["ports"].values()) for i in infos]
+    assert not ports[0] & ports[1], "two jobs on one node share ports"
+    tokens = [Path(i["token_file"]).read_text().strip() for i in infos]
+    assert tokens[0] != tokens[1]
+    for info, token, other in zip(infos, tokens, reversed(tokens)):
+        url = info["dashboard_url"] + "/api/version"
+        assert http_status(url, token)[0] == 200
+        assert http_status(url)[0] == 401
+        assert http_status(url, other)[0] == 403  # another job's token is not this one's
+
+    # A Ray client without the token cannot join; with it, it can.
+    probe = f"import ray; ray.init(address={infos[0]['address']!r}); print('JOINED', len(ray.nodes()))"
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    refused = subprocess.run([PY, "-c", probe], env=bare, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "JOINED" not in refused.stdout
+    assert "Unauthenticated" in refused.stderr or "InvalidAuthToken" in refused.stderr, refused.stderr[-2000:]
+    allowed = subprocess.run([PY, "-c", probe], env={**bare, "RAY_AUTH_MODE": "token",
+                                                     "RAY_AUTH_TOKEN_PATH": infos[0]["token_file"]},
+                             capture_output=True, text=True, timeout=120)
+    assert "JOINED 1" in allowed.stdout, allowed.stderr[-2000:]
+
+    release.touch()
+    for i, j in enumerate(jobs):
+        assert slurm.wait_state(j, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED"
+        out = (tmp_path / f"j{i}.out").read_text()
+        assert 'DRIVER {"nodes": 1, "cpus": 1.0}' in out, out[-2000:]
+        assert "STATE_API 1" in out, out[-3000:]  # its own cluster's state API, not "multiple Ray instances"
+        assert cluster_info(slurm, j)["state"] == "ended"
+
+
+def test_submitit_job_completes_and_a_cancelled_job_is_reported_cleanly(slurm, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    common = [PY, "-m", "hpc.submit", "--executor", "slurm", "--cpus-per-node", "1", "--time", "10",
+              "--folder", str(tmp_path / "submitit" / "%j")]
+    done = subprocess.run([*common, "--nodes", "2", "--", PY, str(driver)], cwd=REPO, env=slurm.job_env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "completed: command exited with status 0" in done.stdout
+    job = done.stdout.split("submitted job ")[1].split()[0]
+    log = next((tmp_path / "submitit" / job).glob("*_0_log.out")).read_text()
+    assert 'DRIVER {"nodes": 2, "cpus": 2.0}' in log, log[-2000:]
+    assert slurm.run(["sacct", "-n", "-X", "-j", job, "-o", "State"]).stdout.split() == ["COMPLETED"]
+
+    waiting = subprocess.Popen([*common, "--nodes", "1", "--", PY, str(driver), str(tmp_path / "never")],
+                               cwd=REPO, env=slurm.job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = waiting.stdout.readline()
+        job = first.split("submitted job ")[1].split()[0]
+        running_cluster(slurm, job)
+        slurm.run(["scancel", job])
+        stdout, stderr = waiting.communicate(timeout=180)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 1, stdout + stderr
+    assert f"job {job} was cancelled" in stderr and "Traceback" not in stderr, stderr
