@@ -26,8 +26,7 @@ class RayJob:
         handle_sigterm()
         signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
         if os.environ.get("SLURM_JOB_ID") is None:  # local executor: a one-node "allocation" of this machine
-            os.environ.update(SLURM_JOB_ID=f"local-{env.job_id}", SLURM_JOB_NODELIST="localhost",
-                              SLURMD_NODENAME="localhost")
+            os.environ.update(SLURM_JOB_ID=f"local-{env.job_id}", SLURM_JOB_NODELIST="localhost")
         if env.global_rank == 0:
             code = ray_cluster.run_on_cluster(self.cmd, spawn_workers=False, join_timeout=self.join_timeout)
         else:

@@ -39,7 +39,7 @@ NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-
               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
 HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
 WORKER_STEP = "ray-workers"
-STOP_GRACE_S = 45  # `ray start --block` drains for up to 30 s on SIGTERM before it stops its processes
+STOP_GRACE_S = 30  # `ray start --block` drains (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) before it stops its processes
 
 
 def log(msg: str) -> None:
@@ -72,7 +72,10 @@ def temp_dir(job_id: str, role: str) -> Path:
 
 def ray_env(token_file: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
+               # A node is stopped only after the driver has ended: there is nothing in flight to drain (the
+               # 30 s default is for Ray Serve), and Slurm SIGKILLs what is still running after KillWait.
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5")
     return env
 
 

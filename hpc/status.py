@@ -29,7 +29,7 @@ from hpc.slurm import jobs_root
 def resolve_target(target: str, token_file: str | None) -> tuple[str, str | None, dict]:
     """(dashboard URL, token, cluster.json or {}) for a job id or a dashboard address."""
     info: dict = {}
-    if target.isdigit():
+    if target.removeprefix("local-").isdigit():  # a Slurm job id, or hpc.submit --executor local's
         path = jobs_root() / target / CLUSTER_FILE
         try:
             info = json.loads(path.read_text())

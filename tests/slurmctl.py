@@ -16,6 +16,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 NODES = {"node1": 17001, "node2": 17002}
 CPUS_PER_NODE = 2
+GPUS_PER_NODE = 1
 MEM_PER_NODE = 6000
 CTLD_PORT = 16817
 PACKAGES = ("slurmctld", "slurmd", "sbatch", "munged", "mariadbd", "slurmdbd")
@@ -140,9 +142,17 @@ StoragePass=slurm
 StorageLoc=slurm_acct_db
 """)
         os.chmod(dbd, 0o600)
+        # One fake GPU per node: Slurm only stats the device file, so a character device made with mknod
+        # lets jobs ask for --gpus-per-node=1 and get SLURM_GPUS_ON_NODE, as on a GPU cluster.
+        dev = self.root / "dev"
+        dev.mkdir(exist_ok=True)
+        gpu = dev / "fakegpu0"
+        if not gpu.exists():
+            os.mknod(gpu, 0o666 | stat.S_IFCHR, os.makedev(195, 0))
+        (self.root / "gres.conf").write_text(f"NodeName={','.join(NODES)} Name=gpu File={gpu}\n")
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={CPUS_PER_NODE} "
-            f"RealMemory={MEM_PER_NODE} State=UNKNOWN" for n, port in NODES.items())
+            f"RealMemory={MEM_PER_NODE} Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN" for n, port in NODES.items())
         self.conf.write_text(f"""ClusterName=cifarray
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={CTLD_PORT}
@@ -174,6 +184,7 @@ AccountingStoragePass={self.munge_socket}
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
+GresTypes=gpu
 KillWait=30
 MinJobAge=600
 InactiveLimit=0
