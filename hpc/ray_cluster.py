@@ -79,6 +79,14 @@ def ray_env(token_file: Path) -> dict[str, str]:
     return env
 
 
+def _ignore_job_signals() -> None:
+    """In Ray's processes and the driver: Slurm's --signal without B: (submitit's USR2 before the time limit)
+    and `scancel --signal` reach every process of the job, and USR1/USR2 terminate a process by default. The
+    launcher handles them; ignoring them survives exec, so the children do not die of them."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def ray_executable() -> str:
     beside = Path(sys.executable).parent / "ray"
     return str(beside) if beside.exists() else "ray"
@@ -108,7 +116,8 @@ def start_node(*, head: str | None, dashboard: str | None, ip: str, node: str, c
         argv += [flag, str(port)]
     tmp.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                preexec_fn=_ignore_job_signals)
     return proc, {flag.strip("-"): port for flag, port in ports.items()}
 
 
@@ -226,7 +235,7 @@ class Cluster:
     def run(self, cmd: list[str]) -> int:
         env = {**self.env, "RAY_ADDRESS": self.info["address"]}
         log(f"running   {' '.join(cmd)}")
-        self.driver = subprocess.Popen(cmd, env=env)
+        self.driver = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_job_signals)
         return self.driver.wait()
 
     def teardown(self, interrupted: bool) -> None:

@@ -260,25 +260,39 @@ def test_two_jobs_on_one_node_do_not_collide_and_refuse_tokenless_clients(slurm,
         assert cluster_info(slurm, j)["state"] == "ended"
 
 
-def test_submitit_job_completes_and_a_cancelled_job_is_reported_cleanly(slurm, tmp_path):
+def test_submitit_job_requeues_on_its_signal_completes_and_a_cancelled_job_is_reported_cleanly(slurm, tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
+    release = tmp_path / "release"
     common = [PY, "-m", "hpc.submit", "--executor", "slurm", "--cpus-per-node", "1", "--time", "10",
               "--folder", str(tmp_path / "submitit" / "%j")]
-    done = subprocess.run([*common, "--nodes", "2", "--", PY, str(driver)], cwd=REPO, env=slurm.job_env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "completed: command exited with status 0" in done.stdout
-    job = done.stdout.split("submitted job ")[1].split()[0]
+    waiting = subprocess.Popen([*common, "--nodes", "2", "--", PY, str(driver), str(release)], cwd=REPO,
+                               env=slurm.job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = waiting.stdout.readline().split("submitted job ")[1].split()[0]
+        running_cluster(slurm, job)
+        # submitit's pre-timeout/preemption signal: checkpoint() resubmits the same command and the job is requeued
+        slurm.run(["scancel", "--signal=USR2", job])
+        slurm.wait_state(job, {"PENDING"}, 120)
+        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # skip Slurm's 120 s requeue hold
+        wait_for(lambda: (cluster_info(slurm, job) or {}).get("restart_count") == 1
+                 and cluster_info(slurm, job)["state"] == "running", 180, "the requeued job's cluster")
+        release.touch()
+        stdout, stderr = waiting.communicate(timeout=180)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, stdout + stderr
+    assert "completed: command exited with status 0" in stdout
     log = next((tmp_path / "submitit" / job).glob("*_0_log.out")).read_text()
-    assert 'DRIVER {"nodes": 2, "cpus": 2.0}' in log, log[-2000:]
-    assert slurm.run(["sacct", "-n", "-X", "-j", job, "-o", "State"]).stdout.split() == ["COMPLETED"]
+    assert "requeueing" in log and log.count("Ray cluster up") == 2, log[-3000:]
+    assert 'DRIVER {"nodes": 2, "cpus": 2.0}' in log.split("Ray cluster up")[2], log[-2000:]
+    assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED"
 
     waiting = subprocess.Popen([*common, "--nodes", "1", "--", PY, str(driver), str(tmp_path / "never")],
                                cwd=REPO, env=slurm.job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first = waiting.stdout.readline()
-        job = first.split("submitted job ")[1].split()[0]
+        job = waiting.stdout.readline().split("submitted job ")[1].split()[0]
         running_cluster(slurm, job)
         slurm.run(["scancel", job])
         stdout, stderr = waiting.communicate(timeout=180)
