@@ -87,6 +87,12 @@ def _ignore_job_signals() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
+def _ignore_stop_signals() -> None:
+    """Once tearing down, a second SIGTERM/SIGINT must not cut the teardown short."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def ray_executable() -> str:
     beside = Path(sys.executable).parent / "ray"
     return str(beside) if beside.exists() else "ray"
@@ -174,11 +180,11 @@ class Cluster:
         head_log = self.job_dir / "ray-head.log"
         log(f"job {self.alloc.job_id}: starting the Ray head on {self.alloc.this_node} ({ip}): {cpus} CPUs, "
             f"{gpus} GPUs; logs in {self.job_dir}")
-        self.head, ports = start_node(head=None, dashboard=None, ip=ip, node=self.alloc.this_node, cpus=cpus, gpus=gpus, tmp=self.tmp, log_file=head_log,
-                                      env=self.env)
+        self.head, ports = start_node(head=None, dashboard=None, ip=ip, node=self.alloc.this_node, cpus=cpus,
+                                      gpus=gpus, tmp=self.tmp, log_file=head_log, env=self.env)
         address = f"{ip}:{ports['port']}"
         self.dashboard = Dashboard(f"http://{ip}:{ports['dashboard-port']}", token_file.read_text().strip())
-        self._wait(lambda: self._dashboard_up(), 120, "the Ray head", head_log)
+        self._wait(self._dashboard_up, 120, "the Ray head", head_log)
         self.info = {"job_id": self.alloc.job_id, "restart_count": self.alloc.restart_count, "state": "starting",
                      "head_node": self.alloc.this_node, "head_ip": ip, "address": address,
                      "dashboard_url": self.dashboard.url, "token_file": str(token_file), "ports": ports,
@@ -187,8 +193,8 @@ class Cluster:
         others = [n for n in self.alloc.nodes if n != self.alloc.this_node]
         if others and self.spawn_workers:
             self.workers = subprocess.Popen(
-                ["srun", f"--job-name={WORKER_STEP}", f"--nodes={len(others)}", f"--ntasks={len(others)}", "--ntasks-per-node=1",
-                 f"--nodelist={','.join(others)}", "--kill-on-bad-exit=1",
+                ["srun", f"--job-name={WORKER_STEP}", f"--nodes={len(others)}", f"--ntasks={len(others)}",
+                 "--ntasks-per-node=1", f"--nodelist={','.join(others)}", "--kill-on-bad-exit=1",
                  sys.executable, "-m", "hpc.ray_cluster", "worker", "--head", address,
                  "--dashboard", self.dashboard.url, "--job-dir", str(self.job_dir)],
                 env=self.env, stdin=subprocess.DEVNULL)
@@ -239,8 +245,7 @@ class Cluster:
         return self.driver.wait()
 
     def teardown(self, interrupted: bool) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the teardown short
+        _ignore_stop_signals()
         if self.info:
             self.info["state"] = "stopping"
             write_json(self.job_dir / CLUSTER_FILE, self.info)
@@ -310,8 +315,8 @@ def join_cluster(job_dir: Path, head: str | None, dashboard: str | None, timeout
     proc = None
     try:
         proc, _ = start_node(head=head, dashboard=dashboard, ip=node_ip(alloc.this_node), node=alloc.this_node,
-                             cpus=cpus_on_node(), gpus=gpus_on_node(), tmp=tmp,
-                             log_file=job_dir / f"ray-worker-{alloc.this_node}.log", env=ray_env(job_dir / TOKEN_FILE))
+                             cpus=cpus_on_node(), gpus=gpus_on_node(), tmp=tmp, env=ray_env(job_dir / TOKEN_FILE),
+                             log_file=job_dir / f"ray-worker-{alloc.this_node}.log")
         while True:
             try:
                 code = proc.wait(2)
@@ -325,8 +330,7 @@ def join_cluster(job_dir: Path, head: str | None, dashboard: str | None, timeout
     except KeyboardInterrupt:
         return 0  # told to stop: the normal end of a worker
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        _ignore_stop_signals()
         stop(proc, STOP_GRACE_S, "the Ray worker")
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -57,7 +57,8 @@ def test_cli_errors_are_one_line_without_slurm(tmp_path):
 
 
 def test_local_executor_runs_a_trainer_sized_by_workers_auto_on_its_own_cluster(tmp_path):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "HPC_JOBS_DIR": str(tmp_path / "jobs")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["HPC_JOBS_DIR"] = str(tmp_path / "jobs")
     run = tmp_path / "run"
     proc = subprocess.run([PY, "-m", "hpc.submit", "--executor", "local", "--folder", str(tmp_path / "submitit/%j"),
                            "--", PY, "-m", "cifarray.train", "densenet", "--synthetic", "--steps", "20",
