@@ -189,11 +189,13 @@ def test_dcgan_samples_move_away_from_noise(tmp_path):
 
 def test_over_budget_model_is_refused_before_ray(tmp_path):
     out = tmp_path / "big"
-    t = time.time()
-    result = run_module("cifarray.train", "densenet", "--synthetic", "--growth-rate", "16", "--out", str(out))
-    assert result.returncode == 2 and time.time() - t < 30
-    assert result.stderr.startswith("error: DenseNet") and "over the budget of 100,000" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    for extra in ([], ["--workers", "auto"]):  # auto sizes itself from the Ray cluster: still refused first
+        t = time.time()
+        result = run_module("cifarray.train", "densenet", "--synthetic", "--growth-rate", "16", "--out", str(out),
+                            *extra)
+        assert result.returncode == 2 and time.time() - t < 30
+        assert result.stderr.startswith("error: DenseNet") and "over the budget of 100,000" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.slow

@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cifarray.train import launch
 
     if auto:
+        from cifarray.models.budget import enforce_budget
+
+        enforce_budget(cfg.model_config(), cfg.budget)  # refused before Ray starts, as without auto
         cfg = launch.scale_to_cluster(cfg)
     if job == "densenet":
         from cifarray.train.densenet import train_densenet
