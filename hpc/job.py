@@ -33,6 +33,10 @@ class RayJob:
             from hpc.slurm import Allocation
 
             code = ray_cluster.join_cluster(Allocation.from_env().job_dir, None, None, self.join_timeout)
+        if code == ray_cluster.INTERRUPTED:
+            # Stopped by Slurm (requeue, preemption, scancel): leave no result, as submitit itself does when it
+            # requeues, so that a waiting client follows the requeued run instead of reading this one as failed.
+            raise SystemExit(code)
         if code:
             raise RuntimeError(f"{' '.join(self.cmd)} exited with status {code}")
         return code

@@ -39,6 +39,7 @@ NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-
               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
 HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
 WORKER_STEP = "ray-workers"
+INTERRUPTED = 130  # exit status when SIGTERM/SIGINT stopped the cluster (scancel, requeue, preemption)
 STOP_GRACE_S = 30  # `ray start --block` drains (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) before it stops its processes
 
 
@@ -290,7 +291,7 @@ def run_on_cluster(cmd: list[str], spawn_workers: bool = True, join_timeout: flo
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted (SIGTERM/SIGINT): tearing down")
-        return 130
+        return INTERRUPTED
     finally:
         cluster.teardown(interrupted)
 
@@ -328,7 +329,7 @@ def join_cluster(job_dir: Path, head: str | None, dashboard: str | None, timeout
             if code is not None:
                 return code
     except KeyboardInterrupt:
-        return 0  # told to stop: the normal end of a worker
+        return INTERRUPTED
     finally:
         _ignore_stop_signals()
         stop(proc, STOP_GRACE_S, "the Ray worker")
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         w.add_argument("--dashboard")
         w.add_argument("--job-dir", required=True)
         args = w.parse_args(argv[1:])
-        return join_cluster(Path(args.job_dir), args.head, args.dashboard)
+        code = join_cluster(Path(args.job_dir), args.head, args.dashboard)
+        return 0 if code == INTERRUPTED else code  # the head stops its srun'ed workers with SIGTERM
     args = parser().parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     return run_on_cluster(cmd, join_timeout=args.join_timeout)
