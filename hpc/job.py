@@ -13,18 +13,14 @@ class RayJob:
         self.join_timeout = join_timeout
 
     def __call__(self) -> int:
-        import signal
-
         import submitit
 
-        from cifarray.errors import handle_sigterm
         from hpc import ray_cluster
 
         env = submitit.JobEnvironment()
         # submitit ignores SIGTERM and waits for its own signal; here SIGTERM (scancel, requeue) must stop
         # the driver and the Ray nodes at once.
-        handle_sigterm()
-        signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+        ray_cluster.handle_stop_signals()
         if os.environ.get("SLURM_JOB_ID") is None:  # local executor: a one-node "allocation" of this machine
             os.environ.update(SLURM_JOB_ID=f"local-{env.job_id}", SLURM_JOB_NODELIST="localhost")
         if env.global_rank == 0:

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifarray.errors import UserError, run_cli
+from cifarray.errors import UserError, handle_sigterm, run_cli
 from hpc.dashboard import Dashboard, DashboardError
 from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip
 
@@ -86,6 +86,12 @@ def _ignore_job_signals() -> None:
     launcher handles them; ignoring them survives exec, so the children do not die of them."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def handle_stop_signals() -> None:
+    """SIGTERM and SIGHUP stop the cluster like Ctrl-C (KeyboardInterrupt), so that teardown runs."""
+    handle_sigterm()
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
 
 
 def _ignore_stop_signals() -> None:
@@ -364,7 +370,7 @@ def requeue_self(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+    handle_stop_signals()
     signal.signal(signal.SIGUSR1, requeue_self)
     if argv[:1] == ["worker"]:
         w = argparse.ArgumentParser(prog="python -m hpc.ray_cluster worker")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 def run_module(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m ...` as a user would, from the repository root."""
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ two slurmd on this host): per-job Ray clusters from sbatch and submitit, requeue
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, digest
 from slurmctl import Slurm, SlurmUnavailable
 
 from hpc import ray_cluster
@@ -136,10 +135,6 @@ def http_status(url: str, token: str | None = None) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, ""
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, run_module
+from conftest import REPO, digest, run_module
 
 CI_SWEEP = REPO / "sweeps" / "ci_densenet.toml"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -158,10 +157,6 @@ def descendants(pid: int) -> set[int]:
                 found.add(c)
                 todo.append(c)
     return found
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.slow
