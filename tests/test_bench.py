@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import run_module
 
 
@@ -19,3 +21,22 @@ def test_bench_augment_reports_both_sides_and_ratio():
 def test_bench_bad_input_is_one_line_error():
     result = run_module("cifarray.bench", "augment", "--batch-size", "0")
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_train_reports_plain_ray_and_ratio():
+    result = run_module("cifarray.bench", "train", "--steps", "30", "--batch-size", "32", "--blocks", "1,1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    plain = float(re.search(r"plain PyTorch loop, fp32\s*:\s*(\d+) img/s", out).group(1))
+    ray = re.search(r"Ray Train, 1 worker, (bf16|fp32)\s*:\s*(\d+) img/s", out)
+    ratio = float(re.search(r"ratio \(ray / plain\)\s*:\s*(\d+\.\d+)", out).group(1))
+    assert plain > 0 and abs(ratio - float(ray.group(2)) / plain) < 0.02  # the ratio is of the printed rates
+    # A bf16 Ray side comes with the equal-precision control; an fp32 one needs none.
+    assert ("control: plain loop, bf16" in out) == (ray.group(1) == "bf16")
+    assert re.search(r"Ray start-up \+ tear-down\s*:\s*\d+\.\d s", out)
+
+
+def test_bench_train_bad_steps_is_one_line_error():
+    result = run_module("cifarray.bench", "train", "--steps", "15")
+    assert result.returncode == 2 and result.stderr.strip() == "error: --steps 15 must be a multiple of 10 and at least 20"

@@ -20,6 +20,7 @@ from cifarray.bench.train import plain_train
 from cifarray.data.cifar import load_cifar100
 from cifarray.metrics import stats_fd
 from cifarray.train.__main__ import parse
+from cifarray.train.common import resolve_precision
 from cifarray.train.config import DenseNetTrainConfig
 from conftest import REPO, run_module
 
@@ -86,7 +87,10 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
                 "val_acc", "test_acc", "seed", "versions", "git_commit", "device"):
         assert key in got, key
     assert got["steps"] == 300 and got["workers"] == 1 and got["params"] == 8176
-    # The plain loop: same config, same data, no Ray.
+    # --precision auto: bf16 on a CPU with native bf16 (this project's CI machine has AMX), so the
+    # check below also holds bf16 training to the fp32 reference.
+    assert got["precision"] == resolve_precision("auto", torch.device("cpu"))
+    # The plain loop: same config, same data, no Ray, fp32.
     _, cfg, _ = parse(["densenet", "--out", str(out), *args])
     plain = plain_train(cfg, out / "data")
     assert plain["test_acc"] > 0.5  # chance is 0.01: the reference itself learned
@@ -232,3 +236,14 @@ def test_config_precedence_and_errors(tmp_path):
     assert result.returncode == 2 and "key 'steps': expected an integer" in result.stderr
     result = run_module("cifarray.train", "densenet", "--synthetic", "--batch-size", "65", "--workers", "2")
     assert result.returncode == 2 and "divisible" in result.stderr
+    result = run_module("cifarray.train", "densenet", "--synthetic", "--precision", "fp16")
+    assert result.returncode == 2 and "--precision 'fp16' is not one of auto, bf16, fp32" in result.stderr
+
+
+def test_precision_auto_uses_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, expected in ((True, True, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert resolve_precision("auto", cpu) == expected
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"

@@ -1,10 +1,15 @@
 """Plain single-process PyTorch loop vs the Ray Train path (1 worker), same model, batch and augmentation.
 
 Both report training throughput over the same steps, the first 10 excluded on both
-sides; Ray's start-up and tear-down are reported separately, not in the ratio. The
-plain loop runs before and after the Ray run and the ratio uses their mean, since
-on a small shared machine throughput drifts by ~10 % between minutes. The plain
-loop also serves the tests as the reference a Ray run must learn as well as.
+sides; Ray's start-up and tear-down are reported separately, not in the ratio. Plain
+loops run before and after the Ray run and each figure is their mean, since on a small
+shared machine throughput drifts by ~10 % between minutes.
+
+The plain loop is the one a user writes: fp32. The Ray side runs the toolkit's
+defaults, which include --precision auto (bf16 autocast where the hardware computes
+bf16 natively). When that resolves to bf16, a control runs the plain loop in bf16
+too, so the output separates what the precision gains from what Ray itself costs.
+The plain loop also serves the tests as the reference a Ray run must learn as well as.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from cifarray.data.augment import AugmentConfig, DeviceAugment
 from cifarray.data.loader import ShardedBatches, prepare
 from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
+from cifarray.errors import UserError
 from cifarray.models.densenet import DenseNet
 from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.densenet import evaluate, make_optimizer
@@ -30,8 +36,11 @@ from cifarray.train.densenet import evaluate, make_optimizer
 WARMUP = 10  # steps excluded from throughput on both sides (allocator and thread-pool warm-up)
 
 
-def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP) -> dict:
-    """Train like `train_densenet` with a plain loop in this process; returns img/s and accuracies."""
+def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, precision: str = "fp32") -> dict:
+    """Train like `train_densenet` with a plain loop in this process; returns img/s and accuracies.
+
+    `precision` is the loop's own (fp32 or bf16), not cfg.precision: the reference is fp32 unless asked.
+    """
     torch.set_num_threads(cfg.cpus_per_worker or torch.get_num_threads())
     device = torch.device("cuda" if cfg.gpu else "cpu")
     data = prepare(load_cifar100(data_dir, verify=False), val_size=cfg.val_size, seed=cfg.seed, device=device)
@@ -47,8 +56,9 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP) 
         if step == warmup:
             t0 = time.perf_counter()
         idx = sampler.next().to(device)
-        loss = F.cross_entropy(model(aug(data.train.images[idx], gen)), data.train.labels[idx],
-                               label_smoothing=cfg.label_smoothing)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(aug(data.train.images[idx], gen))
+        loss = F.cross_entropy(logits.float(), data.train.labels[idx], label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,14 +78,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--growth-rate", type=int, default=4, help="small default: the paper model takes ~3 s/step on 2 CPU cores")
     p.add_argument("--blocks", default="2,2,2")
     p.add_argument("--augment", default="basic")
+    p.add_argument("--precision", default="auto", help="the Ray side's --precision (auto | bf16 | fp32)")
     p.add_argument("--gpu", action="store_true")
     p.set_defaults(func=run)
 
 
+def _mean(pair: list[float]) -> float:
+    return sum(pair) / len(pair)
+
+
 def run(args: argparse.Namespace) -> int:
     from cifarray.train import launch
+    from cifarray.train.common import RunDir, read_metrics, resolve_precision
     from cifarray.train.densenet import train_densenet
 
+    if args.steps < 2 * WARMUP or args.steps % WARMUP:
+        raise UserError(f"--steps {args.steps} must be a multiple of {WARMUP} and at least {2 * WARMUP}")
     tmp = Path(tempfile.mkdtemp(prefix="cifarray-bench-"))
     try:
         write_synthetic(tmp / "data", train_per_class=60, test_per_class=10)
@@ -83,26 +101,42 @@ def run(args: argparse.Namespace) -> int:
             synthetic=True, synthetic_train_per_class=60, synthetic_test_per_class=10, out=str(tmp / "ray-run"),
             steps=args.steps, batch_size=args.batch_size, growth_rate=args.growth_rate,
             blocks=tuple(int(b) for b in args.blocks.split(",")), augment=args.augment, gpu=args.gpu,
-            val_size=1000, log_every=WARMUP, eval_every=10**9, checkpoint_every=10**9, max_failures=0)
+            precision=args.precision, val_size=1000, log_every=WARMUP, eval_every=10**9, checkpoint_every=10**9,
+            max_failures=0)
         (tmp / "ray-run").mkdir()
         shutil.copytree(tmp / "data", tmp / "ray-run" / "data")
-        before = plain_train(cfg, tmp / "data")["images_per_s"]
+        # The Ray worker resolves `auto` on its own device; this process has the same one (a local cluster).
+        precision = resolve_precision(args.precision, torch.device("cuda" if args.gpu else "cpu"))
+        sides = ["fp32"] + (["bf16"] if precision == "bf16" else [])
+        plain: dict[str, list[float]] = {p: [] for p in sides}
+        for p in sides:
+            plain[p].append(plain_train(cfg, tmp / "data", precision=p)["images_per_s"])
         t = time.perf_counter()
         launch.fit(cfg, train_densenet, cfg.model_config(), "ray train", ("loss", "images_per_s"))
         wall = time.perf_counter() - t
-        from cifarray.train.common import RunDir, read_metrics
-
-        rows = read_metrics(RunDir(cfg.out).metrics)[1:]  # the first window holds start-up steps
+        run_dir = RunDir(cfg.out)
+        rows = read_metrics(run_dir.metrics)[1:]  # the first window holds start-up steps
         ray_rate = len(rows) * WARMUP * cfg.batch_size / sum(float(r["seconds"]) for r in rows)
-        trained = sum(float(r["seconds"]) for r in read_metrics(RunDir(cfg.out).metrics))
-        after = plain_train(cfg, tmp / "data")["images_per_s"]
-        plain = (before + after) / 2
-        print(f"train densenet k={cfg.growth_rate} blocks={args.blocks} batch={cfg.batch_size} steps={cfg.steps} "
-              f"augment={cfg.augment} device={'cuda' if cfg.gpu else 'cpu'} torch={torch.__version__}")
-        print(f"  plain PyTorch loop      : {plain:9.0f} img/s  (before {before:.0f}, after {after:.0f})")
-        print(f"  Ray Train, 1 worker     : {ray_rate:9.0f} img/s")
-        print(f"  ratio (ray / plain)     : {ray_rate / plain:.2f}")
-        print(f"  Ray start-up + tear-down: {wall - trained:.1f} s (not in the ratio)")
+        trained = sum(float(r["seconds"]) for r in read_metrics(run_dir.metrics))
+        ray_precision = run_dir.read_json("summary.json")["precision"]
+        for p in reversed(sides):
+            plain[p].append(plain_train(cfg, tmp / "data", precision=p)["images_per_s"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if ray_precision != precision:
+        raise RuntimeError(f"the Ray worker trained in {ray_precision}, this process resolved {precision}")
+    fp32 = _mean(plain["fp32"])
+    print(f"train densenet k={cfg.growth_rate} blocks={args.blocks} batch={cfg.batch_size} steps={cfg.steps} "
+          f"augment={cfg.augment} device={'cuda' if cfg.gpu else 'cpu'} torch={torch.__version__}")
+    print(f"  plain PyTorch loop, fp32     : {fp32:9.0f} img/s  (before {plain['fp32'][0]:.0f}, "
+          f"after {plain['fp32'][1]:.0f})")
+    print(f"  Ray Train, 1 worker, {ray_precision:<7} : {ray_rate:9.0f} img/s  (--precision {args.precision})")
+    print(f"  ratio (ray / plain)          : {ray_rate / fp32:.2f}")
+    if precision == "bf16":
+        same = _mean(plain["bf16"])
+        print(f"  control: plain loop, bf16    : {same:9.0f} img/s  (before {plain['bf16'][0]:.0f}, "
+              f"after {plain['bf16'][1]:.0f})")
+        print(f"  ratio at equal precision     : {ray_rate / same:.2f}  (Ray's own cost; bf16 gain "
+              f"{same / fp32:.2f}x)")
+    print(f"  Ray start-up + tear-down     : {wall - trained:.1f} s (not in the ratio)")
     return 0

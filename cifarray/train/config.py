@@ -20,6 +20,8 @@ from cifarray.models.budget import CLASSIFIER_BUDGET, GAN_BUDGET
 from cifarray.models.dcgan import DCGANConfig
 from cifarray.models.densenet import DenseNetConfig
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
 
 @dataclass(frozen=True)
 class CommonConfig:
@@ -32,8 +34,10 @@ class CommonConfig:
     batch_size: int = opt(512, "global batch, split evenly across workers")
     workers: int = opt(1, "Ray Train workers (DDP ranks)")
     cpus_per_worker: int | None = opt(None, "CPUs (and torch threads) per worker; default: all CPUs / workers")
-    gpu: bool = opt(False, "one GPU per worker; bf16 autocast and channels_last")
-    compile: bool = opt(False, "torch.compile the model (GPU runs; costs start-up time)")
+    gpu: bool = opt(False, "one GPU per worker (channels_last)")
+    precision: str = opt("auto", "auto | bf16 | fp32: auto is bf16 autocast where the hardware computes bf16 "
+                                 "natively (GPUs; CPUs with AMX or AVX512-BF16), else fp32")
+    compile: bool = opt(False, "torch.compile the model (costs start-up time: ~30 s on 2 CPU cores)")
     out: str = opt("runs/train", "run folder: config, metrics.csv, checkpoints, summary.json")
     seed: int = opt(0, "seed of initialisation, data order and augmentation")
     val_size: int = opt(5000, "validation images carved from train (model selection; test is used once)")
@@ -54,6 +58,8 @@ class CommonConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.workers:
             raise UserError(f"--batch-size {self.batch_size} must be divisible by --workers {self.workers}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.max_failures < -1:
             raise UserError("--max-failures must be -1 (unlimited) or >= 0")
 

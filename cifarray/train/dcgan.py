@@ -70,6 +70,7 @@ def train_dcgan(config: dict) -> None:
     cfg = from_dict(DCGANTrainConfig, config)
     run = common.RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
+    precision = common.resolve_precision(cfg.precision, device)
     attempt = common.next_attempt(run) if rank == 0 else 0
     prepared = prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
     train = prepared.train
@@ -120,7 +121,7 @@ def train_dcgan(config: dict) -> None:
             flip = torch.rand(per_rank, device=device, generator=gen) < 0.5
             real = torch.where(flip.view(-1, 1, 1, 1), real.flip(-1), real)
         z = torch.randn(per_rank, cfg.z_dim, device=device, generator=gen)
-        with common.autocast(device):
+        with common.autocast(device, precision):
             fake = g_ddp(z)
             d_real, d_fake = d_ddp(real).float(), d_ddp(fake.detach()).float()
             if cfg.loss == "bce":
@@ -134,7 +135,7 @@ def train_dcgan(config: dict) -> None:
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        with common.autocast(device):
+        with common.autocast(device, precision):
             d_gen = d_ddp(fake).float()
             if cfg.loss == "bce":
                 loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
@@ -208,6 +209,7 @@ def train_dcgan(config: dict) -> None:
             "steps": cfg.steps, "workers": world, "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
             "images_per_s": round(cfg.steps * cfg.batch_size / max(seconds, 1e-9), 1),
             "loss": cfg.loss, "ema": cfg.ema, "samples": str(samples_dir), "seed": cfg.seed,
+            "precision": precision,
             "best_fid": best and best["fid"], "best_fid_step": best and best["step"],
             "fid_during_training": (f"every {fid_every} steps, {cfg.fid_samples} samples vs the {reference_name} split"
                                     + (" (procedural data)" if cfg.synthetic else "")) if fid_every

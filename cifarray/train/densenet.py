@@ -37,7 +37,11 @@ def make_optimizer(cfg: DenseNetTrainConfig, model: torch.nn.Module):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, split: DeviceSplit, augment: DeviceAugment, device: torch.device,
              batch: int = 1000) -> tuple[float, torch.Tensor]:
-    """Top-1 accuracy on a whole split; returns (accuracy, logits)."""
+    """Top-1 accuracy on a whole split; returns (accuracy, logits).
+
+    Always in fp32, whatever the training precision: accuracies then do not depend on it, and the
+    tuner's and the report's CPU re-evaluations of a finished run give the same numbers.
+    """
     was_training = model.training
     model.eval()
     outs = []
@@ -45,8 +49,7 @@ def evaluate(model: torch.nn.Module, split: DeviceSplit, augment: DeviceAugment,
         x = augment.normalize(split.images[start:start + batch])
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with common.autocast(device):
-            outs.append(model(x).float())
+        outs.append(model(x).float())
     model.train(was_training)
     logits = torch.cat(outs) if outs else torch.zeros(0, 100, device=device)
     acc = (logits.argmax(1) == split.labels).float().mean().item() if len(split) else float("nan")
@@ -59,6 +62,7 @@ def train_densenet(config: dict) -> None:
     cfg = from_dict(DenseNetTrainConfig, config)
     run = common.RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
+    precision = common.resolve_precision(cfg.precision, device)
     attempt = common.next_attempt(run) if rank == 0 else 0
     data = prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
 
@@ -98,7 +102,7 @@ def train_densenet(config: dict) -> None:
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         y = data.train.labels[idx]
-        with common.autocast(device):
+        with common.autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -146,7 +150,8 @@ def train_densenet(config: dict) -> None:
     common.write_worker_info(run, rank, params_sha256=common.params_sha256(raw_model), final_step=cfg.steps)
     if rank == 0:
         # A sweep trial leaves the test split alone: the tuner evaluates only the best trial on it, once.
-        _finish(cfg, run, raw_model, data, aug, device, world, evaluate_test=not config.get("_sweep_trial"))
+        _finish(cfg, run, raw_model, data, aug, device, world, precision,
+                evaluate_test=not config.get("_sweep_trial"))
     if start < cfg.steps:
         # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
         # the weights and summary.json already written.
@@ -161,7 +166,7 @@ def load_finished(run: common.RunDir, cfg: DenseNetTrainConfig):
     return model, data, DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std)
 
 
-def _finish(cfg, run, model, data, aug, device, world, evaluate_test: bool = True) -> None:
+def _finish(cfg, run, model, data, aug, device, world, precision, evaluate_test: bool = True) -> None:
     rows = common.read_metrics(run.metrics)
     total_seconds = sum(float(r["seconds"]) for r in rows)
     val_acc, _ = evaluate(model, data.val, aug, device)
@@ -175,6 +180,7 @@ def _finish(cfg, run, model, data, aug, device, world, evaluate_test: bool = Tru
         "images_per_s": round(cfg.steps * cfg.batch_size / max(total_seconds, 1e-9), 1),
         "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc,
         "train_acc_note": f"unaugmented, on the first {len(train_eval)} training images",
-        "seed": cfg.seed, "config": cfg.model_config().__dict__ | {"blocks": list(cfg.blocks)},
+        "seed": cfg.seed, "precision": precision,
+        "config": cfg.model_config().__dict__ | {"blocks": list(cfg.blocks)},
         **common.provenance(device),
     })
