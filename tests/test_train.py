@@ -191,6 +191,24 @@ def test_dcgan_samples_move_away_from_noise(tmp_path):
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.slow
+def test_compile_flag_compiles_both_trainers(tmp_path):
+    # Inductor writes its generated kernels under TORCHINDUCTOR_CACHE_DIR, which the local Ray cluster's
+    # workers inherit: a non-empty folder proves the worker compiled rather than ignored the flag.
+    for job, args in (("densenet", [*TINY, "--steps", "100", "--batch-size", "128", "--eval-every", "100"]),
+                      ("dcgan", ["--synthetic", "--synthetic-train-per-class", "40", "--synthetic-test-per-class",
+                                 "5", "--val-size", "500", "--steps", "40", "--batch-size", "64",
+                                 "--eval-every", "40", "--fid-every", "-1"])):
+        cache, out = tmp_path / f"inductor-{job}", tmp_path / job
+        result = subprocess.run(train_cmd(job, out, *args, "--checkpoint-every", "100", "--compile"),
+                                capture_output=True, text=True, cwd=REPO,
+                                env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*")), job
+        assert summary(out)["steps"] == int(args[args.index("--steps") + 1])
+    assert summary(tmp_path / "densenet")["test_acc"] > 0.2  # compiled, it still learns (chance 0.01)
+
+
 def test_over_budget_model_is_refused_before_ray(tmp_path):
     out = tmp_path / "big"
     for extra in ([], ["--workers", "auto"]):  # auto sizes itself from the Ray cluster: still refused first

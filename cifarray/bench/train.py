@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         ray_rate = len(rows) * WARMUP * cfg.batch_size / sum(float(r["seconds"]) for r in rows)
         trained = sum(float(r["seconds"]) for r in read_metrics(run_dir.metrics))
         ray_precision = run_dir.read_json("summary.json")["precision"]
+        import ray
+
+        ray.shutdown()  # the idle local cluster would otherwise take ~12 % of a core from the runs after
         for p in reversed(sides):
             plain[p].append(plain_train(cfg, tmp / "data", precision=p)["images_per_s"])
     finally:

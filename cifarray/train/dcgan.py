@@ -103,6 +103,8 @@ def train_dcgan(config: dict) -> None:
 
     g_ddp = ray.train.torch.prepare_model(g, move_to_device=False)
     d_ddp = ray.train.torch.prepare_model(d, move_to_device=False)
+    if cfg.compile:
+        g_ddp, d_ddp = torch.compile(g_ddp), torch.compile(d_ddp)
     log = common.MetricsLog(run.metrics, METRIC_FIELDS)
     if rank == 0:
         log.truncate_after(start)
