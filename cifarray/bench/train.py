@@ -29,6 +29,7 @@ from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError
 from cifarray.models.densenet import DenseNet
+from cifarray.train.common import autocast
 from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.densenet import evaluate, make_optimizer
 
@@ -56,7 +57,7 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, 
         if step == warmup:
             t0 = time.perf_counter()
         idx = sampler.next().to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             logits = model(aug(data.train.images[idx], gen))
         loss = F.cross_entropy(logits.float(), data.train.labels[idx], label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -115,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
         launch.fit(cfg, train_densenet, cfg.model_config(), "ray train", ("loss", "images_per_s"))
         wall = time.perf_counter() - t
         run_dir = RunDir(cfg.out)
-        rows = read_metrics(run_dir.metrics)[1:]  # the first window holds start-up steps
-        ray_rate = len(rows) * WARMUP * cfg.batch_size / sum(float(r["seconds"]) for r in rows)
-        trained = sum(float(r["seconds"]) for r in read_metrics(run_dir.metrics))
+        seconds = [float(r["seconds"]) for r in read_metrics(run_dir.metrics)]
+        steady = seconds[1:]  # the first window holds start-up steps
+        ray_rate = len(steady) * WARMUP * cfg.batch_size / sum(steady)
+        trained = sum(seconds)
         ray_precision = run_dir.read_json("summary.json")["precision"]
         import ray
 
