@@ -1,7 +1,7 @@
 """One validated config dataclass per job; values flow defaults -> TOML file -> CLI.
 
 Fields carry their help text in `metadata["help"]`; `add_arguments` turns them into
-flags (`--growth-rate`, `--blocks 5,5,5,5`, `--gpu/--no-gpu`) and `resolve` merges a
+flags (`--growth-rate`, `--blocks 5,5,5,5`, `--gpu/--no-gpu`, `--no-verify/--verify`) and `resolve` merges a
 TOML file and the parsed flags, naming any unknown key or wrongly typed value.
 """
 
@@ -74,20 +74,55 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
+class Switch(argparse.Action):
+    """`--x` / `--no-x` for a bool field, right also for fields named `no_*`.
+
+    argparse's BooleanOptionalAction reads any option starting with `--no-` as False, so for a field
+    `no_verify` it made `--no-verify` mean "verify". Here the flag spelled like the field sets True and
+    its opposite (`--verify` for `no_verify`, `--no-gpu` for `gpu`) sets False.
+    """
+
+    def __init__(self, option_strings, dest, default=None, help=None):
+        self.on = option_strings[0]
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string == self.on)
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def switch_flags(name: str) -> tuple[str, str]:
+    """(flag that sets the field True, flag that sets it False)."""
+    on = flag_of(name)
+    return (on, "--" + on[len("--no-"):]) if name.startswith("no_") else (on, "--no-" + on[2:])
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field; every default is None so that `resolve` knows what the user gave."""
+    """One flag per field; every default is None so that `resolve` knows what the user gave.
+
+    The help text names each default once (use a formatter that does not add defaults itself).
+    """
     for name, (f, tp) in _fields(cls).items():
         if name in skip:
             continue
-        flag = "--" + name.replace("_", "-")
         base, _ = _base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata.get('help', '')} (default: {shown})"
+        help_text = f.metadata.get("help", "")
+        if "default:" not in help_text:  # some helps say what a None default means instead
+            help_text += f" (default: {shown})"
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*switch_flags(name), dest=name, action=Switch, default=None,
+                                help=help_text.replace("%", "%%"))
         else:
-            parser.add_argument(flag, default=None, metavar=name.upper(), help=help_text)
+            parser.add_argument(flag_of(name), dest=name, default=None, metavar=name.upper(),
+                                help=help_text.replace("%", "%%"))
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

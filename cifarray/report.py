@@ -155,11 +155,15 @@ def make_report(run_dir: str | Path) -> list[Path]:
     return dcgan_report(run, cfg) if model == "dcgan" else densenet_report(run, cfg)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifarray.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     for path in make_report(args.run_dir):
         print(path)
     return 0

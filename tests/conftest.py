@@ -50,3 +50,16 @@ def write_py2_folder(root: Path, n_train: int = 300, n_test: int = 100, seed: in
     meta = py2_cpickle.meta_file([f"class_{i}" for i in range(100)], [f"super_{i}" for i in range(20)])
     (folder / "meta").write_bytes(overrides.get("meta", meta))
     return folder
+
+
+def write_py2_copy(root: Path, data) -> Path:
+    """`data` (a loaded Cifar100) rewritten in the Python 2 cPickle layout: a folder in the format that is
+    not the official release (its md5 sums differ), written without cifarray's writer."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", data.train), ("test", data.test)):
+        raw = py2_cpickle.split_file(split.images.reshape(len(split), -1), split.fine_labels.tolist(),
+                                     split.coarse_labels.tolist(), f"{name} batch 1 of 1")
+        (folder / name).write_bytes(raw)
+    (folder / "meta").write_bytes(py2_cpickle.meta_file(data.fine_names, data.coarse_names))
+    return folder

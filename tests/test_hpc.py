@@ -190,6 +190,9 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
     nodes = {json.loads((d / "summary.json").read_text())["slurm_node"] for d in finished}
     assert nodes == {"node1", "node2"}, nodes  # trials trained on both Ray nodes
     assert not list(Path("/tmp").glob(f"ray-{job}-*")), "Ray temp dirs left behind"
+    # The requeued run took the folder's lock (the old run had released it, or was provably gone)
+    # and released it when it ended.
+    assert "is in use by" not in text and not (out / "cifarray.lock").exists()
 
 
 DRIVER = """

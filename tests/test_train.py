@@ -91,7 +91,7 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     # check below also holds bf16 training to the fp32 reference.
     assert got["precision"] == resolve_precision("auto", torch.device("cpu"))
     # The plain loop: same config, same data, no Ray, fp32.
-    _, cfg, _ = parse(["densenet", "--out", str(out), *args])
+    cfg = parse(["densenet", "--out", str(out), *args]).cfg
     plain = plain_train(cfg, out / "data")
     assert plain["test_acc"] > 0.5  # chance is 0.01: the reference itself learned
     assert abs(got["test_acc"] - plain["test_acc"]) <= 0.03, (got["test_acc"], plain["test_acc"])
@@ -240,7 +240,7 @@ def test_missing_data_is_named_before_ray(tmp_path):
 def test_config_precedence_and_errors(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('steps = 100\nlr = 0.05\ngrowth-rate = 4\nblocks = [2, 2]\nsynthetic = true\n')
-    _, cfg, auto = parse(["densenet", "--config", str(f), "--steps", "50"])
+    _, cfg, auto, _ = parse(["densenet", "--config", str(f), "--steps", "50"])
     assert (cfg.steps, cfg.lr, cfg.growth_rate, cfg.blocks) == (50, 0.05, 4, (2, 2))  # CLI beats file
     assert not auto
     f.write_text('synthetic = true\nworkers = "auto"\n')  # sized once Ray is joined (launch.scale_to_cluster)

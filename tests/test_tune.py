@@ -107,9 +107,27 @@ def metric_steps(trial_dir: Path) -> int:
 def test_sweep_skips_infeasible_configs_stops_weak_trials_and_tests_only_the_best(tmp_path):
     out = tmp_path / "sweep"
     # One trial at a time: ASHA's decisions then depend only on the (seeded) results, not on timing.
-    result = run_module("cifarray.tune", "--sweep", str(CI_SWEEP), "--synthetic", "--out", str(out),
-                        "--max-concurrent", "1", timeout=900)
+    cmd = [sys.executable, "-m", "cifarray.tune", "--sweep", str(CI_SWEEP), "--synthetic", "--out", str(out),
+           "--max-concurrent", "1"]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "tune").exists():
+            assert first.poll() is None and time.time() < deadline, "the sweep ended before its experiment began"
+            time.sleep(0.5)
+        # A second sweep on the same folder, as a fresh start or as a resume (a double sbatch, an early
+        # requeue): refused in one line naming the first, which goes on as if alone (asserted below).
+        for again in (cmd, [sys.executable, "-m", "cifarray.tune", "--out", str(out), "--resume=auto"]):
+            second = subprocess.run(again, cwd=REPO, capture_output=True, text=True, timeout=120)
+            lines = second.stderr.strip().splitlines()
+            assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
+            assert f"{out} is in use by python -m cifarray.tune" in lines[0] and f"pid {first.pid}" in lines[0]
+        stdout, stderr = first.communicate(timeout=900)
+    finally:
+        first.kill()
+    result = SimpleNamespace(returncode=first.returncode, stdout=stdout, stderr=stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not (out / "cifarray.lock").exists()
     trials = rows(out / "trials.csv")
     summary = json.loads((out / "summary.json").read_text())
     assert len(trials) == 6 == summary["trials"]
@@ -191,6 +209,8 @@ def test_resume_after_sigkill_completes_without_rerunning_finished_trials(tmp_pa
                 pass
     result = run_module("cifarray.tune", "--out", str(out), "--resume", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The killed sweep left its lock behind; its process is provably gone, so the resume took it over.
+    assert f"note: taking over {out / 'cifarray.lock'}" in result.stderr and "its process is gone" in result.stderr
     trials = rows(out / "trials.csv")
     assert len(trials) == 6
     assert all(t["status"] in ("complete", "early-stopped", "infeasible") for t in trials), trials

@@ -8,14 +8,18 @@ from typing import Sequence
 from cifarray.errors import run_cli
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifarray.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     from cifarray.bench import augment, train
 
     augment.add_parser(sub)
     train.add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     return args.func(args)
 
 

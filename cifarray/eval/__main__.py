@@ -44,7 +44,7 @@ def fid_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifarray.eval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fid", help="FID of a dcgan run's generator against a CIFAR-100 split")
@@ -56,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kid", action="store_true", help="also the Kernel Inception Distance")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated noise")
     p.set_defaults(func=fid_command)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     return args.func(args)
 
 

@@ -1,0 +1,341 @@
+"""Inputs and run folders: every boolean flag both ways, data-size errors before Ray, one live run per folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cifarray.bench.__main__ import parser as bench_parser
+from cifarray.config import Switch, _fields
+from cifarray.data.__main__ import parser as data_parser
+from cifarray.data.cifar import load_cifar100
+from cifarray.eval.__main__ import parser as eval_parser
+from cifarray.report import parser as report_parser
+from cifarray.runlock import LOCK_NAME, FolderLocked, RunLock
+from cifarray.train.__main__ import JOBS, parse
+from cifarray.train.__main__ import parser as train_parser
+from cifarray.tune.__main__ import parser as tune_parser
+from conftest import REPO, write_py2_copy
+from hpc.ray_cluster import parser as ray_cluster_parser
+from hpc.status import parser as status_parser
+from hpc.submit import parser as submit_parser
+
+CLIS = {"cifarray.train": train_parser, "cifarray.tune": tune_parser, "cifarray.data": data_parser,
+        "cifarray.eval": eval_parser, "cifarray.bench": bench_parser, "cifarray.report": report_parser,
+        "hpc.submit": submit_parser, "hpc.status": status_parser, "hpc.ray_cluster": ray_cluster_parser}
+TINY = ["--synthetic-train-per-class", "60", "--synthetic-test-per-class", "20", "--growth-rate", "4",
+        "--blocks", "2,2,2", "--init-channels", "16", "--augment", "basic"]
+
+
+def walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every (sub)command of a CLI: (the words that select it, its parser)."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from walk(sub, (*path, name))
+
+
+def required_args(parser: argparse.ArgumentParser) -> list[str]:
+    args = []
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            continue
+        if a.option_strings and a.required:
+            args += [a.option_strings[0], "1"]
+        elif not a.option_strings and a.nargs in (None, "+", 1):
+            args.append("1")
+    return args
+
+
+def meaning(flag: str, dest: str) -> bool:
+    """What a flag must set its destination to, by its name: --x/x -> True, --no-x/x -> False, --x/no_x -> False."""
+    name = flag[2:].replace("-", "_")
+    if name == dest:
+        return True
+    if name == f"no_{dest}" or f"no_{name}" == dest:
+        return False
+    raise AssertionError(f"flag {flag} (sets {dest}) says neither yes nor no to its setting")
+
+
+def test_every_boolean_flag_of_every_cli_sets_what_its_name_says():
+    checked = 0
+    for cli, make in CLIS.items():
+        for path, sub in walk(make()):
+            for action in sub._actions:
+                if action.nargs != 0 or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                    continue
+                for flag in action.option_strings:
+                    argv = [*path, flag, *required_args(sub)]
+                    got = vars(make().parse_args(argv))[action.dest]
+                    assert got is meaning(flag, action.dest), (cli, argv, got)
+                    checked += 1
+                # Not given: the flag's setting keeps its default (store_true: False; config switches: unset).
+                unset = vars(make().parse_args([*path, *required_args(sub)]))[action.dest]
+                assert unset in (False, None), (cli, path, action.dest, unset)
+    assert checked >= 20  # every CLI's switches, including --no-verify, --force-unlock, --gpu/--no-gpu
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_train_switches_resolve_both_ways_over_a_config_file(tmp_path, job):
+    """--x / --no-x for every boolean config field, also against the opposite value from --config."""
+    toml = tmp_path / "c.toml"
+    fields = [name for name, (_, tp) in _fields(JOBS[job]).items() if tp is bool]
+    assert {"no_verify", "gpu", "synthetic", "compile"} <= set(fields)
+    actions = {a.dest: a for a in dict(walk(train_parser()))[(job,)]._actions}
+    for name in fields:
+        assert isinstance(actions[name], Switch)
+        on, off = actions[name].option_strings
+        for value in (True, False):
+            toml.write_text(f"{name} = {'false' if value else 'true'}\n")  # the file says the opposite
+            source = ["--data-dir", str(tmp_path)]
+            if name == "synthetic" and value:
+                source = []
+            cfg = parse([job, "--config", str(toml), *source, on if value else off]).cfg
+            assert getattr(cfg, name) is value, (name, value)
+    # The exact line of the issue: --no-verify means "do not verify"; --verify turns it back on.
+    assert parse([job, "--data-dir", "d", "--no-verify"]).cfg.no_verify is True
+    assert parse([job, "--data-dir", "d", "--no-verify", "--verify"]).cfg.no_verify is False
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_train_help_names_each_default_once(job):
+    text = dict(walk(train_parser()))[(job,)].format_help()
+    assert " ".join(text.split()).count("default:") == len(_fields(JOBS[job])), text  # each option: once
+    assert "(default: None) (default" not in text and "[--no-verify | --verify]" in " ".join(text.split())
+
+
+def _no_ray_env(tmp_path: Path) -> tuple[dict, Path]:
+    ray_tmp = tmp_path / "ray-tmp"
+    return {**os.environ, "RAY_TMPDIR": str(ray_tmp)}, ray_tmp
+
+
+def _cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def py2_folder(tmp_path_factory) -> Path:
+    """Procedural images rewritten as a Python-2 CIFAR folder: the format, not the official release."""
+    from cifarray.data.synth import write_synthetic
+
+    src = tmp_path_factory.mktemp("synth-src")
+    write_synthetic(src, train_per_class=60, test_per_class=20, seed=3)
+    root = tmp_path_factory.mktemp("py2")
+    write_py2_copy(root, load_cifar100(src, verify=False))
+    return root
+
+
+@pytest.mark.parametrize("job, args, expected", [
+    ("densenet", ["--val-size", "6000"], ["--val-size 6000 leaves no training images", "6,000 training images"]),
+    ("densenet", ["--val-size", "1000", "--batch-size", "8192"],
+     ["--batch-size 8192 is larger than the training images", "5,000 left", "lower --batch-size or --val-size"]),
+    ("densenet", ["--val-size", "1000", "--batch-size", "6000", "--workers", "2"],
+     ["--batch-size 6000", "2,500 per worker for 2 workers"]),
+    ("dcgan", ["--val-size", "6000"], ["--val-size 6000 leaves no training images"]),
+    ("dcgan", ["--val-size", "5000", "--batch-size", "1024"], ["--batch-size 1024 is larger than the training"]),
+])
+def test_data_size_errors_come_before_ray_in_one_line(tmp_path, py2_folder, job, args, expected):
+    env, ray_tmp = _no_ray_env(tmp_path)
+    out = tmp_path / "out"
+    t = time.perf_counter()
+    result = _cli(env, "cifarray.train", job, "--data-dir", str(py2_folder), "--no-verify", "--out", str(out),
+                  *TINY[4:] if job == "densenet" else [], *args)
+    assert_one_line_error(result, *expected)
+    assert time.perf_counter() - t < 45  # Ray's start alone takes ~10 s here; it never began
+    assert not ray_tmp.exists() and not out.exists()
+
+
+def test_default_val_size_on_a_small_procedural_set_is_refused_before_ray(tmp_path):
+    env, ray_tmp = _no_ray_env(tmp_path)
+    out = tmp_path / "out"
+    result = _cli(env, "cifarray.train", "densenet", "--synthetic", "--synthetic-train-per-class", "50",
+                  "--out", str(out))
+    assert_one_line_error(result, "--val-size 5000 leaves no training images", "procedural data set has 5,000")
+    assert not ray_tmp.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("space, expected", [
+    ('batch_size = { choice = [32, 4096] }', "the sweep's largest batch_size 4096 is larger than the training"),
+    ('val_size = { int = [500, 3000] }', "the sweep's largest val_size 3000 leaves no training images"),
+    ('batch_size = { int = [32, 2600] }\nval_size = { choice = [300, 500] }',
+     "the sweep's largest batch_size 2600 is larger than the training images (2,500 left"),
+])
+def test_sweeps_whose_trials_cannot_fit_the_data_are_refused_before_the_first_trial(tmp_path, space, expected):
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('model = "densenet"\ntrials = 2\n[train]\nsteps = 40\neval_every = 20\nval_size = 500\n'
+                     'synthetic_train_per_class = 30\nsynthetic_test_per_class = 5\n[space]\n'
+                     'lr = { loguniform = [0.01, 0.1] }\n' + space + "\n")
+    env, ray_tmp = _no_ray_env(tmp_path)
+    out = tmp_path / "out"
+    result = _cli(env, "cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out))
+    assert_one_line_error(result, expected)
+    assert not ray_tmp.exists() and not out.exists()
+
+
+@pytest.mark.slow
+def test_no_verify_trains_on_a_python2_folder_that_is_not_the_official_release(tmp_path, py2_folder):
+    out = tmp_path / "run"
+    line = ["cifarray.train", "densenet", "--data-dir", str(py2_folder), "--no-verify", "--out", str(out),
+            *TINY[4:], "--val-size", "1000", "--steps", "100", "--batch-size", "64", "--eval-every", "50",
+            "--checkpoint-every", "50"]
+    refused = _cli(dict(os.environ), *[a for a in line if a != "--no-verify"])
+    assert_one_line_error(refused, "is not the official CIFAR-100 train file", "--no-verify")
+    assert not out.exists()
+    result = _cli(dict(os.environ), *line, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["no_verify"] is True
+    got = json.loads((out / "summary.json").read_text())
+    assert got["steps"] == 100 and got["test_acc"] > 0.1  # it learned from those files (chance: 0.01)
+    assert not (out / LOCK_NAME).exists()  # released at the end
+
+
+# --- one live run per folder ------------------------------------------------------------------------------
+
+def test_a_second_lock_on_a_held_folder_is_refused_and_a_released_one_is_free(tmp_path):
+    folder = tmp_path / "new" / "run"
+    with RunLock(folder, "first") as first:
+        holder = json.loads(first.path.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] and holder["pid_start"] and holder["started"]
+        with pytest.raises(FolderLocked, match=rf"is in use by first \(host .*, pid {os.getpid()}"):
+            RunLock(folder, "second").acquire()
+    assert not (folder / LOCK_NAME).exists()
+    assert not (tmp_path / "new").exists()  # the folders the lock created, empty again, are gone
+    with RunLock(folder, "third"):
+        (folder / "kept.txt").write_text("x")
+    assert (folder / "kept.txt").exists() and not (folder / LOCK_NAME).exists()
+
+
+def _stale(folder: Path, **holder) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {"host": "other-host", "pid": 4242, "pid_start": "1", "started": time.time() - 60,
+            "command": "python -m cifarray.train densenet", "slurm_job": None, "slurm_restart": 0}
+    (folder / LOCK_NAME).write_text(json.dumps({**base, **holder}))
+    return folder / LOCK_NAME
+
+
+def test_a_lock_whose_holder_is_gone_on_this_host_is_taken_over_with_a_note(tmp_path, capsys):
+    import socket
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _stale(tmp_path / "a", host=socket.gethostname(), pid=int(gone.stdout))
+    with RunLock(tmp_path / "a", "me"):
+        assert json.loads((tmp_path / "a" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert "note: taking over" in capsys.readouterr().err
+    # A live PID that now belongs to another process (another start time) is a reused PID: gone too.
+    _stale(tmp_path / "b", host=socket.gethostname(), pid=os.getppid(), pid_start="12345")
+    with RunLock(tmp_path / "b", "me"):
+        pass
+    assert "its process is gone" in capsys.readouterr().err
+    # The same live process: honoured.
+    from cifarray.runlock import process_start
+
+    _stale(tmp_path / "c", host=socket.gethostname(), pid=os.getppid(), pid_start=process_start(os.getppid()))
+    with pytest.raises(FolderLocked, match="still running on this host"):
+        RunLock(tmp_path / "c", "me").acquire()
+
+
+def test_a_lock_from_another_host_is_honoured_until_stale_forced_or_requeued(tmp_path, monkeypatch, capsys):
+    path = _stale(tmp_path / "a")
+    with pytest.raises(FolderLocked, match="host other-host, pid 4242.*--force-unlock"):
+        RunLock(tmp_path / "a", "me").acquire()
+    assert json.loads(path.read_text())["host"] == "other-host"  # untouched
+    with RunLock(tmp_path / "a", "me", force=True):
+        pass
+    assert "--force-unlock" in capsys.readouterr().err
+    path = _stale(tmp_path / "b")
+    old = time.time() - 2 * 3600
+    os.utime(path, (old, old))  # its holder stopped beating two hours ago
+    with RunLock(tmp_path / "b", "me", stale_after=3600):
+        pass
+    assert "no heartbeat for 120 min" in capsys.readouterr().err
+    # Slurm: the same job at a lower restart count ran before the requeue, and Slurm has ended it.
+    _stale(tmp_path / "c", slurm_job="77", slurm_restart=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with RunLock(tmp_path / "c", "me"):
+        assert json.loads((tmp_path / "c" / LOCK_NAME).read_text())["slurm_restart"] == 1
+    assert "before its requeue" in capsys.readouterr().err
+    _stale(tmp_path / "d", slurm_job="77", slurm_restart=1)  # the same incarnation elsewhere: honoured
+    with pytest.raises(FolderLocked):
+        RunLock(tmp_path / "d", "me").acquire()
+
+
+def test_the_holder_keeps_its_lock_fresh(tmp_path):
+    with RunLock(tmp_path, "me", heartbeat=0.1) as lock:
+        old = time.time() - 3600
+        os.utime(lock.path, (old, old))
+        time.sleep(0.5)
+        assert time.time() - lock.path.stat().st_mtime < 5
+
+
+def test_of_runs_started_together_exactly_one_gets_the_lock(tmp_path):
+    code = ("import sys, time; from cifarray.runlock import RunLock, FolderLocked\n"
+            "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
+            "try:\n    lock = RunLock(sys.argv[1], 'racer'); lock.acquire()\n"
+            "except FolderLocked:\n    sys.exit(3)\n"
+            "time.sleep(1.5); lock.release()\n")
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), str(start)], cwd=REPO)
+             for _ in range(6)]
+    codes = sorted(p.wait(timeout=60) for p in procs)
+    assert codes == [0, 3, 3, 3, 3, 3], codes
+
+
+@pytest.mark.slow
+def test_a_second_train_on_a_live_run_folder_exits_and_the_first_finishes_untouched(tmp_path):
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cifarray.train", "densenet", "--synthetic", *TINY, "--val-size", "1000",
+           "--out", str(out), "--steps", "120", "--batch-size", "64", "--log-every", "10",
+           "--checkpoint-every", "30", "--eval-every", "30"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "last_checkpoint.json").exists():
+            assert first.poll() is None and time.time() < deadline, first.stdout.read() if first.stdout else ""
+            time.sleep(0.5)
+        sessions = list(ray_tmp.glob("ray/session_*"))
+        assert sessions  # Ray writes its session here: the refusals above and below would have shown one
+        listing = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "ray" not in p.parts)
+        attempts = (out / "attempts.json").read_text()
+        t = time.perf_counter()
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert_one_line_error(second, f"{out} is in use by python -m cifarray.train densenet",
+                              f"pid {first.pid}")
+        assert time.perf_counter() - t < 45
+        assert sorted(ray_tmp.glob("ray/session_*")) == sorted(sessions)  # the second one started no Ray
+        assert (out / "attempts.json").read_text() == attempts
+        assert set(listing) <= {str(p.relative_to(out)) for p in out.rglob("*")}
+        output, _ = first.communicate(timeout=300)
+    finally:
+        first.kill()
+        subprocess.run(["rm", "-rf", str(ray_tmp)])
+    assert first.returncode == 0, output[-3000:]
+    # Exactly what a lone run leaves: one attempt, every logged step once, the two newest checkpoints.
+    assert json.loads((out / "attempts.json").read_text()) == {"attempts": 1}
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(10, 121, 10))
+    assert json.loads((out / "last_checkpoint.json").read_text()) == {"step": 120}
+    checkpoints = sorted(p.name for p in (out / "ray").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2, checkpoints
+    assert json.loads((out / "summary.json").read_text())["steps"] == 120
+    assert not (out / LOCK_NAME).exists()
