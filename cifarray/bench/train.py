@@ -97,13 +97,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps {args.steps} must be a multiple of {WARMUP} and at least {2 * WARMUP}")
     tmp = Path(tempfile.mkdtemp(prefix="cifarray-bench-"))
     try:
-        write_synthetic(tmp / "data", train_per_class=60, test_per_class=10)
         cfg = DenseNetTrainConfig(
             synthetic=True, synthetic_train_per_class=60, synthetic_test_per_class=10, out=str(tmp / "ray-run"),
             steps=args.steps, batch_size=args.batch_size, growth_rate=args.growth_rate,
             blocks=tuple(int(b) for b in args.blocks.split(",")), augment=args.augment, gpu=args.gpu,
             precision=args.precision, val_size=1000, log_every=WARMUP, eval_every=10**9, checkpoint_every=10**9,
             max_failures=0)
+        write_synthetic(tmp / "data", train_per_class=60, test_per_class=10, difficulty=cfg.synthetic_difficulty)
         (tmp / "ray-run").mkdir()
         shutil.copytree(tmp / "data", tmp / "ray-run" / "data")
         # The Ray worker resolves `auto` on its own device; this process has the same one (a local cluster).

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from cifarray.data import cifar
+from cifarray.data.synth import DIFFICULTIES
 from cifarray.errors import run_cli
 
 
@@ -17,9 +18,10 @@ def _synth(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     folder = write_synthetic(args.out_dir, train_per_class=args.train_per_class,
-                             test_per_class=args.test_per_class, seed=args.seed, force=args.force)
-    print(f"procedural CIFAR-100: {folder} ({100 * args.train_per_class} train, {100 * args.test_per_class} test "
-          f"images, seed {args.seed}) in {time.perf_counter() - t:.1f}s")
+                             test_per_class=args.test_per_class, seed=args.seed, difficulty=args.difficulty,
+                             force=args.force)
+    print(f"procedural CIFAR-100 ({args.difficulty}): {folder} ({100 * args.train_per_class} train, "
+          f"{100 * args.test_per_class} test images, seed {args.seed}) in {time.perf_counter() - t:.1f}s")
     print(f"check it with: python -m cifarray.data check {args.out_dir} --no-verify")
     return 0
 
@@ -47,7 +49,7 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifarray.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -56,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-per-class", type=int, default=500, help="training images per class (real: 500)")
     p.add_argument("--test-per-class", type=int, default=100, help="test images per class (real: 100)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", choices=DIFFICULTIES, default="hard",
+                   help="hard (default): 20 groups of 5 look-alike classes with clutter, occlusion and noise, "
+                        "for learning tests and benchmarks; easy: 10 patterns x 10 hues, ~100 %% quickly, for "
+                        "loader tests")
     p.add_argument("--force", action="store_true", help="replace procedural data made with other parameters")
     p.set_defaults(func=_synth)
 
@@ -68,8 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("download", help="download the official tarball (needs internet) and verify its md5")
     p.add_argument("root", help="folder to put cifar-100-python.tar.gz in")
     p.set_defaults(func=_download)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     return args.func(args)
 
 

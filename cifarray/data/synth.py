@@ -1,8 +1,9 @@
-"""A learnable 100-class procedural data set in CIFAR-100's exact on-disk format.
+"""Procedural 100-class data sets in CIFAR-100's exact on-disk format: `easy` and `hard`.
 
-Class = (pattern, hue): 10 spatial patterns x 10 foreground hues 36 degrees apart,
-on a grey background with per-sample jitter (phase, position, size, colour,
-brightness, pixel noise). Design choices that make it a useful test set:
+`easy` (version 1): class = (pattern, hue): 10 spatial patterns x 10 foreground hues
+36 degrees apart, on a grey background with per-sample jitter (phase, position, size,
+colour, brightness, pixel noise). A small CNN reaches 100 % on it in a few hundred
+steps, so it tests loaders, not learning:
 
 - Every pattern is symmetric under horizontal flips and survives 4-pixel crops,
   so the standard augmentations keep labels valid.
@@ -11,12 +12,29 @@ brightness, pixel noise). Design choices that make it a useful test set:
   the 3072 bytes as interleaved RGB instead of planes, sees the wrong classes.
 - Coarse label = fine // 5 (pattern, warm/cool hue half), like CIFAR-100's 20
   super-classes of 5.
+
+`hard` (the default for training): built to behave like a small natural-image
+problem, so that accuracy does not saturate and a change that costs a few points
+shows (see `make_hard_class`):
+
+- 20 groups (coarse labels) of 5 classes: a group is a shape family (polygons,
+  stars, rings, ellipses, arcs, ...) in a colour family (warm or cool hues); its 5
+  classes differ in one shape parameter (number of sides or points, hole size,
+  aspect, span, ...), so confusions fall within groups, as in CIFAR-100.
+- Strong variation within a class: position, scale, rotation, stroke thickness,
+  hue/saturation/brightness jitter, textured backgrounds of random colour, clutter
+  blobs, partial occlusion by a patch, pixel noise.
+- Every class is closed under horizontal flips (mirror-symmetric shapes, rotations
+  drawn symmetrically about 0), so flip augmentation helps; no label noise (each
+  image is drawn from its own class's distribution).
+- Vectorised per class: 60,000 images in a few seconds, deterministic per seed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +48,24 @@ PATTERNS = ("hstripes", "hstripes_fine", "vstripes", "vstripes_fine", "checker",
 HUES = ("red", "orange", "yellow", "lime", "green", "teal", "sky", "blue", "violet", "magenta")
 FINE_NAMES = [f"{p}_{h}" for p in PATTERNS for h in HUES]
 COARSE_NAMES = [f"{p}_{half}" for p in PATTERNS for half in ("warm", "cool")]
+DIFFICULTIES = ("easy", "hard")
+
+# hard: shape families x their 5 variants (the parameter that tells a group's classes apart)
+FAMILIES = {
+    "polygon": ("3", "4", "5", "6", "8"),          # sides
+    "star": ("4", "5", "6", "7", "8"),             # points
+    "ring": ("20", "35", "50", "65", "80"),        # hole, % of the radius
+    "ellipse": ("10", "14", "18", "23", "28"),     # aspect ratio x10
+    "spokes": ("1", "2", "3", "4", "5"),           # bars through the centre
+    "dots": ("1", "2", "3", "4", "5"),             # dots on a circle
+    "crescent": ("25", "40", "55", "70", "85"),    # bite offset, % of the radius
+    "rings": ("1", "2", "3", "4", "5"),            # concentric rings
+    "arc": ("90", "150", "210", "270", "330"),     # span in degrees
+    "grating": ("25", "33", "45", "60", "80"),     # stripe period in the disc, px x10
+}
+PALETTES = {"warm": (-30.0, 60.0), "cool": (150.0, 250.0)}  # hue ranges in degrees
+HARD_COARSE = [f"{f}_{p}" for f in FAMILIES for p in PALETTES]
+HARD_FINE = [f"{f}{v}_{p}" for f in FAMILIES for p in PALETTES for v in FAMILIES[f]]
 
 _YY, _XX = np.mgrid[0:32, 0:32].astype(np.float32)
 
@@ -86,14 +122,125 @@ def make_class(fine: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def make_split(per_class: int, rng: np.random.Generator, tag: str) -> dict:
+def _shape_field(family: str, variant: int, u: np.ndarray, v: np.ndarray, radius: np.ndarray,
+                 thick: np.ndarray) -> np.ndarray:
+    """Signed field (> 0 inside, in pixels) of a family's shape in its own frame (u along, v across).
+
+    Every shape is symmetric about its v = 0 axis, so a mirror image is the same shape at the
+    opposite rotation: with rotations drawn symmetrically, each class is closed under flips.
+    """
+    r = np.hypot(u, v)
+    phi = np.arctan2(v, u)
+    param = float(FAMILIES[family][variant])
+    if family == "polygon":
+        k = param
+        sector = np.mod(phi + np.pi / k, 2 * np.pi / k) - np.pi / k
+        return radius - r * np.cos(sector) / np.cos(np.pi / k)
+    if family == "star":
+        return radius * (0.45 + 0.55 * (0.5 + 0.5 * np.cos(param * phi)) ** 2) - r
+    if family == "ring":
+        return np.minimum(radius - r, r - radius * param / 100)
+    if family == "ellipse":
+        a = np.sqrt(param / 10)
+        return radius - np.hypot(u / a, v * a)
+    if family == "spokes":
+        angles = np.pi * np.arange(param) / param
+        d = np.min([np.abs(-np.sin(t) * u + np.cos(t) * v) for t in angles], axis=0)
+        return np.minimum(thick - d, radius - r)
+    if family == "dots":
+        n = int(param)
+        centres = [(0.0, 0.0)] if n == 1 else [(np.cos(t), np.sin(t)) for t in 2 * np.pi * np.arange(n) / n]
+        d = np.min([np.hypot(u - 0.55 * radius * cu, v - 0.55 * radius * cv) for cu, cv in centres], axis=0)
+        return radius * (0.42 if n == 1 else 0.3) - d
+    if family == "crescent":
+        return np.minimum(radius - r, np.hypot(u - radius * param / 100, v) - 0.9 * radius)
+    if family == "rings":
+        band = np.cos(2 * np.pi * param * r / radius) * radius / (2 * np.pi * param)
+        return np.minimum(radius - r, band)
+    if family == "arc":
+        half = np.deg2rad(param) / 2
+        return np.minimum(thick - np.abs(r - radius), (half - np.abs(phi)) * np.maximum(r, 1.0))
+    # grating: a disc of stripes across its axis
+    period = param / 10
+    return np.minimum(radius - r, np.cos(2 * np.pi * u / period) * period / (2 * np.pi) * 1.5)
+
+
+def _soft(field: np.ndarray) -> np.ndarray:
+    return np.clip(field + 0.5, 0.0, 1.0)  # one pixel of anti-aliasing
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float, shape) -> np.ndarray:
+    return (lo + (hi - lo) * rng.random(shape, dtype=np.float32)).astype(np.float32)
+
+
+def _texture(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3, 32, 32) backgrounds in [0, 1]: a random tint plus two coloured gratings of random frequency."""
+    def u(lo, hi, shape=(n, 1, 1)):
+        return _uniform(rng, lo, hi, shape)
+
+    base = _hsv_to_rgb(u(0, 360, n), u(0, 0.5, n), u(0.15, 0.75, n))
+    img = np.repeat(base[:, :, None, None], 32, axis=2).repeat(32, axis=3)
+    for _ in range(2):
+        freq, theta = u(0.05, 0.45) * np.float32(2 * np.pi), u(-np.pi, np.pi)
+        wave = np.sin(freq * (np.cos(theta) * _XX + np.sin(theta) * _YY) + u(0, 2 * np.pi))
+        colour = rng.standard_normal((n, 3), dtype=np.float32) * u(0.03, 0.12, (n, 1))
+        img += colour[:, :, None, None] * wave[:, None]
+    return img
+
+
+def make_hard_class(fine: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3, 32, 32) uint8 images of one `hard` class (see the module docstring)."""
+    group, variant = divmod(fine, 5)
+    family, palette = list(FAMILIES)[group // 2], list(PALETTES)[group % 2]
+
+    def u(lo: float, hi: float, shape: tuple = (n, 1, 1)) -> np.ndarray:
+        return _uniform(rng, lo, hi, shape)
+
+    img = _texture(n, rng)
+
+    def paint(mask: np.ndarray, colour: np.ndarray) -> None:  # img = img * (1 - mask) + colour * mask
+        img.__iadd__((colour - img) * mask[:, None])
+
+    # clutter: small blobs of any colour, anywhere (some of them on the object)
+    for _ in range(3):
+        blob = _soft(u(1.0, 2.8) - np.hypot(_YY - u(0, 32), _XX - u(0, 32))) * (u(0, 1) < 0.6)
+        paint(blob, _hsv_to_rgb(u(0, 360, n), u(0.2, 1, n), u(0.2, 1, n))[:, :, None, None])
+    # the object: position, scale, rotation, thickness, colour and shading all vary
+    cy, cx, radius, thick = u(10, 22), u(10, 22), u(6.5, 11.5), u(1.0, 2.2)
+    theta = u(-np.pi, np.pi)
+    dy, dx = _YY - cy, _XX - cx
+    along, across = np.cos(theta) * dx + np.sin(theta) * dy, -np.sin(theta) * dx + np.cos(theta) * dy
+    mask = _soft(_shape_field(family, variant, along, across, radius, thick))
+    lo, hi = PALETTES[palette]
+    colour = _hsv_to_rgb(u(lo, hi, n) % 360, u(0.45, 1.0, n), u(0.5, 1.0, n))
+    shade = 1 + u(-0.25, 0.25) * dy / 16  # light from above or below: a vertical gradient is flip-safe
+    paint(mask, colour[:, :, None, None] * shade[:, None])
+    # partial occlusion: a patch of another colour over part of the image
+    oy, ox, h, w = u(0, 32), u(0, 32), u(4, 10), u(4, 10)
+    patch = (np.abs(_YY - oy) < h / 2) & (np.abs(_XX - ox) < w / 2) & (u(0, 1) < 0.3)
+    paint(patch.astype(np.float32), _hsv_to_rgb(u(0, 360, n), u(0, 1, n), u(0.1, 0.9, n))[:, :, None, None])
+    img *= 255
+    img += rng.standard_normal(img.shape, dtype=np.float32) * u(3, 14)[:, None]
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def make_split(per_class: int, rng: np.random.Generator, tag: str, difficulty: str = "easy") -> dict:
     """A shuffled split as the dict CIFAR-100's pickles hold."""
-    images = np.concatenate([make_class(c, per_class, rng) for c in range(NUM_FINE)])
+    if difficulty == "easy":
+        names = FINE_NAMES
+        images = np.concatenate([make_class(c, per_class, rng) for c in range(NUM_FINE)])
+    else:
+        # One seed per class, so that classes can be drawn on both cores and stay deterministic.
+        seeds = np.random.SeedSequence(int(rng.integers(2**63))).spawn(NUM_FINE)
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            parts = pool.map(lambda c: make_hard_class(c, per_class, np.random.default_rng(seeds[c])),
+                             range(NUM_FINE))
+            names, images = HARD_FINE, np.concatenate(list(parts))
     fine = np.repeat(np.arange(NUM_FINE), per_class)
     order = rng.permutation(len(fine))
     images, fine = images[order], fine[order]
     return {
-        "filenames": [f"{FINE_NAMES[c]}_s_{i:06d}.png" for i, c in enumerate(fine)],
+        "filenames": [f"{names[c]}_s_{i:06d}.png" for i, c in enumerate(fine)],
         "batch_label": f"{tag} batch 1 of 1",
         "fine_labels": fine.tolist(),
         "coarse_labels": (fine // 5).tolist(),
@@ -108,7 +255,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_synthetic(out_dir: str | Path, *, train_per_class: int = 500, test_per_class: int = 100,
-                    seed: int = 0, force: bool = False) -> Path:
+                    seed: int = 0, difficulty: str = "easy", force: bool = False) -> Path:
     """Write OUT_DIR/cifar-100-python/{train,test,meta} and a marker; returns the data folder.
 
     Refuses to touch a folder that holds data it did not write, and regenerates
@@ -116,10 +263,14 @@ def write_synthetic(out_dir: str | Path, *, train_per_class: int = 500, test_per
     """
     if train_per_class < 1 or test_per_class < 1:
         raise UserError("--train-per-class and --test-per-class must be at least 1")
+    if difficulty not in DIFFICULTIES:
+        raise UserError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTIES)}")
     out = Path(out_dir).expanduser()
     folder, marker = out / FOLDER, out / SYNTH_MARKER
     params = {"generator": "cifarray.data.synth", "version": 1, "seed": seed,
               "train_per_class": train_per_class, "test_per_class": test_per_class}
+    if difficulty != "easy":  # easy keeps its marker of before, so existing folders stay valid
+        params |= {"version": 2, "difficulty": difficulty}
     if folder.exists():
         if not marker.is_file():
             raise UserError(f"{folder} already exists and was not written by `cifarray.data synth`; "
@@ -132,8 +283,9 @@ def write_synthetic(out_dir: str | Path, *, train_per_class: int = 500, test_per
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     marker.unlink(missing_ok=True)  # a half-written folder must not look complete
-    _atomic_write(folder / "train", dumps_py2(make_split(train_per_class, rng, "training")))
-    _atomic_write(folder / "test", dumps_py2(make_split(test_per_class, rng, "testing")))
-    _atomic_write(folder / "meta", dumps_py2({"fine_label_names": FINE_NAMES, "coarse_label_names": COARSE_NAMES}))
+    fine_names, coarse_names = (FINE_NAMES, COARSE_NAMES) if difficulty == "easy" else (HARD_FINE, HARD_COARSE)
+    _atomic_write(folder / "train", dumps_py2(make_split(train_per_class, rng, "training", difficulty)))
+    _atomic_write(folder / "test", dumps_py2(make_split(test_per_class, rng, "testing", difficulty)))
+    _atomic_write(folder / "meta", dumps_py2({"fine_label_names": fine_names, "coarse_label_names": coarse_names}))
     marker.write_text(json.dumps(params, indent=2) + "\n")
     return folder

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from cifarray.config import opt
 from cifarray.data.augment import MODES
+from cifarray.data.synth import DIFFICULTIES
 from cifarray.errors import UserError
 from cifarray.models.budget import CLASSIFIER_BUDGET, GAN_BUDGET
 from cifarray.models.dcgan import DCGANConfig
@@ -29,6 +30,8 @@ class CommonConfig:
     synthetic: bool = opt(False, "use procedural CIFAR-format data (written into OUT/data) instead of --data-dir")
     synthetic_train_per_class: int = opt(500, "procedural training images per class")
     synthetic_test_per_class: int = opt(100, "procedural test images per class")
+    synthetic_difficulty: str = opt("hard", "procedural data: hard (does not saturate: 20 groups of 5 look-alike "
+                                            "classes, clutter, occlusion) or easy (tests loaders, ~100 % quickly)")
     no_verify: bool = opt(False, "skip the md5 check of --data-dir (structure is still validated)")
     steps: int = opt(10_000, "optimizer steps in total (the run ends at exactly this step)")
     batch_size: int = opt(512, "global batch, split evenly across workers")
@@ -58,6 +61,9 @@ class CommonConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.workers:
             raise UserError(f"--batch-size {self.batch_size} must be divisible by --workers {self.workers}")
+        if self.synthetic_difficulty not in DIFFICULTIES:
+            raise UserError(f"--synthetic-difficulty {self.synthetic_difficulty!r} is not one of "
+                            f"{', '.join(DIFFICULTIES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.max_failures < -1:

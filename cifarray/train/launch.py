@@ -1,7 +1,8 @@
 """The driver side of training: validate, prepare the run folder, start Ray Train, show progress.
 
 Everything that can be wrong with the user's input is checked here, before Ray
-starts: the config, the parameter budget, the data. Rerunning the same command with
+starts (`check_inputs`): the config, the parameter budget, the data, and whether the
+validation split, the batch and each worker's shard fit the data. Rerunning the same command with
 the same --out resumes from the last checkpoint (Ray Train V2 restores a run from
 its storage path and name); a finished run is not trained again.
 """
@@ -13,10 +14,11 @@ import os
 import socket
 import sys
 import threading
+from pathlib import Path
 from typing import Callable
 
 from cifarray.config import to_dict
-from cifarray.data.cifar import load_cifar100
+from cifarray.data.cifar import NUM_FINE, load_cifar100
 from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError, handle_sigterm
 from cifarray.models.budget import enforce_budget
@@ -45,22 +47,56 @@ def _check_resumable(run: RunDir, resolved: dict) -> bool:
     return bool(summary and summary.get("status") == "complete")
 
 
-def prepare_run(cfg, model_config) -> tuple[RunDir, dict, bool]:
+def check_data_fits(cfg, n_train: int, source: str, flag=lambda key: "--" + key.replace("_", "-")) -> None:
+    """The validation split, the batch and each worker's shard must fit the data: checked before Ray starts.
+
+    `n_train` counts the training images before the validation split is carved from them; `flag` names
+    a setting the way the user gave it (a CLI flag, or a sweep-file key).
+    """
+    val, batch = flag("val_size"), flag("batch_size")
+    if not 0 <= cfg.val_size < n_train:
+        raise UserError(f"{val} {cfg.val_size} leaves no training images: {source} has {n_train:,} training "
+                        f"images; lower {val} below {n_train} (e.g. {n_train // 10})")
+    left = n_train - cfg.val_size
+    workers = cfg.workers or 1
+    shard, per_worker = left // workers, cfg.batch_size // workers
+    if per_worker > shard:
+        where = f"{shard:,} per worker for {workers} workers, of the " if workers > 1 else ""
+        raise UserError(f"{batch} {cfg.batch_size} is larger than the training images ({where}{left:,} left of "
+                        f"{source}'s {n_train:,} after the {cfg.val_size:,} validation images); lower {batch} "
+                        f"or {val}")
+
+
+def check_inputs(cfg, model_config) -> int:
+    """Everything the config and the data can be wrong about, before Ray starts and before --out is touched.
+
+    Returns the number of training images (before the validation split).
+    """
     enforce_budget(model_config, cfg.budget)  # an over-budget model never reaches Ray
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+    if cfg.synthetic:
+        n_train, source = cfg.synthetic_train_per_class * NUM_FINE, "the procedural data set"
+    else:
+        # The whole load (md5 unless --no-verify, structure): fails here, with the file named, not in a worker.
+        n_train, source = len(load_cifar100(cfg.data_dir, verify=not cfg.no_verify).train), str(cfg.data_dir)
+    check_data_fits(cfg, n_train, source)
+    return n_train
+
+
+def prepare_run(cfg, model_config) -> tuple[RunDir, dict, bool]:
+    """The run folder: resume check, then procedural data and config.json (data already checked by the caller)."""
+    enforce_budget(model_config, cfg.budget)
     run = RunDir(cfg.out)
     resolved = to_dict(cfg) | {"out": str(run.path)}
-    if run.path.exists() and not run.path.is_dir():
-        raise UserError(f"--out {run.path} exists and is not a folder; choose another --out")
     done = _check_resumable(run, resolved)
     if done:
         return run, resolved, True
     if cfg.synthetic:
-        if cfg.val_size >= cfg.synthetic_train_per_class * 100:
-            raise UserError(f"--val-size {cfg.val_size} leaves no training images; lower it")
         write_synthetic(run.data, train_per_class=cfg.synthetic_train_per_class,
-                        test_per_class=cfg.synthetic_test_per_class, seed=cfg.seed)
-    else:
-        load_cifar100(cfg.data_dir, verify=not cfg.no_verify)  # fail here, with the file named, not in a worker
+                        test_per_class=cfg.synthetic_test_per_class, seed=cfg.seed,
+                        difficulty=cfg.synthetic_difficulty)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", resolved)
     return run, resolved, False

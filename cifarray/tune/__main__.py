@@ -55,12 +55,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial, split across its workers (default: 1 per "
                    "worker on CPU; the node's CPUs shared out on GPU)")
     p.add_argument("--trials", type=int, help="override the sweep file's number of trials")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over --out's lock although its holder, on another host, may still run")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cifarray.runlock import RunLock
+
     args = parser().parse_args(argv)
     out = Path(args.out or f"runs/tune-{Path(args.sweep or default_sweep()).stem}").expanduser().resolve()
+    # One sweep per folder at a time; everything below reads or writes OUT, so it runs under the lock.
+    with RunLock(out, "python -m cifarray.tune", force=args.force_unlock):
+        return _main(args, out)
+
+
+def _main(args, out: Path) -> int:
     experiment = out / EXPERIMENT
     saved = _json(out / ARGS_FILE)
     if args.resume == "auto":
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"batch size {odd[0]} is not divisible by {workers} workers per trial; "
                         "change the sweep's batch sizes or --workers-per-trial")
 
-    data_dir = _prepare_data(args, sweep, out)  # before Ray: a missing or corrupt dataset fails here
+    data_dir = _prepare_data(args, sweep, out, workers)  # before Ray: missing, corrupt or too small data fails here
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         shutil.copyfile(sweep.source, out / SWEEP_COPY)
@@ -130,22 +140,36 @@ def _canon(sweep: Sweep) -> str:
                  sweep.grace_period, sweep.reduction_factor))
 
 
-def _prepare_data(args, sweep: Sweep, out: Path) -> Path:
-    from cifarray.data.cifar import load_cifar100
-    from cifarray.data.synth import write_synthetic
+def _largest(sweep: Sweep, key: str) -> int:
+    """The largest value of an integer setting that a trial can sample (or the fixed one)."""
+    p = sweep.space.get(key)
+    if p is None:
+        return getattr(sweep.base, key)
+    return max(p.values) if p.kind == "choice" else p.values[1]
 
+
+def _prepare_data(args, sweep: Sweep, out: Path, workers: int) -> Path:
+    """Check the data, and that every trial config the sweep can sample fits it; write procedural data once."""
+    from types import SimpleNamespace
+
+    from cifarray.data.cifar import NUM_FINE, load_cifar100
+    from cifarray.data.synth import write_synthetic
+    from cifarray.train.launch import check_data_fits
+
+    base = sweep.base
     if args.synthetic:
-        data = out / "data"
-        base = sweep.base
-        if base.val_size >= base.synthetic_train_per_class * 100:
-            raise UserError(f"the sweep's val_size {base.val_size} leaves no training images with "
-                            f"synthetic_train_per_class {base.synthetic_train_per_class}; lower val_size")
-        if not (data / "cifar-100-python" / "meta").exists():
-            write_synthetic(data, train_per_class=base.synthetic_train_per_class,
-                            test_per_class=base.synthetic_test_per_class, seed=sweep.seed)
-        return data
-    data = Path(args.data_dir).expanduser().resolve()
-    load_cifar100(data, verify=not args.no_verify)
+        data, n_train, source = out / "data", base.synthetic_train_per_class * NUM_FINE, "the procedural data set"
+    else:
+        data = Path(args.data_dir).expanduser().resolve()
+        n_train, source = len(load_cifar100(data, verify=not args.no_verify).train), str(data)
+    worst = SimpleNamespace(val_size=_largest(sweep, "val_size"), batch_size=_largest(sweep, "batch_size"),
+                            workers=workers)
+    check_data_fits(worst, n_train, source,
+                    flag=lambda key: f"the sweep's {'largest ' if key in sweep.space else ''}{key}")
+    if args.synthetic and not (data / "cifar-100-python" / "meta").exists():
+        write_synthetic(data, train_per_class=base.synthetic_train_per_class,
+                        test_per_class=base.synthetic_test_per_class, seed=sweep.seed,
+                        difficulty=base.synthetic_difficulty)
     return data
 
 
