@@ -101,6 +101,8 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"--out {self.folder} exists and is not a folder; choose another --out")
         missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         self._created = missing  # innermost first

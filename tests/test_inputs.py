@@ -17,6 +17,7 @@ from cifarray.bench.__main__ import parser as bench_parser
 from cifarray.config import Switch, _fields
 from cifarray.data.__main__ import parser as data_parser
 from cifarray.data.cifar import load_cifar100
+from cifarray.errors import UserError
 from cifarray.eval.__main__ import parser as eval_parser
 from cifarray.report import parser as report_parser
 from cifarray.runlock import LOCK_NAME, FolderLocked, RunLock
@@ -221,6 +222,8 @@ def test_a_second_lock_on_a_held_folder_is_refused_and_a_released_one_is_free(tm
     with RunLock(folder, "third"):
         (folder / "kept.txt").write_text("x")
     assert (folder / "kept.txt").exists() and not (folder / LOCK_NAME).exists()
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        RunLock(folder / "kept.txt", "fourth").acquire()
 
 
 def _stale(folder: Path, **holder) -> Path:

@@ -25,8 +25,11 @@ from cifarray.train.config import DenseNetTrainConfig
 from conftest import REPO, run_module
 
 # A DenseNet small enough for 2 CPU cores (k=4, blocks 2,2,2: 8,176 parameters) on procedural data.
-TINY = ["--synthetic", "--synthetic-train-per-class", "60", "--synthetic-test-per-class", "20", "--val-size", "1000",
-        "--growth-rate", "4", "--blocks", "2,2,2", "--init-channels", "16", "--augment", "basic"]
+# The `hard` set is for tests of how well a run learns; the tests of mechanics (restarts, resume, DDP,
+# compile) keep `easy`, where "it learned" is a clear threshold after a few dozen steps.
+TINY_HARD = ["--synthetic", "--synthetic-train-per-class", "60", "--synthetic-test-per-class", "20", "--val-size",
+             "1000", "--growth-rate", "4", "--blocks", "2,2,2", "--init-channels", "16", "--augment", "basic"]
+TINY = [*TINY_HARD, "--synthetic-difficulty", "easy"]
 
 
 def train_cmd(job: str, out: Path, *args: str) -> list[str]:
@@ -78,8 +81,9 @@ def last_checkpoint(out: Path) -> int:
 def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     out = tmp_path / "run"
     # The must-show command's budget (300 steps, batch 128, basic augmentation) on a model small enough
-    # for CI; the paper model takes ~3 s/step on 2 CPU cores.
-    args = [*TINY, "--steps", "300", "--batch-size", "128", "--checkpoint-every", "100", "--eval-every", "100"]
+    # for CI, on the `hard` procedural set, where accuracy is far from saturated: the plain fp32 loop
+    # measured 0.1675 test accuracy (seed 0; 0.187 without augmentation) on the 2-core EPYC dev VM.
+    args = [*TINY_HARD, "--steps", "300", "--batch-size", "128", "--checkpoint-every", "100", "--eval-every", "100"]
     result = run_train("densenet", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     got = summary(out)
@@ -93,7 +97,7 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     # The plain loop: same config, same data, no Ray, fp32.
     cfg = parse(["densenet", "--out", str(out), *args]).cfg
     plain = plain_train(cfg, out / "data")
-    assert plain["test_acc"] > 0.5  # chance is 0.01: the reference itself learned
+    assert plain["test_acc"] > 0.10  # chance is 0.01: the reference itself learned (measured 0.1675)
     assert abs(got["test_acc"] - plain["test_acc"]) <= 0.03, (got["test_acc"], plain["test_acc"])
     assert json.loads((out / "config.json").read_text())["steps"] == 300
     assert [int(r["step"]) for r in metrics(out)][-1] == 300
@@ -175,7 +179,7 @@ def grid_images(path: Path) -> torch.Tensor:
 @pytest.mark.slow
 def test_dcgan_samples_move_away_from_noise(tmp_path):
     out = tmp_path / "gan"
-    result = run_train("dcgan", out, "--synthetic", "--synthetic-train-per-class", "40",
+    result = run_train("dcgan", out, "--synthetic", "--synthetic-difficulty", "easy", "--synthetic-train-per-class", "40",
                        "--synthetic-test-per-class", "5", "--val-size", "500", "--steps", "300",
                        "--batch-size", "64", "--eval-every", "150", "--checkpoint-every", "150", "--fid-every", "-1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -196,7 +200,8 @@ def test_compile_flag_compiles_both_trainers(tmp_path):
     # Inductor writes its generated kernels under TORCHINDUCTOR_CACHE_DIR, which the local Ray cluster's
     # workers inherit: a non-empty folder proves the worker compiled rather than ignored the flag.
     for job, args in (("densenet", [*TINY, "--steps", "100", "--batch-size", "128", "--eval-every", "100"]),
-                      ("dcgan", ["--synthetic", "--synthetic-train-per-class", "40", "--synthetic-test-per-class",
+                      ("dcgan", ["--synthetic", "--synthetic-difficulty", "easy", "--synthetic-train-per-class", "40",
+                                 "--synthetic-test-per-class",
                                  "5", "--val-size", "500", "--steps", "40", "--batch-size", "64",
                                  "--eval-every", "40", "--fid-every", "-1"])):
         cache, out = tmp_path / f"inductor-{job}", tmp_path / job

@@ -178,12 +178,12 @@ def _texture(n: int, rng: np.random.Generator) -> np.ndarray:
     def u(lo, hi, shape=(n, 1, 1)):
         return _uniform(rng, lo, hi, shape)
 
-    base = _hsv_to_rgb(u(0, 360, n), u(0, 0.5, n), u(0.15, 0.75, n))
+    base = _hsv_to_rgb(u(0, 360, n), u(0, 0.35, n), u(0.15, 0.75, n))
     img = np.repeat(base[:, :, None, None], 32, axis=2).repeat(32, axis=3)
     for _ in range(2):
         freq, theta = u(0.05, 0.45) * np.float32(2 * np.pi), u(-np.pi, np.pi)
         wave = np.sin(freq * (np.cos(theta) * _XX + np.sin(theta) * _YY) + u(0, 2 * np.pi))
-        colour = rng.standard_normal((n, 3), dtype=np.float32) * u(0.03, 0.12, (n, 1))
+        colour = rng.standard_normal((n, 3), dtype=np.float32) * u(0.02, 0.07, (n, 1))
         img += colour[:, :, None, None] * wave[:, None]
     return img
 
@@ -202,25 +202,25 @@ def make_hard_class(fine: int, n: int, rng: np.random.Generator) -> np.ndarray:
         img.__iadd__((colour - img) * mask[:, None])
 
     # clutter: small blobs of any colour, anywhere (some of them on the object)
-    for _ in range(3):
-        blob = _soft(u(1.0, 2.8) - np.hypot(_YY - u(0, 32), _XX - u(0, 32))) * (u(0, 1) < 0.6)
+    for _ in range(2):
+        blob = _soft(u(1.0, 2.5) - np.hypot(_YY - u(0, 32), _XX - u(0, 32))) * (u(0, 1) < 0.5)
         paint(blob, _hsv_to_rgb(u(0, 360, n), u(0.2, 1, n), u(0.2, 1, n))[:, :, None, None])
     # the object: position, scale, rotation, thickness, colour and shading all vary
-    cy, cx, radius, thick = u(10, 22), u(10, 22), u(6.5, 11.5), u(1.0, 2.2)
+    cy, cx, radius, thick = u(10, 22), u(10, 22), u(7.0, 11.5), u(1.0, 2.2)
     theta = u(-np.pi, np.pi)
     dy, dx = _YY - cy, _XX - cx
     along, across = np.cos(theta) * dx + np.sin(theta) * dy, -np.sin(theta) * dx + np.cos(theta) * dy
     mask = _soft(_shape_field(family, variant, along, across, radius, thick))
     lo, hi = PALETTES[palette]
-    colour = _hsv_to_rgb(u(lo, hi, n) % 360, u(0.45, 1.0, n), u(0.5, 1.0, n))
+    colour = _hsv_to_rgb(u(lo, hi, n) % 360, u(0.5, 1.0, n), u(0.55, 1.0, n))
     shade = 1 + u(-0.25, 0.25) * dy / 16  # light from above or below: a vertical gradient is flip-safe
     paint(mask, colour[:, :, None, None] * shade[:, None])
     # partial occlusion: a patch of another colour over part of the image
-    oy, ox, h, w = u(0, 32), u(0, 32), u(4, 10), u(4, 10)
-    patch = (np.abs(_YY - oy) < h / 2) & (np.abs(_XX - ox) < w / 2) & (u(0, 1) < 0.3)
+    oy, ox, h, w = u(0, 32), u(0, 32), u(4, 9), u(4, 9)
+    patch = (np.abs(_YY - oy) < h / 2) & (np.abs(_XX - ox) < w / 2) & (u(0, 1) < 0.25)
     paint(patch.astype(np.float32), _hsv_to_rgb(u(0, 360, n), u(0, 1, n), u(0.1, 0.9, n))[:, :, None, None])
     img *= 255
-    img += rng.standard_normal(img.shape, dtype=np.float32) * u(3, 14)[:, None]
+    img += rng.standard_normal(img.shape, dtype=np.float32) * u(2, 10)[:, None]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
