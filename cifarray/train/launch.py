@@ -14,7 +14,6 @@ import os
 import socket
 import sys
 import threading
-from pathlib import Path
 from typing import Callable
 
 from cifarray.config import to_dict
@@ -68,14 +67,12 @@ def check_data_fits(cfg, n_train: int, source: str, flag=lambda key: "--" + key.
 
 
 def check_inputs(cfg, model_config) -> int:
-    """Everything the config and the data can be wrong about, before Ray starts and before --out is touched.
+    """Everything the config and the data can be wrong about, before Ray starts and before --out is touched
+    (an --out that is a file is refused by the run lock, which comes next).
 
     Returns the number of training images (before the validation split).
     """
     enforce_budget(model_config, cfg.budget)  # an over-budget model never reaches Ray
-    out = Path(cfg.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
     if cfg.synthetic:
         n_train, source = cfg.synthetic_train_per_class * NUM_FINE, "the procedural data set"
     else:
