@@ -66,6 +66,7 @@ FAMILIES = {
 PALETTES = {"warm": (-30.0, 60.0), "cool": (150.0, 250.0)}  # hue ranges in degrees
 HARD_COARSE = [f"{f}_{p}" for f in FAMILIES for p in PALETTES]
 HARD_FINE = [f"{f}{v}_{p}" for f in FAMILIES for p in PALETTES for v in FAMILIES[f]]
+NAMES = {"easy": (FINE_NAMES, COARSE_NAMES), "hard": (HARD_FINE, HARD_COARSE)}  # (fine, coarse) per difficulty
 
 _YY, _XX = np.mgrid[0:32, 0:32].astype(np.float32)
 
@@ -198,8 +199,8 @@ def make_hard_class(fine: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
     img = _texture(n, rng)
 
-    def paint(mask: np.ndarray, colour: np.ndarray) -> None:  # img = img * (1 - mask) + colour * mask
-        img.__iadd__((colour - img) * mask[:, None])
+    def paint(mask: np.ndarray, colour: np.ndarray) -> None:  # img = img * (1 - mask) + colour * mask, in place
+        np.add(img, (colour - img) * mask[:, None], out=img)
 
     # clutter: small blobs of any colour, anywhere (some of them on the object)
     for _ in range(2):
@@ -226,8 +227,8 @@ def make_hard_class(fine: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def make_split(per_class: int, rng: np.random.Generator, tag: str, difficulty: str = "easy") -> dict:
     """A shuffled split as the dict CIFAR-100's pickles hold."""
+    names = NAMES[difficulty][0]
     if difficulty == "easy":
-        names = FINE_NAMES
         images = np.concatenate([make_class(c, per_class, rng) for c in range(NUM_FINE)])
     else:
         # One seed per class, so that classes can be drawn on both cores and stay deterministic.
@@ -235,7 +236,7 @@ def make_split(per_class: int, rng: np.random.Generator, tag: str, difficulty: s
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
             parts = pool.map(lambda c: make_hard_class(c, per_class, np.random.default_rng(seeds[c])),
                              range(NUM_FINE))
-            names, images = HARD_FINE, np.concatenate(list(parts))
+            images = np.concatenate(list(parts))
     fine = np.repeat(np.arange(NUM_FINE), per_class)
     order = rng.permutation(len(fine))
     images, fine = images[order], fine[order]
@@ -283,7 +284,7 @@ def write_synthetic(out_dir: str | Path, *, train_per_class: int = 500, test_per
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     marker.unlink(missing_ok=True)  # a half-written folder must not look complete
-    fine_names, coarse_names = (FINE_NAMES, COARSE_NAMES) if difficulty == "easy" else (HARD_FINE, HARD_COARSE)
+    fine_names, coarse_names = NAMES[difficulty]
     _atomic_write(folder / "train", dumps_py2(make_split(train_per_class, rng, "training", difficulty)))
     _atomic_write(folder / "test", dumps_py2(make_split(test_per_class, rng, "testing", difficulty)))
     _atomic_write(folder / "meta", dumps_py2({"fine_label_names": fine_names, "coarse_label_names": coarse_names}))

@@ -73,13 +73,20 @@ def check_inputs(cfg, model_config) -> int:
     Returns the number of training images (before the validation split).
     """
     enforce_budget(model_config, cfg.budget)  # an over-budget model never reaches Ray
-    if cfg.synthetic:
-        n_train, source = cfg.synthetic_train_per_class * NUM_FINE, "the procedural data set"
-    else:
-        # The whole load (md5 unless --no-verify, structure): fails here, with the file named, not in a worker.
-        n_train, source = len(load_cifar100(cfg.data_dir, verify=not cfg.no_verify).train), str(cfg.data_dir)
+    n_train, source = training_images(cfg.synthetic, cfg.synthetic_train_per_class, cfg.data_dir, cfg.no_verify)
     check_data_fits(cfg, n_train, source)
     return n_train
+
+
+def training_images(synthetic: bool, per_class: int, data_dir, no_verify: bool) -> tuple[int, str]:
+    """(training images before the validation split, how to name the data in an error).
+
+    Real data is loaded whole (md5 unless no_verify, structure), so that it fails here, with the file
+    named, not in a worker; procedural data is counted from its settings before it is written.
+    """
+    if synthetic:
+        return per_class * NUM_FINE, "the procedural data set"
+    return len(load_cifar100(data_dir, verify=not no_verify).train), str(data_dir)
 
 
 def prepare_run(cfg, model_config) -> tuple[RunDir, dict, bool]:

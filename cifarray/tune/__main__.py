@@ -152,16 +152,12 @@ def _prepare_data(args, sweep: Sweep, out: Path, workers: int) -> Path:
     """Check the data, and that every trial config the sweep can sample fits it; write procedural data once."""
     from types import SimpleNamespace
 
-    from cifarray.data.cifar import NUM_FINE, load_cifar100
     from cifarray.data.synth import write_synthetic
-    from cifarray.train.launch import check_data_fits
+    from cifarray.train.launch import check_data_fits, training_images
 
     base = sweep.base
-    if args.synthetic:
-        data, n_train, source = out / "data", base.synthetic_train_per_class * NUM_FINE, "the procedural data set"
-    else:
-        data = Path(args.data_dir).expanduser().resolve()
-        n_train, source = len(load_cifar100(data, verify=not args.no_verify).train), str(data)
+    data = out / "data" if args.synthetic else Path(args.data_dir).expanduser().resolve()
+    n_train, source = training_images(args.synthetic, base.synthetic_train_per_class, data, args.no_verify)
     worst = SimpleNamespace(val_size=_largest(sweep, "val_size"), batch_size=_largest(sweep, "batch_size"),
                             workers=workers)
     check_data_fits(worst, n_train, source,
