@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from cifarray.data.augment import AugmentConfig, DeviceAugment
 from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
 
@@ -22,17 +23,20 @@ def to_input(images: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(images).float() - 128) / 64
 
 
-def train_small_cnn(data, steps: int, flip: bool = False) -> nn.Module:
+MEAN, STD = (128 / 255,) * 3, (64 / 255,) * 3  # DeviceAugment then normalises as to_input does
+
+
+def train_small_cnn(data, steps: int, augment: str | None = None) -> nn.Module:
+    """Adam on a fixed random-batch order; `augment` ("basic", "augmix") runs the project's DeviceAugment."""
     torch.manual_seed(0)
     model = small_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = to_input(data.train.images), torch.from_numpy(data.train.fine_labels)
+    images, y = torch.from_numpy(np.ascontiguousarray(data.train.images)), torch.from_numpy(data.train.fine_labels)
+    aug = DeviceAugment(AugmentConfig(mode=augment), MEAN, STD) if augment else None
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         idx = torch.randint(len(y), (128,), generator=g)
-        xb = x[idx]
-        if flip:
-            xb = torch.where((torch.rand(len(idx), generator=g) < 0.5)[:, None, None, None], xb.flip(3), xb)
+        xb = aug(images[idx], g) if aug else to_input(images[idx].numpy())
         loss = nn.functional.cross_entropy(model(xb), y[idx])
         opt.zero_grad()
         loss.backward()
@@ -80,23 +84,30 @@ def trained_hard(tmp_path_factory):
     root = tmp_path_factory.mktemp("hard")
     write_synthetic(root, train_per_class=60, test_per_class=20, seed=2, difficulty="hard")
     data = load_cifar100(root, verify=False)
-    return train_small_cnn(data, 400, flip=True), data
+    return train_small_cnn(data, 400, augment="basic"), data
 
 
 @pytest.mark.slow
 def test_hard_set_is_learnable_without_saturating_and_confuses_within_groups(trained_hard):
     """The same CNN that reaches > 70 % on `easy` in 200 steps stays far from 100 % on `hard`, yet
     learns it well above chance, and its mistakes fall within the 5-class groups (coarse labels) far
-    more often than chance (4 of the 99 wrong classes)."""
+    more often than chance (4 of the 99 wrong classes).
+
+    Trained through the project's DeviceAugment (basic), so a colour bug there fails here. Measured
+    (generator v3, data seed 2, model seed 0, EPYC VM, fp32): accuracy 0.179, within-group share of
+    the errors 0.295, flipped test set 0.1775; with R and B swapped in the augmentation's output:
+    accuracy 0.0025 (the warm groups are learnt as cool ones). Disabling the crop (0.181) or playing
+    the learning-rate schedule backwards does not move this model, see docs/BENCHMARKS.md.
+    """
     model, data = trained_hard
     imgs, fine, coarse = data.test.images, data.test.fine_labels, data.test.coarse_labels
     acc = accuracy(model, imgs, fine)
-    assert 0.05 < acc < 0.7, acc
+    assert 0.10 < acc < 0.5, acc
     with torch.no_grad():
         pred = model(to_input(imgs)).argmax(1).numpy()
     wrong = pred != fine
     within = float((pred[wrong] // 5 == coarse[wrong]).mean())
-    assert within > 0.25, within  # chance: 4/99 = 0.04
+    assert within > 0.2, within  # chance: 4/99 = 0.04
     # Horizontal flips keep classes: a flipped test set scores as well (within sampling noise).
     assert abs(accuracy(model, imgs[..., ::-1], fine) - acc) < 0.05
 
@@ -109,6 +120,6 @@ def test_hard_set_is_deterministic_and_in_the_real_format(tmp_path):
     data = load_cifar100(tmp_path / "a", verify=False)
     assert data.train.images.shape == (300, 3, 32, 32) and len(set(data.coarse_names)) == 20
     assert (data.train.coarse_labels == data.train.fine_labels // 5).all()
-    assert data.fine_names[0].startswith("polygon3") and data.coarse_names[0] == "polygon_warm"
+    assert data.fine_names[0].startswith("polygon5") and data.coarse_names[0] == "polygon_warm"
     c = write_synthetic(tmp_path / "c", train_per_class=3, test_per_class=2, seed=6, difficulty="hard")
     assert (c / "train").read_bytes() != (a / "train").read_bytes()

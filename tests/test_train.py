@@ -81,8 +81,11 @@ def last_checkpoint(out: Path) -> int:
 def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     out = tmp_path / "run"
     # The must-show command's budget (300 steps, batch 128, basic augmentation) on a model small enough
-    # for CI, on the `hard` procedural set, where accuracy is far from saturated: the plain fp32 loop
-    # measured 0.1675 test accuracy (seed 0; 0.187 without augmentation) on the 2-core EPYC dev VM.
+    # for CI, on the `hard` procedural set (generator v3), where accuracy is far from saturated: the
+    # plain fp32 loop measured 0.0945 test accuracy (seed 0) on the 2-core EPYC dev VM. At 8k parameters
+    # and this length, seeds spread widely (600 steps x 64: 0.24 with seed 0, 0.142 with seed 1), so the
+    # floor only says that the reference learned; a colour swap in the augmentation fails it, a
+    # backwards learning-rate schedule (0.0965) or a disabled crop does not (docs/BENCHMARKS.md).
     args = [*TINY_HARD, "--steps", "300", "--batch-size", "128", "--checkpoint-every", "100", "--eval-every", "100"]
     result = run_train("densenet", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,7 +100,7 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     # The plain loop: same config, same data, no Ray, fp32.
     cfg = parse(["densenet", "--out", str(out), *args]).cfg
     plain = plain_train(cfg, out / "data")
-    assert plain["test_acc"] > 0.10  # chance is 0.01: the reference itself learned (measured 0.1675)
+    assert plain["test_acc"] > 0.05  # chance is 0.01: the reference itself learned (measured 0.0945)
     assert abs(got["test_acc"] - plain["test_acc"]) <= 0.03, (got["test_acc"], plain["test_acc"])
     assert json.loads((out / "config.json").read_text())["steps"] == 300
     assert [int(r["step"]) for r in metrics(out)][-1] == 300

@@ -13,17 +13,21 @@ steps, so it tests loaders, not learning:
 - Coarse label = fine // 5 (pattern, warm/cool hue half), like CIFAR-100's 20
   super-classes of 5.
 
-`hard` (the default for training): built to behave like a small natural-image
+`hard` (version 3, the default for training): built to behave like a small natural-image
 problem, so that accuracy does not saturate and a change that costs a few points
 shows (see `make_hard_class`):
 
 - 20 groups (coarse labels) of 5 classes: a group is a shape family (polygons,
   stars, rings, ellipses, arcs, ...) in a colour family (warm or cool hues); its 5
-  classes differ in one shape parameter (number of sides or points, hole size,
-  aspect, span, ...), so confusions fall within groups, as in CIFAR-100.
-- Strong variation within a class: position, scale, rotation, stroke thickness,
+  classes differ in one shape parameter: a count (sides, points, spokes, dots,
+  rings: neighbouring values, 5 to 9 sides) or a continuous parameter drawn from
+  one of 5 contiguous ranges (hole size, aspect, bite, span, stripe period), so
+  that neighbouring classes look alike near their common edge. The group is
+  learnt early, the class late: confusions fall within groups, as in CIFAR-100.
+- Strong variation within a class: position, scale (objects of 11 to 19 pixels,
+  so fine detail is only a few pixels wide), rotation, stroke thickness,
   hue/saturation/brightness jitter, textured backgrounds of random colour, clutter
-  blobs, partial occlusion by a patch, pixel noise.
+  blobs, partial occlusion by a patch (40 % of images), pixel noise.
 - Every class is closed under horizontal flips (mirror-symmetric shapes, rotations
   drawn symmetrically about 0), so flip augmentation helps; no label noise (each
   image is drawn from its own class's distribution).
@@ -50,22 +54,25 @@ FINE_NAMES = [f"{p}_{h}" for p in PATTERNS for h in HUES]
 COARSE_NAMES = [f"{p}_{half}" for p in PATTERNS for half in ("warm", "cool")]
 DIFFICULTIES = ("easy", "hard")
 
-# hard: shape families x their 5 variants (the parameter that tells a group's classes apart)
-FAMILIES = {
-    "polygon": ("3", "4", "5", "6", "8"),          # sides
-    "star": ("4", "5", "6", "7", "8"),             # points
-    "ring": ("20", "35", "50", "65", "80"),        # hole, % of the radius
-    "ellipse": ("10", "14", "18", "23", "28"),     # aspect ratio x10
-    "spokes": ("1", "2", "3", "4", "5"),           # bars through the centre
-    "dots": ("1", "2", "3", "4", "5"),             # dots on a circle
-    "crescent": ("25", "40", "55", "70", "85"),    # bite offset, % of the radius
-    "rings": ("1", "2", "3", "4", "5"),            # concentric rings
-    "arc": ("90", "150", "210", "270", "330"),     # span in degrees
-    "grating": ("25", "33", "45", "60", "80"),     # stripe period in the disc, px x10
+# hard: shape families x their 5 variants (the parameter that tells a group's classes apart). A count
+# is one value per class; a continuous parameter is a range per class, the 5 ranges contiguous, so
+# neighbouring classes differ by a hair near their common edge, as a leopard and a jaguar do.
+FAMILIES: dict[str, tuple] = {
+    "polygon": (5, 6, 7, 8, 9),                                  # sides
+    "star": (5, 6, 7, 8, 9),                                     # points
+    "ring": ((20, 32), (32, 44), (44, 56), (56, 68), (68, 80)),  # hole, % of the radius
+    "ellipse": ((10, 13), (13, 16), (16, 19), (19, 22), (22, 25)),  # aspect ratio x10
+    "spokes": (1, 2, 3, 4, 5),                                   # bars through the centre
+    "dots": (2, 3, 4, 5, 6),                                     # dots on a circle
+    "crescent": ((25, 37), (37, 49), (49, 61), (61, 73), (73, 85)),  # bite offset, % of the radius
+    "rings": (1, 2, 3, 4, 5),                                    # concentric rings
+    "arc": ((90, 138), (138, 186), (186, 234), (234, 282), (282, 330)),  # span in degrees
+    "grating": ((25, 36), (36, 47), (47, 58), (58, 69), (69, 80)),  # stripe period in the disc, px x10
 }
 PALETTES = {"warm": (-30.0, 60.0), "cool": (150.0, 250.0)}  # hue ranges in degrees
 HARD_COARSE = [f"{f}_{p}" for f in FAMILIES for p in PALETTES]
-HARD_FINE = [f"{f}{v}_{p}" for f in FAMILIES for p in PALETTES for v in FAMILIES[f]]
+HARD_FINE = [f"{f}{v if isinstance(v, int) else '%d-%d' % v}_{p}"
+             for f in FAMILIES for p in PALETTES for v in FAMILIES[f]]
 NAMES = {"easy": (FINE_NAMES, COARSE_NAMES), "hard": (HARD_FINE, HARD_COARSE)}  # (fine, coarse) per difficulty
 
 _YY, _XX = np.mgrid[0:32, 0:32].astype(np.float32)
@@ -123,16 +130,16 @@ def make_class(fine: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _shape_field(family: str, variant: int, u: np.ndarray, v: np.ndarray, radius: np.ndarray,
+def _shape_field(family: str, param, u: np.ndarray, v: np.ndarray, radius: np.ndarray,
                  thick: np.ndarray) -> np.ndarray:
     """Signed field (> 0 inside, in pixels) of a family's shape in its own frame (u along, v across).
 
-    Every shape is symmetric about its v = 0 axis, so a mirror image is the same shape at the
-    opposite rotation: with rotations drawn symmetrically, each class is closed under flips.
+    `param` is the class's count (an int) or one value per image ((n, 1, 1)) from its range. Every
+    shape is symmetric about its v = 0 axis, so a mirror image is the same shape at the opposite
+    rotation: with rotations drawn symmetrically, each class is closed under flips.
     """
     r = np.hypot(u, v)
     phi = np.arctan2(v, u)
-    param = float(FAMILIES[family][variant])
     if family == "polygon":
         k = param
         sector = np.mod(phi + np.pi / k, 2 * np.pi / k) - np.pi / k
@@ -149,7 +156,7 @@ def _shape_field(family: str, variant: int, u: np.ndarray, v: np.ndarray, radius
         d = np.min([np.abs(-np.sin(t) * u + np.cos(t) * v) for t in angles], axis=0)
         return np.minimum(thick - d, radius - r)
     if family == "dots":
-        n = int(param)
+        n = param
         centres = [(0.0, 0.0)] if n == 1 else [(np.cos(t), np.sin(t)) for t in 2 * np.pi * np.arange(n) / n]
         d = np.min([np.hypot(u - 0.55 * radius * cu, v - 0.55 * radius * cv) for cu, cv in centres], axis=0)
         return radius * (0.42 if n == 1 else 0.3) - d
@@ -207,18 +214,20 @@ def make_hard_class(fine: int, n: int, rng: np.random.Generator) -> np.ndarray:
         blob = _soft(u(1.0, 2.5) - np.hypot(_YY - u(0, 32), _XX - u(0, 32))) * (u(0, 1) < 0.5)
         paint(blob, _hsv_to_rgb(u(0, 360, n), u(0.2, 1, n), u(0.2, 1, n))[:, :, None, None])
     # the object: position, scale, rotation, thickness, colour and shading all vary
-    cy, cx, radius, thick = u(10, 22), u(10, 22), u(7.0, 11.5), u(1.0, 2.2)
+    cy, cx, radius, thick = u(10, 22), u(10, 22), u(5.5, 9.5), u(0.8, 1.8)
     theta = u(-np.pi, np.pi)
     dy, dx = _YY - cy, _XX - cx
     along, across = np.cos(theta) * dx + np.sin(theta) * dy, -np.sin(theta) * dx + np.cos(theta) * dy
-    mask = _soft(_shape_field(family, variant, along, across, radius, thick))
+    spec = FAMILIES[family][variant]
+    param = spec if isinstance(spec, int) else u(*spec)
+    mask = _soft(_shape_field(family, param, along, across, radius, thick))
     lo, hi = PALETTES[palette]
     colour = _hsv_to_rgb(u(lo, hi, n) % 360, u(0.5, 1.0, n), u(0.55, 1.0, n))
     shade = 1 + u(-0.25, 0.25) * dy / 16  # light from above or below: a vertical gradient is flip-safe
     paint(mask, colour[:, :, None, None] * shade[:, None])
     # partial occlusion: a patch of another colour over part of the image
     oy, ox, h, w = u(0, 32), u(0, 32), u(4, 9), u(4, 9)
-    patch = (np.abs(_YY - oy) < h / 2) & (np.abs(_XX - ox) < w / 2) & (u(0, 1) < 0.25)
+    patch = (np.abs(_YY - oy) < h / 2) & (np.abs(_XX - ox) < w / 2) & (u(0, 1) < 0.4)
     paint(patch.astype(np.float32), _hsv_to_rgb(u(0, 360, n), u(0, 1, n), u(0.1, 0.9, n))[:, :, None, None])
     img *= 255
     img += rng.standard_normal(img.shape, dtype=np.float32) * u(2, 10)[:, None]
@@ -271,7 +280,7 @@ def write_synthetic(out_dir: str | Path, *, train_per_class: int = 500, test_per
     params = {"generator": "cifarray.data.synth", "version": 1, "seed": seed,
               "train_per_class": train_per_class, "test_per_class": test_per_class}
     if difficulty != "easy":  # easy keeps its marker of before, so existing folders stay valid
-        params |= {"version": 2, "difficulty": difficulty}
+        params |= {"version": 3, "difficulty": difficulty}
     if folder.exists():
         if not marker.is_file():
             raise UserError(f"{folder} already exists and was not written by `cifarray.data synth`; "
