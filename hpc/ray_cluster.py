@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifarray.errors import UserError, handle_sigterm, run_cli
+from hpc.errors import UserError, handle_sigterm, run_cli
 from hpc.dashboard import Dashboard, DashboardError
 from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip
 

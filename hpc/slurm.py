@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cifarray.errors import UserError
+from hpc.errors import UserError
 
 
 def jobs_root() -> Path:

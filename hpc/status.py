@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from cifarray.errors import UserError, run_cli
+from hpc.errors import UserError, run_cli
 from hpc.dashboard import Dashboard, DashboardError
 from hpc.ray_cluster import CLUSTER_FILE, NODE_LABEL
 from hpc.slurm import jobs_root

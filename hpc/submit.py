@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifarray.errors import UserError, run_cli
+from hpc.errors import UserError, run_cli
 from hpc.job import RayJob
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",

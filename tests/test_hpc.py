@@ -300,3 +300,11 @@ def test_submitit_job_requeues_on_its_signal_completes_and_a_cancelled_job_is_re
             waiting.kill()
     assert waiting.returncode == 1, stdout + stderr
     assert f"job {job} was cancelled" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_hpc_imports_nothing_from_cifarray():
+    # hpc/ is cluster plumbing: it must run where the ML package is not importable at all.
+    code = ("import sys, hpc.ray_cluster, hpc.slurm, hpc.status, hpc.submit, hpc.errors; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cifarray'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

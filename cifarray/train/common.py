@@ -81,13 +81,25 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def git_commit() -> str | None:
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `cifarray` package
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str | None:
+    """This project's own commit, or None.
+
+    Only when `root` (the folder holding the package) is itself the top of a git work tree: a copy of
+    the project inside another repository, or an install under site-packages of some checkout, would
+    otherwise report that repository's HEAD, which says nothing about this code.
+    """
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root.resolve():
+        return None
+    return lines[1]
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
