@@ -8,6 +8,11 @@ import pytest
 
 from conftest import run_module
 
+import cifarray.bench.train as bench_train
+from cifarray.data.augment import DeviceAugment
+from cifarray.data.synth import write_synthetic
+from cifarray.train.config import DenseNetTrainConfig
+
 
 def test_bench_augment_reports_both_sides_and_ratio():
     result = run_module("cifarray.bench", "augment", "--batch-size", "64", "--batches", "2",
@@ -40,3 +45,20 @@ def test_bench_train_reports_plain_ray_and_ratio():
 def test_bench_train_bad_steps_is_one_line_error():
     result = run_module("cifarray.bench", "train", "--steps", "15")
     assert result.returncode == 2 and result.stderr.strip() == "error: --steps 15 must be a multiple of 10 and at least 20"
+
+
+def test_the_plain_baseline_augments_with_the_runs_own_augmix_settings(monkeypatch, tmp_path):
+    # The baseline once built AugmentConfig(mode=...) alone and silently ran AugMix at default severity/width.
+    seen = []
+
+    class Spy(DeviceAugment):
+        def __init__(self, config, *args, **kwargs):
+            seen.append(config)
+            super().__init__(config, *args, **kwargs)
+
+    monkeypatch.setattr(bench_train, "DeviceAugment", Spy)
+    write_synthetic(tmp_path, train_per_class=2, test_per_class=1)
+    cfg = DenseNetTrainConfig(synthetic=True, steps=1, batch_size=8, val_size=10, augment="augmix",
+                              augmix_severity=5, augmix_width=2, growth_rate=2, blocks=(1, 1), cpus_per_worker=1)
+    bench_train.plain_train(cfg, tmp_path, warmup=0)
+    assert [(c.mode, c.severity, c.width) for c in seen] == [("augmix", 5, 2)]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cifarray.data.augment import AugmentConfig, DeviceAugment
+from cifarray.data.augment import DeviceAugment
 from cifarray.data.loader import ShardedBatches, prepare
 from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
@@ -49,7 +49,7 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, 
     model = DenseNet(cfg.model_config()).to(device)
     opt, sched = make_optimizer(cfg, model)
     sampler = ShardedBatches(len(data.train), cfg.batch_size, seed=cfg.seed)
-    aug = DeviceAugment(AugmentConfig(mode=cfg.augment), data.mean, data.std, device=device)
+    aug = DeviceAugment(cfg.augment_config(), data.mean, data.std, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model.train()
     t0 = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cifarray.config import opt
-from cifarray.data.augment import MODES
+from cifarray.data.augment import MODES, AugmentConfig
 from cifarray.data.synth import DIFFICULTIES
 from cifarray.errors import UserError
 from cifarray.models.budget import CLASSIFIER_BUDGET, GAN_BUDGET
@@ -101,6 +101,10 @@ class DenseNetTrainConfig(CommonConfig):
     def model_config(self) -> DenseNetConfig:
         return DenseNetConfig(growth_rate=self.growth_rate, blocks=self.blocks, init_channels=self.init_channels,
                               bottleneck=self.bottleneck, compression=self.compression, dropout=self.dropout)
+
+    def augment_config(self) -> AugmentConfig:
+        """What the trainer and the plain-loop baseline both augment with (one place, so they cannot drift)."""
+        return AugmentConfig(mode=self.augment, severity=self.augmix_severity, width=self.augmix_width)
 
     @property
     def budget(self) -> int:

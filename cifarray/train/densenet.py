@@ -72,7 +72,7 @@ def train_densenet(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     opt, sched = make_optimizer(cfg, model)
     sampler = ShardedBatches(len(data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed)
-    aug = DeviceAugment(AugmentConfig(mode=cfg.augment, severity=cfg.augmix_severity, width=cfg.augmix_width),
+    aug = DeviceAugment(cfg.augment_config(),
                         data.mean, data.std, device=device)
     gen = torch.Generator(device=device)
 
