@@ -72,8 +72,7 @@ def train_densenet(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     opt, sched = make_optimizer(cfg, model)
     sampler = ShardedBatches(len(data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed)
-    aug = DeviceAugment(cfg.augment_config(),
-                        data.mean, data.std, device=device)
+    aug = DeviceAugment(cfg.augment_config(), data.mean, data.std, device=device)
     gen = torch.Generator(device=device)
 
     stateful = {"model": model, "optimizer": opt, "scheduler": sched, "sampler": sampler}
