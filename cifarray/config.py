@@ -25,6 +25,13 @@ def opt(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def embed(cls: type, name: str, help: str | None = None) -> Any:
+    """A flat training-config field mirroring field `name` of a component config (model, augmentation):
+    the component's default and help, stated once there."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return opt(f.default, help or f.metadata["help"])
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(type without Optional, is_optional)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -158,5 +165,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """The inverse of `to_dict` (a saved config.json); keys starting with "_" are not config."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if not k.startswith("_")})
+    """The inverse of `to_dict` (a saved config.json). Keys it lacks take today's defaults (a run written
+    before a setting existed ran as its default); a key this version does not know is refused."""
+    unknown = sorted(set(values) - set(_fields(cls)))
+    if unknown:
+        raise UserError(f"config has setting(s) {', '.join(unknown)} that this version of cifarray does not know; "
+                        "use the version that wrote it")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

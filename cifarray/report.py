@@ -1,5 +1,7 @@
 """python -m cifarray.report RUN_DIR: regenerate every figure and table of a training run.
 
+The run's family (summary.json's "model", looked up in `cifarray.registry`) makes them:
+
 densenet: curves.png (loss; train/val accuracy), inference.png (the first 16 test images,
 not cherry-picked, with their top-3 classes and confidences), per_class_accuracy.csv,
 confused_pairs.csv (the 10 most-confused class pairs on test).
@@ -35,7 +37,7 @@ def _column(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.array([]), np.array([]))
 
 
-def _curves(run, rows: list[dict], panels: list[tuple[str, list[str]]], title: str) -> Path:
+def curves(run, rows: list[dict], panels: list[tuple[str, list[str]]], title: str) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=100)
     for ax, (label, keys) in zip(np.atleast_1d(axes), panels):
@@ -56,30 +58,31 @@ def _curves(run, rows: list[dict], panels: list[tuple[str, list[str]]], title: s
 
 
 def _load(run):
+    from cifarray import registry
     from cifarray.config import from_dict
-    from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
 
     config = run.read_json("config.json")
     summary = run.read_json("summary.json") or {}
     if config is None:
         raise UserError(f"{run.path}: no config.json; pass a run folder made by python -m cifarray.train")
-    model = summary.get("model") or ("dcgan" if "lr_g" in config else "densenet")
-    cls = DCGANTrainConfig if model == "dcgan" else DenseNetTrainConfig
-    cfg = from_dict(cls, config)
-    return model, cfg, summary
+    # Runs written before summary.json named the model: a DCGAN config has lr_g.
+    family = registry.get(summary.get("model") or ("dcgan" if "lr_g" in config else "densenet"),
+                          where=f"{run.summary}: model")
+    return family, from_dict(family.config, config), summary
 
 
 def densenet_report(run, cfg) -> list[Path]:
-    from cifarray.train.common import read_metrics
-    from cifarray.train.densenet import evaluate, load_finished
+    from cifarray.eval.classifier import evaluate, load_finished
+    from cifarray.rundir import read_metrics
+    from cifarray.train.densenet import build_model
 
     weights = run.path / "model.pt"
     if not weights.is_file():
         raise UserError(f"{run.path}: no model.pt; the run has not finished (rerun its training command)")
     tag = " (procedural data)" if cfg.synthetic else ""
-    out = [_curves(run, read_metrics(run.metrics), [("loss", ["loss"]), ("accuracy", ["train_acc", "val_acc"])],
+    out = [curves(run, read_metrics(run.metrics), [("loss", ["loss"]), ("accuracy", ["train_acc", "val_acc"])],
                    f"DenseNet k={cfg.growth_rate} blocks={','.join(map(str, cfg.blocks))}{tag}")]
-    model, data, aug = load_finished(run, cfg)
+    model, data, aug = load_finished(run, cfg, build_model)
     _, logits = evaluate(model, data.test, aug, torch.device("cpu"))
     probs = logits.softmax(1)
     pred, labels, names = probs.argmax(1), data.test.labels, data.class_names
@@ -121,7 +124,7 @@ def dcgan_report(run, cfg) -> list[Path]:
     from torchvision.utils import save_image
 
     from cifarray.models.dcgan import Generator
-    from cifarray.train.common import read_metrics
+    from cifarray.rundir import read_metrics
 
     weights = run.path / "generator.pt"
     if not weights.is_file():
@@ -130,7 +133,7 @@ def dcgan_report(run, cfg) -> list[Path]:
     panels = [("loss", ["loss_d", "loss_g"]), ("D output", ["d_real", "d_fake"])]
     if any(r.get("fid") not in (None, "", "nan") for r in rows):
         panels.append(("FID", ["fid"]))
-    out = [_curves(run, rows, panels, "DCGAN" + (" (procedural data)" if cfg.synthetic else ""))]
+    out = [curves(run, rows, panels, "DCGAN" + (" (procedural data)" if cfg.synthetic else ""))]
     g = Generator(cfg.model_config())
     g.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     g.eval()
@@ -146,13 +149,13 @@ def dcgan_report(run, cfg) -> list[Path]:
 
 
 def make_report(run_dir: str | Path) -> list[Path]:
-    from cifarray.train.common import RunDir
+    from cifarray.rundir import RunDir
 
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise UserError(f"{run.path}: no such run folder")
-    model, cfg, _ = _load(run)
-    return dcgan_report(run, cfg) if model == "dcgan" else densenet_report(run, cfg)
+    family, cfg, _ = _load(run)
+    return family.report(run, cfg)
 
 
 def parser() -> argparse.ArgumentParser:

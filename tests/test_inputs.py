@@ -21,7 +21,8 @@ from cifarray.errors import UserError
 from cifarray.eval.__main__ import parser as eval_parser
 from cifarray.report import parser as report_parser
 from cifarray.runlock import LOCK_NAME, FolderLocked, RunLock
-from cifarray.train.__main__ import JOBS, parse
+from cifarray.registry import FAMILIES
+from cifarray.train.__main__ import parse
 from cifarray.train.__main__ import parser as train_parser
 from cifarray.tune.__main__ import parser as tune_parser
 from conftest import REPO, write_py2_copy
@@ -85,11 +86,11 @@ def test_every_boolean_flag_of_every_cli_sets_what_its_name_says():
     assert checked >= 20  # every CLI's switches, including --no-verify, --force-unlock, --gpu/--no-gpu
 
 
-@pytest.mark.parametrize("job", sorted(JOBS))
+@pytest.mark.parametrize("job", sorted(FAMILIES))
 def test_train_switches_resolve_both_ways_over_a_config_file(tmp_path, job):
     """--x / --no-x for every boolean config field, also against the opposite value from --config."""
     toml = tmp_path / "c.toml"
-    fields = [name for name, (_, tp) in _fields(JOBS[job]).items() if tp is bool]
+    fields = [name for name, (_, tp) in _fields(FAMILIES[job].config).items() if tp is bool]
     assert {"no_verify", "gpu", "synthetic", "compile"} <= set(fields)
     actions = {a.dest: a for a in dict(walk(train_parser()))[(job,)]._actions}
     for name in fields:
@@ -107,10 +108,10 @@ def test_train_switches_resolve_both_ways_over_a_config_file(tmp_path, job):
     assert parse([job, "--data-dir", "d", "--no-verify", "--verify"]).cfg.no_verify is False
 
 
-@pytest.mark.parametrize("job", sorted(JOBS))
+@pytest.mark.parametrize("job", sorted(FAMILIES))
 def test_train_help_names_each_default_once(job):
     text = dict(walk(train_parser()))[(job,)].format_help()
-    assert " ".join(text.split()).count("default:") == len(_fields(JOBS[job])), text  # each option: once
+    assert " ".join(text.split()).count("default:") == len(_fields(FAMILIES[job].config)), text  # each option: once
     assert "(default: None) (default" not in text and "[--no-verify | --verify]" in " ".join(text.split())
 
 

@@ -28,17 +28,20 @@ from cifarray.data.loader import ShardedBatches, prepare
 from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError
-from cifarray.models.densenet import DenseNet
+from cifarray.eval.classifier import evaluate
 from cifarray.train.common import autocast
 from cifarray.train.config import DenseNetTrainConfig
-from cifarray.train.densenet import evaluate, make_optimizer
+from cifarray.train.densenet import build_model, make_optimizer
 
 
 WARMUP = 10  # steps excluded from throughput on both sides (allocator and thread-pool warm-up)
 
 
 def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, precision: str = "fp32") -> dict:
-    """Train like `train_densenet` with a plain loop in this process; returns img/s and accuracies.
+    """Train like the DenseNet family with a plain loop in this process; returns img/s and accuracies.
+
+    Model (and memory format), optimizer, schedule and augmentation come from the family's own
+    builders and config, so the two sides differ only by Ray and the engine.
 
     `precision` is the loop's own (fp32 or bf16), not cfg.precision: the reference is fp32 unless asked.
     """
@@ -46,7 +49,7 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, 
     device = torch.device("cuda" if cfg.gpu else "cpu")
     data = prepare(load_cifar100(data_dir, verify=False), val_size=cfg.val_size, seed=cfg.seed, device=device)
     torch.manual_seed(cfg.seed)
-    model = DenseNet(cfg.model_config()).to(device)
+    model = build_model(cfg, device)
     opt, sched = make_optimizer(cfg, model)
     sampler = ShardedBatches(len(data.train), cfg.batch_size, seed=cfg.seed)
     aug = DeviceAugment(cfg.augment_config(), data.mean, data.std, device=device)
@@ -57,8 +60,11 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, 
         if step == warmup:
             t0 = time.perf_counter()
         idx = sampler.next().to(device)
+        x = aug(data.train.images[idx], gen)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            logits = model(aug(data.train.images[idx], gen))
+            logits = model(x)
         loss = F.cross_entropy(logits.float(), data.train.labels[idx], label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,8 +96,9 @@ def _mean(pair: list[float]) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from cifarray.train import launch
-    from cifarray.train.common import RunDir, read_metrics, resolve_precision
-    from cifarray.train.densenet import train_densenet
+    from cifarray.rundir import RunDir, read_metrics
+    from cifarray.train.common import resolve_precision
+    from cifarray.train.densenet import FAMILY
 
     if args.steps < 2 * WARMUP or args.steps % WARMUP:
         raise UserError(f"--steps {args.steps} must be a multiple of {WARMUP} and at least {2 * WARMUP}")
@@ -113,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         for p in sides:
             plain[p].append(plain_train(cfg, tmp / "data", precision=p)["images_per_s"])
         t = time.perf_counter()
-        launch.fit(cfg, train_densenet, cfg.model_config(), "ray train", ("loss", "images_per_s"))
+        launch.fit(cfg, FAMILY, what="ray train")
         wall = time.perf_counter() - t
         run_dir = RunDir(cfg.out)
         seconds = [float(r["seconds"]) for r in read_metrics(run_dir.metrics)]

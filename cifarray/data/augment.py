@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from cifarray.config import opt
 from cifarray.errors import UserError
 
 MODES = ("none", "basic", "augmix")
@@ -34,13 +35,13 @@ PARAMETER_MAX = 10  # torchvision's number of magnitude bins - 1
 class AugmentConfig:
     """What `DeviceAugment` does to each training batch."""
 
-    mode: str = "augmix"  # none | basic (crop+flip) | augmix (crop+flip+AugMix)
-    pad: int = 4  # reflect padding of the random crop, pixels
-    flip: bool = True  # random horizontal flip, p=0.5
-    severity: int = 3  # AugMix: magnitude bins 0..severity-1 of 11 (torchvision's default 3)
-    width: int = 3  # AugMix: number of op chains mixed
-    depth: int = -1  # AugMix: ops per chain; -1 draws 1..3 per chain and sample
-    alpha: float = 1.0  # AugMix: Dirichlet/Beta concentration of the mixing weights
+    mode: str = opt("augmix", "none | basic (crop+flip) | augmix (crop+flip+AugMix)")
+    pad: int = opt(4, "reflect padding of the random crop, pixels (0: no crop)")
+    flip: bool = opt(True, "random horizontal flips, p=0.5 (basic and augmix)")
+    severity: int = opt(3, "AugMix severity (1-10): magnitude bins 0..severity-1 of 11 (torchvision's default 3)")
+    width: int = opt(3, "AugMix chains mixed")
+    depth: int = opt(-1, "AugMix ops per chain; -1 draws 1..3 per chain and sample")
+    alpha: float = opt(1.0, "AugMix Dirichlet/Beta concentration of the mixing weights")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cifarray.data.cifar import Cifar100, Split, channel_stats, validation_split
+from cifarray.data.cifar import Cifar100, Split, channel_stats, load_cifar100, validation_split
 from cifarray.errors import UserError
+from cifarray.rundir import RunDir
 
 
 @dataclass
@@ -96,3 +97,10 @@ class ShardedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def load_data(cfg) -> Cifar100:
+    """A run's data: its own procedural copy (RUN_DIR/data) or the user's --data-dir."""
+    if cfg.synthetic:
+        return load_cifar100(RunDir(cfg.out).data, verify=False)
+    return load_cifar100(cfg.data_dir, verify=not cfg.no_verify)

@@ -36,3 +36,20 @@ def enforce_budget(config: densenet.DenseNetConfig | dcgan.DCGANConfig, budget: 
             )
         return g + d
     raise TypeError(f"no parameter budget is defined for {type(config).__name__}")
+
+
+def model_params(config: densenet.DenseNetConfig | dcgan.DCGANConfig) -> int:
+    """Trainable parameters of a model config (for a GAN: generator + discriminator)."""
+    if isinstance(config, densenet.DenseNetConfig):
+        return densenet.param_count(config)
+    return dcgan.param_count(config)
+
+
+def train_config_params(cfg) -> int:
+    """A family's `param_count`: the parameters of a training config's model_config()."""
+    return model_params(cfg.model_config())
+
+
+def enforce_train_config(cfg) -> int:
+    """A family's `enforce_budget`: a training config's model against its budget (--param-budget)."""
+    return enforce_budget(cfg.model_config(), cfg.budget)

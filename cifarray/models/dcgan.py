@@ -16,16 +16,19 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from cifarray.config import opt
 from cifarray.errors import UserError
 
 
 @dataclass(frozen=True)
 class DCGANConfig:
-    z_dim: int = 128  # latent size, as in the paper
-    g_widths: tuple[int, ...] = (128, 64, 32, 16)  # generator channels after layers 1-4 (layer 5 makes RGB)
-    d_widths: tuple[int, ...] = (16, 32, 64, 128)  # discriminator channels after layers 1-4 (layer 5: 1 logit)
-    d_batchnorm: bool = True  # BN in discriminator layers 2-4 (usually off with spectral norm)
-    spectral_norm: bool = False  # spectral normalisation of every discriminator conv (sweep option)
+    """Defaults: the `paper` preset (see PRESETS)."""
+
+    z_dim: int = opt(128, "latent size")
+    g_widths: tuple[int, ...] = opt((128, 64, 32, 16), "generator channels after layers 1-4 (layer 5 makes RGB)")
+    d_widths: tuple[int, ...] = opt((16, 32, 64, 128), "discriminator channels after layers 1-4 (layer 5: 1 logit)")
+    d_batchnorm: bool = opt(True, "batch norm in discriminator layers 2-4 (usually off with spectral norm)")
+    spectral_norm: bool = opt(False, "spectral normalisation of every discriminator conv")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "g_widths", tuple(int(w) for w in self.g_widths))

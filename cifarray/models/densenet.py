@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from cifarray.config import opt
 from cifarray.errors import UserError
 
 MAX_BLOCKS = 6  # each transition halves 32x32; after a 6th block the map would be 1x1
@@ -21,12 +22,15 @@ MAX_BLOCKS = 6  # each transition halves 32x32; after a 6th block the map would 
 
 @dataclass(frozen=True)
 class DenseNetConfig:
-    growth_rate: int = 8  # k: channels each layer adds
-    blocks: tuple[int, ...] = (5, 5, 5, 5)  # layers per dense block
-    init_channels: int | None = None  # stem output channels; None = 2k, as in the DenseNet paper
-    bottleneck: bool = False  # DenseNet-B: 1x1 conv to 4k before each 3x3 conv
-    compression: float = 0.5  # theta: transitions keep floor(theta * channels)
-    dropout: float = 0.0  # after each conv inside the blocks
+    """Defaults: the paper model (99,735 parameters)."""
+
+    growth_rate: int = opt(8, "DenseNet growth rate k: channels each layer adds")
+    blocks: tuple[int, ...] = opt((5, 5, 5, 5), "layers per dense block")
+    init_channels: int | None = opt(31, "stem channels (paper reconstruction: 31; none = 2k, as in the DenseNet "
+                                        "paper)")
+    bottleneck: bool = opt(True, "1x1 bottleneck convs to 4k before each 3x3 conv (DenseNet-BC)")
+    compression: float = opt(0.5, "transition compression theta: transitions keep floor(theta * channels)")
+    dropout: float = opt(0.0, "dropout after each conv inside the blocks")
     num_classes: int = 100
     in_channels: int = 3
 

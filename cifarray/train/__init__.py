@@ -1,1 +1,2 @@
-"""Ray Train DDP trainers for the DenseNet and the DCGAN."""
+"""Training: the engine (one per-worker loop for every family), the DenseNet and DCGAN families, their
+configs, and the driver that runs them on Ray Train."""

@@ -1,4 +1,4 @@
-"""python -m cifarray.train {densenet,dcgan} [flags] [--config FILE]
+"""python -m cifarray.train FAMILY [flags] [--config FILE]   (FAMILY: densenet, dcgan, or a registered one)
 
 Flags may also come from a TOML file (--config): defaults, then the file, then the
 command line. Rerunning the same command with the same --out resumes the run.
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from cifarray.config import add_arguments, load_toml, resolve
+from cifarray import registry
 from cifarray.errors import run_cli
-from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
 
 AUTO = "auto"
-JOBS = {"densenet": DenseNetTrainConfig, "dcgan": DCGANTrainConfig}
 
 
 class Parsed(NamedTuple):
@@ -32,13 +32,13 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifarray.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="job", required=True)
-    for name, cls in JOBS.items():
-        p = sub.add_parser(name, help=f"train the {name}", description=__doc__,
+    for name, family in registry.FAMILIES.items():
+        p = sub.add_parser(name, help=f"train {family.description or name}", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # helps name their defaults
         p.add_argument("--config", metavar="FILE", help="TOML file of flags (keys as flag names)")
         p.add_argument("--force-unlock", action="store_true",
                        help="take over --out's lock although its holder, on another host, may still run")
-        add_arguments(p, cls)
+        add_arguments(p, family.config)
     return parser
 
 
@@ -52,33 +52,25 @@ def parse(argv: Sequence[str] | None = None) -> Parsed:
     if auto:
         values["workers"] = None
         file_values.pop("workers", None)
-    return Parsed(job, resolve(JOBS[job], file_values, values, source=config_file or "config file"), auto, force)
+    return Parsed(job, resolve(registry.get(job).config, file_values, values, source=config_file or "config file"), auto, force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     job, cfg, auto, force = parse(argv)
+    from cifarray.report import make_report
     from cifarray.runlock import RunLock
     from cifarray.train import launch
 
-    n_train = launch.check_inputs(cfg, cfg.model_config())  # every input error before Ray and the lock
+    family = registry.get(job)
+    n_train = launch.check_inputs(cfg, family)  # every input error before Ray and the lock
     with RunLock(cfg.out, f"python -m cifarray.train {job}", force=force):
         if auto:
             cfg = launch.scale_to_cluster(cfg)
             launch.check_data_fits(cfg, n_train, cfg.data_dir or "the procedural data set")
-        if job == "densenet":
-            from cifarray.train.densenet import train_densenet
-
-            summary = launch.fit(cfg, train_densenet, cfg.model_config(), "densenet",
-                                 ("loss", "train_acc", "val_acc", "images_per_s"))
-            keys = ("params", "steps", "seconds", "images_per_s", "val_acc", "test_acc")
-        else:
-            from cifarray.train.dcgan import fid_weights_for_training, train_dcgan
-
-            summary = launch.fit(cfg, train_dcgan, cfg.model_config(), "dcgan",
-                                 ("loss_d", "loss_g", "d_real", "d_fake", "fid", "images_per_s"),
-                                 extra={"_fid_weights": fid_weights_for_training(cfg)})
-            keys = ("params_g", "params_d", "steps", "seconds", "images_per_s", "best_fid", "best_fid_step")
-    print(json.dumps({k: summary.get(k) for k in keys}))
+        summary = launch.fit(cfg, family)
+        figures = make_report(cfg.out)  # the same as `python -m cifarray.report RUN_DIR`
+    print(f"figures and tables: {', '.join(p.name for p in figures)} in {Path(cfg.out).resolve()}")
+    print(json.dumps({k: summary.get(k) for k in family.summary_keys or summary}))
     return 0
 
 

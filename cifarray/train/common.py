@@ -1,4 +1,6 @@
-"""Pieces both trainers share: the run folder, metrics, provenance, checkpoints, collectives.
+"""What the training engine builds on: provenance, checkpoints, collectives, worker set-up, precision.
+
+The run folder and metrics.csv live in `cifarray.rundir` (re-exported here).
 
 Inside a Ray Train worker, `rank == 0` is the one process that writes files; every
 rank takes part in collectives and in `ray.train.report`.
@@ -6,9 +8,7 @@ rank takes part in collectives and in `ray.train.report`.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import os
 import platform
 import socket
@@ -21,64 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cifarray.data.cifar import Cifar100, load_cifar100
+from cifarray.data.loader import load_data  # noqa: F401  (re-exported)
+from cifarray.rundir import MetricsLog, RunDir, read_metrics  # noqa: F401  (re-exported)
 
 CHECKPOINT_FILE = "state.pt"
-
-
-class RunDir:
-    """RUN_DIR layout: config.json, metrics.csv, summary.json, model files, workers/, ray/ (checkpoints)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser().resolve()
-
-    config = property(lambda self: self.path / "config.json")
-    metrics = property(lambda self: self.path / "metrics.csv")
-    summary = property(lambda self: self.path / "summary.json")
-    workers = property(lambda self: self.path / "workers")
-    data = property(lambda self: self.path / "data")
-
-    def write_json(self, name: str, obj: Any) -> None:
-        target = self.path / name
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)  # readers never see half a file
-
-    def read_json(self, name: str) -> dict | None:
-        p = self.path / name
-        return json.loads(p.read_text()) if p.is_file() else None
-
-
-class MetricsLog:
-    """metrics.csv, appended by rank 0; on resume, rows after the resumed step are dropped."""
-
-    def __init__(self, path: Path, fields: list[str]):
-        self.path, self.fields = path, fields
-
-    def truncate_after(self, step: int) -> None:
-        if not self.path.is_file():
-            return
-        with open(self.path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
-        with open(self.path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, self.fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-
-    def append(self, row: dict[str, Any]) -> None:
-        new = not self.path.is_file()
-        with open(self.path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, self.fields, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the `cifarray` package
@@ -115,12 +61,6 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "host": socket.gethostname(),
         "slurm_node": os.environ.get("SLURMD_NODENAME"),  # Ray nodes started inside a Slurm job inherit it
     }
-
-
-def load_data(cfg) -> Cifar100:
-    if cfg.synthetic:
-        return load_cifar100(RunDir(cfg.out).data, verify=False)
-    return load_cifar100(cfg.data_dir, verify=not cfg.no_verify)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

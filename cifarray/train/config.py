@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cifarray.config import opt
+from cifarray.config import embed, opt
 from cifarray.data.augment import MODES, AugmentConfig
 from cifarray.data.synth import DIFFICULTIES
 from cifarray.errors import UserError
@@ -22,6 +22,11 @@ from cifarray.models.dcgan import DCGANConfig
 from cifarray.models.densenet import DenseNetConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# Component config field -> the training config's flat key (flags, TOML, sweep files, config.json).
+DENSENET_KEYS = ("growth_rate", "blocks", "init_channels", "bottleneck", "compression", "dropout")
+AUGMENT_KEYS = {"mode": "augment", "pad": "crop_pad", "flip": "flip", "severity": "augmix_severity",
+                "width": "augmix_width", "depth": "augmix_depth", "alpha": "augmix_alpha"}
+DCGAN_KEYS = ("z_dim", "g_widths", "d_widths", "d_batchnorm", "spectral_norm")
 
 
 @dataclass(frozen=True)
@@ -78,20 +83,27 @@ class DenseNetTrainConfig(CommonConfig):
     weight_decay: float = opt(5e-4, "L2 weight decay")
     warmup: float = opt(0.15, "fraction of steps of linear warm-up")
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy")
-    growth_rate: int = opt(8, "DenseNet growth rate k")
-    blocks: tuple[int, ...] = opt((5, 5, 5, 5), "layers per dense block")
-    init_channels: int | None = opt(31, "stem channels (paper reconstruction: 31; none = 2k)")
-    bottleneck: bool = opt(True, "1x1 bottleneck convs (DenseNet-BC)")
-    compression: float = opt(0.5, "transition compression theta")
-    dropout: float = opt(0.0, "dropout after block convs")
-    augment: str = opt("augmix", "none | basic (crop+flip) | augmix (crop+flip+AugMix)")
-    augmix_severity: int = opt(3, "AugMix severity (1-10)")
-    augmix_width: int = opt(3, "AugMix chains mixed")
+    # The model's and the augmentation's settings, flat (--growth-rate, --augmix-severity, ...); their
+    # defaults and help live once, in DenseNetConfig and AugmentConfig.
+    growth_rate: int = embed(DenseNetConfig, "growth_rate")
+    blocks: tuple[int, ...] = embed(DenseNetConfig, "blocks")
+    init_channels: int | None = embed(DenseNetConfig, "init_channels")
+    bottleneck: bool = embed(DenseNetConfig, "bottleneck")
+    compression: float = embed(DenseNetConfig, "compression")
+    dropout: float = embed(DenseNetConfig, "dropout")
+    augment: str = embed(AugmentConfig, "mode")
+    crop_pad: int = embed(AugmentConfig, "pad")
+    flip: bool = embed(AugmentConfig, "flip")
+    augmix_severity: int = embed(AugmentConfig, "severity")
+    augmix_width: int = embed(AugmentConfig, "width")
+    augmix_depth: int = embed(AugmentConfig, "depth")
+    augmix_alpha: float = embed(AugmentConfig, "alpha")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.augment not in MODES:
             raise UserError(f"--augment {self.augment!r} is not one of {', '.join(MODES)}")
+        self.augment_config()  # validates --crop-pad and the --augmix-* settings
         if self.optimizer not in ("sgd", "adamw"):
             raise UserError(f"--optimizer {self.optimizer!r} is not sgd or adamw")
         if self.lr <= 0 or not 0 <= self.warmup < 1 or not 0 <= self.label_smoothing < 1:
@@ -99,12 +111,11 @@ class DenseNetTrainConfig(CommonConfig):
         self.model_config()  # validates the architecture now, before Ray starts
 
     def model_config(self) -> DenseNetConfig:
-        return DenseNetConfig(growth_rate=self.growth_rate, blocks=self.blocks, init_channels=self.init_channels,
-                              bottleneck=self.bottleneck, compression=self.compression, dropout=self.dropout)
+        return DenseNetConfig(**{name: getattr(self, name) for name in DENSENET_KEYS})
 
     def augment_config(self) -> AugmentConfig:
         """What the trainer and the plain-loop baseline both augment with (one place, so they cannot drift)."""
-        return AugmentConfig(mode=self.augment, severity=self.augmix_severity, width=self.augmix_width)
+        return AugmentConfig(**{name: getattr(self, key) for name, key in AUGMENT_KEYS.items()})
 
     @property
     def budget(self) -> int:
@@ -119,14 +130,14 @@ class DCGANTrainConfig(CommonConfig):
     lr_g: float = opt(2e-4, "generator Adam learning rate (DCGAN paper)")
     lr_d: float = opt(2e-4, "discriminator Adam learning rate (DCGAN paper)")
     beta1: float = opt(0.5, "Adam beta1 (DCGAN paper)")
-    z_dim: int = opt(128, "latent size")
-    g_widths: tuple[int, ...] = opt((128, 64, 32, 16), "generator channels after layers 1-4")
-    d_widths: tuple[int, ...] = opt((16, 32, 64, 128), "discriminator channels after layers 1-4")
+    z_dim: int = embed(DCGANConfig, "z_dim")
+    g_widths: tuple[int, ...] = embed(DCGANConfig, "g_widths")
+    d_widths: tuple[int, ...] = embed(DCGANConfig, "d_widths")
     loss: str = opt("bce", "bce (the paper's sigmoid + BCE) or hinge")
     label_smoothing: float = opt(0.1, "one-sided: real targets are 1 - s (bce only)")
     label_noise: float = opt(0.0, "std of Gaussian noise added to the real targets (bce only)")
-    spectral_norm: bool = opt(False, "spectral normalisation in the discriminator")
-    d_batchnorm: bool = opt(True, "batch norm in discriminator layers 2-4")
+    spectral_norm: bool = embed(DCGANConfig, "spectral_norm")
+    d_batchnorm: bool = embed(DCGANConfig, "d_batchnorm")
     ema: float = opt(0.0, "decay of an EMA of generator weights used for samples (0 = off, e.g. 0.999)")
     flip: bool = opt(True, "random horizontal flips of real images")
     eval_every: int = opt(1000, "steps between sample grids")
@@ -148,8 +159,7 @@ class DCGANTrainConfig(CommonConfig):
         self.model_config()
 
     def model_config(self) -> DCGANConfig:
-        return DCGANConfig(z_dim=self.z_dim, g_widths=self.g_widths, d_widths=self.d_widths,
-                           d_batchnorm=self.d_batchnorm, spectral_norm=self.spectral_norm)
+        return DCGANConfig(**{name: getattr(self, name) for name in DCGAN_KEYS})
 
     @property
     def budget(self) -> int:

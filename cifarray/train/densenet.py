@@ -1,21 +1,27 @@
-"""DenseNet training, one function per Ray Train worker (1 CPU process or N GPU ranks alike)."""
+"""The DenseNet classifier family: its pieces for the training engine, and its registry entry `FAMILY`.
+
+Step: augment on the device (crop, flip, AugMix), forward under autocast, cross-entropy, SGD (or
+AdamW) step, one-cycle schedule step. Evaluation: validation accuracy; at the end, train/val/test
+accuracy (a sweep trial leaves test alone) and model.pt.
+"""
 
 from __future__ import annotations
 
-import math
-import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from cifarray.config import from_dict
-from cifarray.data.augment import AugmentConfig, DeviceAugment
-from cifarray.data.loader import DeviceSplit, ShardedBatches, prepare
+from cifarray.data.augment import DeviceAugment
+from cifarray.data.loader import DeviceSplit
+from cifarray.eval.classifier import evaluate, load_finished
+from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.densenet import DenseNet, param_count
-from cifarray.train import common
+from cifarray.rundir import RunDir
 from cifarray.train.config import DenseNetTrainConfig
-
-METRIC_FIELDS = ["step", "loss", "train_acc", "val_acc", "lr", "images_per_s", "seconds", "attempt"]
+from cifarray.train.engine import Family, Objective, Worker
+from cifarray.tune.rules import SweepRules
 
 
 def make_optimizer(cfg: DenseNetTrainConfig, model: torch.nn.Module):
@@ -34,152 +40,139 @@ def make_optimizer(cfg: DenseNetTrainConfig, model: torch.nn.Module):
     return opt, sched
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, split: DeviceSplit, augment: DeviceAugment, device: torch.device,
-             batch: int = 1000) -> tuple[float, torch.Tensor]:
-    """Top-1 accuracy on a whole split; returns (accuracy, logits).
-
-    Always in fp32, whatever the training precision: accuracies then do not depend on it, and the
-    tuner's and the report's CPU re-evaluations of a finished run give the same numbers.
-    """
-    was_training = model.training
-    model.eval()
-    outs = []
-    for start in range(0, len(split), batch):
-        x = augment.normalize(split.images[start:start + batch])
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        outs.append(model(x).float())
-    model.train(was_training)
-    logits = torch.cat(outs) if outs else torch.zeros(0, 100, device=device)
-    acc = (logits.argmax(1) == split.labels).float().mean().item() if len(split) else float("nan")
-    return acc, logits
-
-
-def train_densenet(config: dict) -> None:
-    import ray.train.torch
-
-    cfg = from_dict(DenseNetTrainConfig, config)
-    run = common.RunDir(cfg.out)
-    device, rank, world = common.setup_worker(cfg)
-    precision = common.resolve_precision(cfg.precision, device)
-    attempt = common.next_attempt(run) if rank == 0 else 0
-    data = prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+def build_model(cfg: DenseNetTrainConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The untrained model in its training memory format (channels_last on CUDA)."""
     model = DenseNet(cfg.model_config()).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
+@dataclass
+class State:
+    worker: Worker
+    model: torch.nn.Module  # the raw module: evaluation, weights, checkpoints
+    train_model: torch.nn.Module  # what the step runs: DDP and/or compiled
+    opt: torch.optim.Optimizer
+    sched: Any
+    aug: DeviceAugment
+    val_acc: float = float("nan")  # the latest validation accuracy, repeated on every metrics row
+
+    @property
+    def stateful(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.opt, "scheduler": self.sched}
+
+
+def build(cfg: DenseNetTrainConfig, w: Worker) -> State:
+    model = build_model(cfg, w.device)
     opt, sched = make_optimizer(cfg, model)
-    sampler = ShardedBatches(len(data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed)
-    aug = DeviceAugment(cfg.augment_config(), data.mean, data.std, device=device)
-    gen = torch.Generator(device=device)
-
-    stateful = {"model": model, "optimizer": opt, "scheduler": sched, "sampler": sampler}
-    start = common.restore(stateful)
-    gen.manual_seed(common.augment_seed(cfg.seed, rank, start))
-
-    raw_model = model
-    model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
-    if cfg.compile:
-        model = torch.compile(model)
-    log = common.MetricsLog(run.metrics, METRIC_FIELDS)
-    if rank == 0:
-        log.truncate_after(start)
-    common.write_worker_info(run, rank, pid=__import__("os").getpid(), host=__import__("socket").gethostname(),
-                             start_step=start, attempt=attempt)
-
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen = 0
-    window_start, window_steps = time.perf_counter(), 0
-    val_acc = float("nan")
-    model.train()
-    for step in range(start + 1, cfg.steps + 1):
-        idx = sampler.next().to(device)
-        x = aug(data.train.images[idx], gen)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = data.train.labels[idx]
-        with common.autocast(device, precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_sum += loss.detach()
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        window_steps += 1
-
-        is_last = step == cfg.steps
-        log_now = step % cfg.log_every == 0 or is_last
-        ckpt_now = step % cfg.checkpoint_every == 0 or is_last
-        if not (log_now or ckpt_now):
-            continue
-        # One collective: sums of loss and accuracy over ranks, and whether any rank diverged.
-        loss_total, correct_total, seen_total = common.all_reduce_sum(
-            [loss_sum.item(), correct.item(), float(seen)], device)
-        elapsed = time.perf_counter() - window_start
-        mean_loss = loss_total / max(1, window_steps * world)
-        if not math.isfinite(mean_loss):
-            common.stop_diverged(run, step, mean_loss, rank)
-            return
-        if step % cfg.eval_every == 0 or is_last:
-            val_acc = evaluate(raw_model, data.val, aug, device)[0] if rank == 0 else float("nan")
-        row = {"step": step, "loss": mean_loss, "train_acc": correct_total / max(1.0, seen_total),
-               "val_acc": val_acc, "lr": sched.get_last_lr()[0],
-               "images_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9),
-               "seconds": elapsed, "attempt": attempt}
-        if rank == 0:
-            log.append(row)
-        state = None
-        if ckpt_now:
-            state = common.snapshot(stateful, step)
-            gen.manual_seed(common.augment_seed(cfg.seed, rank, step))
-        if is_last:
-            break  # the final report comes after the final files (below)
-        if ckpt_now or step % cfg.eval_every == 0:  # a report is a round trip to the controller
-            common.report(run, row, state, rank)
-        loss_sum.zero_()
-        correct.zero_()
-        seen, window_steps, window_start = 0, 0, time.perf_counter()
-
-    common.write_worker_info(run, rank, params_sha256=common.params_sha256(raw_model), final_step=cfg.steps)
-    if rank == 0:
-        # A sweep trial leaves the test split alone: the tuner evaluates only the best trial on it, once.
-        _finish(cfg, run, raw_model, data, aug, device, world, precision,
-                evaluate_test=not config.get("_sweep_trial"))
-    if start < cfg.steps:
-        # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
-        # the weights and summary.json already written.
-        common.report(run, row, state, rank)
+    aug = DeviceAugment(cfg.augment_config(), w.data.mean, w.data.std, device=w.device)
+    return State(w, model, w.wrap(model), opt, sched, aug)
 
 
-def load_finished(run: common.RunDir, cfg: DenseNetTrainConfig):
-    """A finished run's final weights, data splits and normalisation, on the CPU: (model, data, augment)."""
-    data = prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed)
-    model = DenseNet(cfg.model_config())
-    model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
-    return model, data, DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std)
+def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    w = s.worker
+    x = s.aug(w.data.train.images[batch], w.gen)
+    if w.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = w.data.train.labels[batch]
+    with w.autocast():
+        logits = s.train_model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=w.cfg.label_smoothing)
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.opt.step()
+    s.sched.step()
+    return {"loss": loss.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
 
 
-def _finish(cfg, run, model, data, aug, device, world, precision, evaluate_test: bool = True) -> None:
-    rows = common.read_metrics(run.metrics)
-    total_seconds = sum(float(r["seconds"]) for r in rows)
-    val_acc, _ = evaluate(model, data.val, aug, device)
-    test_acc = evaluate(model, data.test, aug, device)[0] if evaluate_test else None  # the only use of test
+def evaluate_step(s: State, step: int) -> dict[str, float]:
+    s.val_acc = evaluate(s.model, s.worker.data.val, s.aug, s.worker.device)[0]
+    return {"val_acc": s.val_acc}
+
+
+def finish(s: State, run: RunDir) -> dict[str, Any]:
+    w, cfg, data = s.worker, s.worker.cfg, s.worker.data
+    val_acc, _ = evaluate(s.model, data.val, s.aug, w.device)
+    # A sweep trial leaves the test split alone: the tuner evaluates only the best trial on it, once.
+    test_acc = None if w.context.sweep_trial else evaluate(s.model, data.test, s.aug, w.device)[0]
     train_eval = DeviceSplit(data.train.images[:len(data.test)], data.train.labels[:len(data.test)])
-    train_acc, _ = evaluate(model, train_eval, aug, device)
-    torch.save(model.state_dict(), run.path / "model.pt")
-    run.write_json("summary.json", {
-        "model": "densenet", "status": "complete", "params": param_count(cfg.model_config()),
-        "steps": cfg.steps, "workers": world, "batch_size": cfg.batch_size, "seconds": round(total_seconds, 2),
-        "images_per_s": round(cfg.steps * cfg.batch_size / max(total_seconds, 1e-9), 1),
-        "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc,
-        "train_acc_note": f"unaugmented, on the first {len(train_eval)} training images",
-        "seed": cfg.seed, "precision": precision,
-        "config": cfg.model_config().__dict__ | {"blocks": list(cfg.blocks)},
-        **common.provenance(device),
-    })
+    train_acc, _ = evaluate(s.model, train_eval, s.aug, w.device)
+    torch.save(s.model.state_dict(), run.path / "model.pt")
+    return {"params": param_count(cfg.model_config()), "train_acc": train_acc, "val_acc": val_acc,
+            "test_acc": test_acc, "train_acc_note": f"unaugmented, on the first {len(train_eval)} training images",
+            "config": cfg.model_config().__dict__ | {"blocks": list(cfg.blocks)}}
+
+
+def test_accuracy(run: RunDir, cfg: DenseNetTrainConfig) -> dict[str, Any]:
+    """The one use of the test split in a sweep: the best trial's final weights, evaluated once, on the CPU."""
+    model, data, aug = load_finished(run, cfg, build_model)
+    return {"test_acc": evaluate(model, data.test, aug, torch.device("cpu"))[0]}
+
+
+class BlockLayout(SweepRules):
+    """`num_blocks` and `layers_per_block` (one draw per block: layers_0, layers_1, ...) -> `blocks`."""
+
+    keys = ("num_blocks", "layers_per_block")
+
+    def validate(self, space, source):
+        from cifarray.errors import UserError
+
+        if ("num_blocks" in space) != ("layers_per_block" in space):
+            raise UserError(f"{source}: [space] num_blocks and layers_per_block go together (the block layout)")
+        if "num_blocks" in space and "blocks" in space:
+            raise UserError(f"{source}: [space] blocks and num_blocks/layers_per_block exclude each other")
+        super().validate(space, source)
+
+    def sample(self, space, trial):
+        sampled = {name: p.suggest(trial) for name, p in space.items() if name != "layers_per_block"}
+        if "num_blocks" in sampled:
+            for i in range(int(sampled["num_blocks"])):
+                sampled[f"layers_{i}"] = space["layers_per_block"].suggest(trial, f"layers_{i}")
+        return sampled
+
+    def corner(self, sampled):
+        if "num_blocks" in sampled:
+            sampled = {**sampled, **{f"layers_{b}": sampled["layers_per_block"]
+                                     for b in range(int(sampled["num_blocks"]))}}
+        return sampled
+
+    def expand(self, sampled):
+        if "num_blocks" not in sampled:
+            return {}
+        return {"blocks": tuple(int(sampled[f"layers_{i}"]) for i in range(int(sampled["num_blocks"])))}
+
+    def columns(self, space_keys):
+        return (("batch", lambda c: c.get("batch_size")), ("lr", lambda c: c.get("lr")),
+                ("k", lambda c: c.get("growth_rate")), ("layout", layout))
+
+
+def layout(config: dict[str, Any]) -> str:
+    """A trial's block layout as 5-5-5-5 (sampled per block) or 5,5,5,5 (fixed)."""
+    if "num_blocks" in config:
+        return "-".join(str(config[f"layers_{i}"]) for i in range(int(config["num_blocks"])))
+    return ",".join(map(str, config.get("blocks", ())))
+
+
+def _report(run, cfg):
+    from cifarray.report import densenet_report
+
+    return densenet_report(run, cfg)
+
+
+def _log_fields(s: State) -> dict[str, Any]:
+    return {"val_acc": s.val_acc, "lr": s.sched.get_last_lr()[0]}
+
+
+def _objective(ctx) -> Objective:
+    return Objective("val_acc", "max", "validation accuracy")
+
+
+FAMILY = Family(
+    name="densenet", config=DenseNetTrainConfig, description="the DenseNet classifier (CIFAR-100, <= 100k params)",
+    build=build, step=step, evaluate=evaluate_step, finish=finish,
+    metric_fields=("loss", "train_acc", "val_acc", "lr"),
+    log_fields=_log_fields, objective=_objective,
+    param_count=train_config_params, enforce_budget=enforce_train_config,
+    report=_report, test_metrics=test_accuracy, sweep=BlockLayout(),
+    progress_keys=("loss", "train_acc", "val_acc", "images_per_s"),
+    summary_keys=("params", "steps", "seconds", "images_per_s", "val_acc", "test_acc"),
+)

@@ -10,18 +10,21 @@ its storage path and name); a finished run is not trained again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cifarray.config import to_dict
 from cifarray.data.cifar import NUM_FINE, load_cifar100
 from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError, handle_sigterm
-from cifarray.models.budget import enforce_budget
-from cifarray.train.common import RunDir, read_metrics
+from cifarray.rundir import RunDir, read_metrics
+
+if TYPE_CHECKING:
+    from cifarray.train.engine import Family, RunContext
 
 RAY_RUN_NAME = "ray"  # RUN_DIR/ray holds Ray Train's checkpoints; a stable name lets reruns find them
 
@@ -30,16 +33,19 @@ class TrainingDiverged(UserError):
     pass
 
 
-def _check_resumable(run: RunDir, resolved: dict) -> bool:
+def _check_resumable(run: RunDir, resolved: dict, cfg) -> bool:
     """True when RUN_DIR already holds this run finished; raises if it holds a different one."""
     saved = run.read_json("config.json")
     if saved is None:
         return False
     ignore = {"max_failures", "log_every"}  # may change between attempts without changing the result
+    # A setting added after the run was written is absent from its config.json: the run used its default.
+    defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+                for f in dataclasses.fields(cfg) if f.name not in saved}
     diff = sorted(k for k in set(saved) | set(resolved)
-                  if k not in ignore and saved.get(k) != resolved.get(k))
+                  if k not in ignore and saved.get(k, defaults.get(k)) != resolved.get(k))
     if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved.get(k)!r}" for k in diff[:4])
+        shown = ", ".join(f"{k}: {saved.get(k, defaults.get(k))!r} -> {resolved.get(k)!r}" for k in diff[:4])
         raise UserError(f"{run.path} holds a run with other settings ({shown}); pass another --out, "
                         "or rerun with the same settings to resume it")
     summary = run.read_json("summary.json")
@@ -66,13 +72,13 @@ def check_data_fits(cfg, n_train: int, source: str, flag=lambda key: "--" + key.
                         f"or {val}")
 
 
-def check_inputs(cfg, model_config) -> int:
+def check_inputs(cfg, family: "Family") -> int:
     """Everything the config and the data can be wrong about, before Ray starts and before --out is touched
     (an --out that is a file is refused by the run lock, which comes next).
 
     Returns the number of training images (before the validation split).
     """
-    enforce_budget(model_config, cfg.budget)  # an over-budget model never reaches Ray
+    family.enforce_budget(cfg)  # an over-budget model never reaches Ray
     n_train, source = training_images(cfg.synthetic, cfg.synthetic_train_per_class, cfg.data_dir, cfg.no_verify)
     check_data_fits(cfg, n_train, source)
     return n_train
@@ -89,12 +95,12 @@ def training_images(synthetic: bool, per_class: int, data_dir, no_verify: bool) 
     return len(load_cifar100(data_dir, verify=not no_verify).train), str(data_dir)
 
 
-def prepare_run(cfg, model_config) -> tuple[RunDir, dict, bool]:
+def prepare_run(cfg, family: "Family") -> tuple[RunDir, dict, bool]:
     """The run folder: resume check, then procedural data and config.json (data already checked by the caller)."""
-    enforce_budget(model_config, cfg.budget)
+    family.enforce_budget(cfg)
     run = RunDir(cfg.out)
     resolved = to_dict(cfg) | {"out": str(run.path)}
-    done = _check_resumable(run, resolved)
+    done = _check_resumable(run, resolved, cfg)
     if done:
         return run, resolved, True
     if cfg.synthetic:
@@ -146,10 +152,11 @@ def scale_to_cluster(cfg):
     return dataclasses.replace(cfg, workers=workers, gpu=bool(gpus))
 
 
-def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
-        progress_keys: tuple[str, ...], extra: dict | None = None) -> dict:
-    """Run training to completion (or resume it) and return summary.json."""
-    run, resolved, done = prepare_run(cfg, model_config)
+def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | None = None) -> dict:
+    """Run training to completion (or resume it) and return summary.json.
+
+    `context`: what the workers get besides the config (default: the family's driver_context(cfg))."""
+    run, resolved, done = prepare_run(cfg, family)
     if done:
         print(f"{run.path}: run already complete; nothing to do (summary.json)")
         return run.read_json("summary.json")
@@ -157,12 +164,14 @@ def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
 
     init_ray(cfg)
     cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
-    trainer = build_trainer(cfg, run, train_fn, resolved, cpus, extra)
+    if context is None:
+        context = family.driver_context(cfg)
+    trainer = build_trainer(cfg, run, family.train_fn(context), resolved, cpus)
     resumed = run.read_json("last_checkpoint.json")
     start = f"resuming (last checkpoint written: step {resumed['step']})" if resumed else "starting"
-    print(f"{what}: {start}; {cfg.steps} steps, batch {cfg.batch_size}, {cfg.workers} worker(s) "
+    print(f"{what or family.name}: {start}; {cfg.steps} steps, batch {cfg.batch_size}, {cfg.workers} worker(s) "
           f"({'GPU' if cfg.gpu else f'{cpus} CPU'} each); run folder {run.path}", flush=True)
-    with Progress(run, cfg.steps, progress_keys):
+    with Progress(run, cfg.steps, family.progress_keys):
         from ray.train import TrainingFailedError
 
         try:
@@ -180,22 +189,18 @@ def fit(cfg, train_fn: Callable[[dict], None], model_config, what: str,
     summary = run.read_json("summary.json")
     if not summary:
         raise RuntimeError(f"training ended without writing {run.summary}")
-    from cifarray.report import make_report
-
-    figures = make_report(run.path)  # the same as `python -m cifarray.report RUN_DIR`
-    print(f"figures and tables: {', '.join(p.name for p in figures)} in {run.path}")
     return summary
 
 
 def build_trainer(cfg, run: RunDir, train_fn: Callable[[dict], None], resolved: dict, cpus: float,
-                  extra: dict | None = None, callbacks: list | None = None):
+                  callbacks: list | None = None):
     """The TorchTrainer of one run; its storage (RUN_DIR/ray) is where a rerun resumes from."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         train_fn,
-        train_loop_config={**resolved, **(extra or {})},  # extra keys start with "_": not part of the config
+        train_loop_config=resolved,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.gpu else {})}),
         run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run.path),

@@ -183,14 +183,11 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
 
     from cifarray.train import launch
     from cifarray.tune.console import SweepConsole
-    from cifarray.tune.trial import SpaceSampler, objective, run_trial
+    from cifarray.tune.trial import SpaceSampler, run_trial
 
-    fid_weights = None
-    if sweep.model == "dcgan":
-        from cifarray.train.dcgan import fid_weights_for_training
-
-        fid_weights = fid_weights_for_training(sweep.base)
-    metric, mode, label = objective(sweep, fid_weights is not None)
+    context = sweep.family.driver_context(sweep.base)  # e.g. the DCGAN's Inception weights, resolved once
+    goal = sweep.family.objective(context)
+    metric, mode, label = goal.metric, goal.mode, goal.label
 
     # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a trial's controller
     # is gone; without it, a trial that Tune ends keeps its workers' CPUs reserved and later trials starve.
@@ -219,10 +216,8 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
     base = {**sweep.train, "data_dir": str(data_dir), "synthetic": False,
             "no_verify": True if args.synthetic else args.no_verify, "workers": workers, "gpu": bool(args.gpus_per_trial), "cpus_per_worker": cpus_per_worker,
             "checkpoint_every": sweep.eval_every}  # every report carries a checkpoint and the objective
-    if fid_weights:
-        base["fid_every"] = sweep.eval_every
     trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), metric=metric, mode=mode,
-                                     fid_weights=fid_weights)
+                                     context=context)
     # The driver only waits on its TorchTrainer; Tune cannot place a trial that asks for nothing, so the
     # driver holds a sliver of a CPU that its workers give up (see run_trial): a trial takes exactly
     # workers x cpus_per_worker CPUs, and 2 one-CPU trials fit on 2 CPUs.

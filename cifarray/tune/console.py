@@ -19,11 +19,10 @@ from rich.text import Text
 
 from ray.tune import Callback
 
-from cifarray.tune.results import layout, resources_line, trial_status, write_trials
+from cifarray.tune.results import resources_line, trial_status, write_trials
 from cifarray.tune.trial import INFEASIBLE
 
-COLUMNS = ("trial", "status", "batch", "lr", "k", "layout", "params", "step")
-GAN_COLUMNS = ("trial", "status", "batch", "lr_g", "lr_d", "widths", "params", "step")
+LEFT = ("trial", "status", "layout")  # left-aligned columns
 
 
 def fmt(v: Any, spec: str = "") -> str:
@@ -84,16 +83,17 @@ class SweepConsole(Callback):
     def row(self, trial: Any) -> list[str]:
         c = {**self.defaults, **trial.config}
         r = trial.last_result or {}
-        params = c.get("params")
-        common = [trial.trial_id, trial_status(trial, self.max_steps), fmt(c.get("batch_size"))]
-        if self.model == "densenet":
-            cells = common + [fmt(c.get("lr"), ".3g"), fmt(c.get("growth_rate")),
-                              layout(c) or ",".join(map(str, c.get("blocks", ()))), fmt(params, ",")]
-        else:
-            widths = f"{c.get('g_width', '')}/{c.get('d_width', '')}" if "g_width" in c or "d_width" in c else ""
-            cells = common + [fmt(c.get("lr_g"), ".2g"), fmt(c.get("lr_d"), ".2g"), widths, fmt(params, ",")]
+        cells = [trial.trial_id, trial_status(trial, self.max_steps)]
+        for _, value in self.columns():
+            v = value(c)
+            cells.append(fmt(v, ".3g") if isinstance(v, float) else fmt(v))
+        cells.append(fmt(c.get("params"), ","))
         best = self.value(trial)
         return cells + [fmt(r.get("step", "")), fmt(best, ".4g")]
+
+    def columns(self) -> tuple:
+        """The family's columns between status and params (header, function of the trial's config)."""
+        return self.sweep.rules.columns(list(self.sweep.space))
 
     def header(self) -> str:
         elapsed = time.time() - self.started
@@ -112,10 +112,10 @@ class SweepConsole(Callback):
                 f"elapsed {_clock(elapsed)}{eta}")
 
     def table(self) -> Table:
-        cols = COLUMNS if self.model == "densenet" else GAN_COLUMNS
+        cols = ("trial", "status", *(name for name, _ in self.columns()), "params", "step", self.metric)
         table = Table(title=None, expand=False, show_lines=False)
-        for name in cols + (self.metric,):
-            table.add_column(name, justify="right" if name not in ("trial", "status", "layout") else "left")
+        for name in cols:
+            table.add_column(name, justify="left" if name in LEFT else "right")
         for t in self.trials:
             table.add_row(*self.row(t))
         return table

@@ -35,18 +35,12 @@ def trial_status(trial: Any, max_steps: int, ended: bool = False) -> str:
     return status
 
 
-def layout(config: dict[str, Any]) -> str:
-    if "num_blocks" in config:
-        return "-".join(str(config[f"layers_{i}"]) for i in range(int(config["num_blocks"])))
-    return ""
-
-
 def trial_dir(out: Path, trial_id: str) -> Path:
     return out / "trials" / trial_id
 
 
 def metric_rows(out: Path, trial_id: str) -> list[dict[str, str]]:
-    from cifarray.train.common import read_metrics
+    from cifarray.rundir import read_metrics
 
     return read_metrics(trial_dir(out, trial_id) / "metrics.csv")
 
@@ -114,17 +108,13 @@ def resources_line() -> str:
     return f"in use: {', '.join(parts) or '-'} on {nodes} node(s)"
 
 
-def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str) -> float:
-    """The one use of the test split in a sweep: the best trial's final weights, evaluated once."""
-    import torch
-
+def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str) -> dict[str, Any]:
+    """The one use of the test split in a sweep: the family's test metrics of the best trial, once."""
     from cifarray.config import from_dict
-    from cifarray.train.common import RunDir
-    from cifarray.train.densenet import evaluate, load_finished
+    from cifarray.rundir import RunDir
 
     run = RunDir(trial_dir(out, trial_id))
-    model, data, aug = load_finished(run, from_dict(sweep.cls, run.read_json("config.json")))
-    return evaluate(model, data.test, aug, torch.device("cpu"))[0]
+    return sweep.family.test_metrics(run, from_dict(sweep.cls, run.read_json("config.json")))
 
 
 def plots(out: Path, sweep: Any, records: list[dict[str, Any]], metric: str, mode: str, label: str) -> list[Path]:
@@ -202,12 +192,7 @@ def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: 
         value, rec = (max if mode == "max" else min)(finals, key=lambda vr: vr[0])
         best = {"trial_id": rec["trial_id"], "params": rec["params"], metric: value,
                 "config": json.loads((trial_dir(out, rec["trial_id"]) / "config.json").read_text())}
-        if sweep.model == "densenet":
-            best["test_acc"] = evaluate_best_on_test(out, sweep, rec["trial_id"])
-        else:
-            best["test_fid"] = None
-            best["test_fid_note"] = ("not computed by the sweep: run python -m cifarray.eval fid "
-                                     f"{trial_dir(out, rec['trial_id'])} (needs Inception weights)")
+        best.update(evaluate_best_on_test(out, sweep, rec["trial_id"]))
     figures = plots(out, sweep, records, metric, mode, label)
     summary = {
         "model": sweep.model, "sweep": str(out / "sweep.toml"), "objective": metric, "objective_label": label,
@@ -233,8 +218,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         return
     obj = summary["objective"]
     line = f"best trial {best['trial_id']}: {best['params']:,} params, {obj} {best[obj]:.4f}"
-    if "test_acc" in best:
-        line += f", test accuracy {best['test_acc']:.4f} (evaluated once, after selection)"
+    tested = {k: v for k, v in best.items() if k.startswith("test_") and isinstance(v, (int, float))}
+    if tested:
+        line += ", " + ", ".join(f"{k} {v:.4f}" for k, v in tested.items()) + " (evaluated once, after selection)"
     print(line)
     if summary["synthetic_data"]:
         print("(procedural data: these numbers show the sweep works, not how well CIFAR-100 is learned)")

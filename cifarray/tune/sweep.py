@@ -38,17 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cifarray import registry
 from cifarray.config import _base_type, _coerce, _fields, load_toml, resolve
 from cifarray.errors import UserError
-from cifarray.models.dcgan import param_count as dcgan_params
-from cifarray.models.densenet import param_count as densenet_params
-from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
+from cifarray.train.engine import Family
+from cifarray.tune.rules import SweepRules
 
-CONFIGS = {"densenet": DenseNetTrainConfig, "dcgan": DCGANTrainConfig}
 # Keys the tuner sets per trial or per experiment: a sweep file may not set them.
 RESERVED = {"data_dir", "synthetic", "no_verify", "out", "workers", "gpu", "cpus_per_worker", "checkpoint_every"}
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
-SPECIAL = {"densenet": ("num_blocks", "layers_per_block"), "dcgan": ("g_width", "d_width")}
 TOP_KEYS = {"model", "trials", "seed", "train", "asha", "space", "description"}
 ASHA_KEYS = {"grace_period", "reduction_factor"}
 
@@ -76,7 +74,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Sweep:
-    model: str
+    family: Family  # carried by value: a trial's process finds the family without the registry
     trials: int
     seed: int
     train: dict[str, Any]  # validated fixed settings (config keys)
@@ -87,8 +85,16 @@ class Sweep:
     description: str = ""
 
     @property
+    def model(self) -> str:
+        return self.family.name
+
+    @property
     def cls(self) -> type:
-        return CONFIGS[self.model]
+        return self.family.config
+
+    @property
+    def rules(self) -> SweepRules:
+        return self.family.sweep or SweepRules()
 
     @property
     def base(self) -> Any:
@@ -110,16 +116,7 @@ class Sweep:
     def overrides(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Config values for sampled space values (special keys expanded)."""
         out = {k: v for k, v in sampled.items() if k in self.cls.__dataclass_fields__}
-        if self.model == "densenet" and "num_blocks" in sampled:
-            out["blocks"] = tuple(int(sampled[f"layers_{i}"]) for i in range(int(sampled["num_blocks"])))
-        if self.model == "dcgan":
-            if "g_width" in sampled:
-                w = int(sampled["g_width"])
-                out["g_widths"] = (8 * w, 4 * w, 2 * w, w)
-            if "d_width" in sampled:
-                w = int(sampled["d_width"])
-                out["d_widths"] = (w, 2 * w, 4 * w, 8 * w)
-        return out
+        return {**out, **self.rules.expand(sampled)}
 
     def config_for(self, overrides: dict[str, Any]) -> Any:
         """The trial's training config (procedural data stands in for the data source here)."""
@@ -127,22 +124,11 @@ class Sweep:
         return self.cls(**values)
 
     def params_of(self, overrides: dict[str, Any]) -> int:
-        cfg = self.config_for(overrides)
-        mc = cfg.model_config()
-        return densenet_params(mc) if self.model == "densenet" else dcgan_params(mc)
+        return self.family.param_count(self.config_for(overrides))
 
     def sample(self, trial: Any) -> dict[str, Any]:
-        """Define-by-run: suggest every parameter, including the per-block layer counts."""
-        sampled: dict[str, Any] = {}
-        for name, p in self.space.items():
-            if name == "layers_per_block":
-                continue
-            sampled[name] = p.suggest(trial)
-        if "num_blocks" in sampled:
-            lpb = self.space["layers_per_block"]
-            for i in range(int(sampled["num_blocks"])):
-                sampled[f"layers_{i}"] = lpb.suggest(trial, f"layers_{i}")
-        return sampled
+        """Define-by-run: suggest every parameter (the family's rules add derived ones, e.g. per-block layers)."""
+        return self.rules.sample(self.space, trial)
 
     def smallest(self) -> tuple[int, dict[str, Any]]:
         """The smallest parameter count in the space and a config that has it."""
@@ -152,10 +138,7 @@ class Sweep:
         for i, combo in enumerate(itertools.product(*grids)):
             if i >= 20_000:
                 break  # categorical products this large are not real sweeps; the lower bound found so far stands
-            sampled = dict(zip(names, combo))
-            if "num_blocks" in sampled:
-                for b in range(int(sampled["num_blocks"])):
-                    sampled[f"layers_{b}"] = sampled["layers_per_block"]
+            sampled = self.rules.corner(dict(zip(names, combo)))
             try:
                 n = self.params_of(self.overrides(sampled))
             except UserError:
@@ -214,10 +197,9 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
     unknown = sorted(set(values) - TOP_KEYS)
     if unknown:
         raise UserError(f"{source}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(TOP_KEYS))}")
-    model = values.get("model")
-    if model not in CONFIGS:
-        raise UserError(f"{source}: model must be one of {', '.join(CONFIGS)}, got {model!r}")
-    cls = CONFIGS[model]
+    family = registry.get(values.get("model"), where=f"{source}: model")
+    rules = family.sweep or SweepRules()
+    cls = family.config
     fields = _fields(cls)
     trials, seed = values.get("trials", 16), values.get("seed", 0)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
@@ -240,7 +222,7 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
     space_raw = values.get("space", {})
     if not space_raw:
         raise UserError(f"{source}: [space] is empty; give at least one parameter to search")
-    special = SPECIAL[model]
+    special = rules.keys
     space: dict[str, Param] = {}
     for key, spec in space_raw.items():
         name = key.replace("-", "_")
@@ -255,25 +237,13 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
             known = sorted(set(fields) - RESERVED - {"steps"}) + list(special)
             raise UserError(f"{source}: [space] unknown key '{key}'; known keys: {', '.join(known)}")
         space[name] = _dist(name, spec, tp, f"{source} [space]")
-    if model == "densenet":
-        if ("num_blocks" in space) != ("layers_per_block" in space):
-            raise UserError(f"{source}: [space] num_blocks and layers_per_block go together (the block layout)")
-        if "num_blocks" in space and "blocks" in space:
-            raise UserError(f"{source}: [space] blocks and num_blocks/layers_per_block exclude each other")
-        for n in ("num_blocks", "layers_per_block"):
-            if n in space and space[n].kind != "choice" and space[n].kind != "int":
-                raise UserError(f"{source}: [space] {n} must be int or choice")
-            if n in space and min(space[n].corners()) < 1:
-                raise UserError(f"{source}: [space] {n} must be at least 1")
-    for n in ("g_width", "d_width"):
-        if n in space and min(space[n].corners()) < 1:
-            raise UserError(f"{source}: [space] {n} must be at least 1")
+    rules.validate(space, f"{source}")
 
     asha = dict(values.get("asha", {}))
     unknown = sorted(set(asha) - ASHA_KEYS)
     if unknown:
         raise UserError(f"{source}: [asha] unknown key '{unknown[0]}'; known keys: {', '.join(sorted(ASHA_KEYS))}")
-    sweep = Sweep(model=model, trials=trials, seed=seed, train=train, space=space, source=source,
+    sweep = Sweep(family=family, trials=trials, seed=seed, train=train, space=space, source=source,
                   grace_period=0, reduction_factor=0, description=str(values.get("description", "")))
     grace = asha.get("grace_period", max(sweep.eval_every, sweep.steps // 10))
     rf = asha.get("reduction_factor", 3)

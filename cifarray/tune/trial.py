@@ -9,26 +9,16 @@ feasible config trains in OUT/trials/<trial id> with the same trainer code as
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cifarray.train.engine import RunContext
 from cifarray.tune.sweep import Sweep
 
 INFEASIBLE = "infeasible"
 CONSTRAINT = "params_over_budget"
 DRIVER_CPU = 0.01  # what a trial's driver holds; its workers ask for that much less between them
-
-
-def objective(sweep: Sweep, fid_available: bool) -> tuple[str, str, str]:
-    """(metric, mode, label) that the sweep selects on."""
-    if sweep.model == "densenet":
-        return "val_acc", "max", "validation accuracy"
-    if fid_available:
-        return "fid", "min", "FID vs the validation split"
-    # Without Inception weights there is no FID. The fallback is a Fréchet distance of low-order image
-    # statistics (colour, contrast, edges) between samples and validation images: it falls as samples
-    # stop looking like noise (the trainer tests rely on that), and it is labelled as what it is.
-    return "stats_fd", "min", "stats_fd (fallback: no Inception weights, NOT FID)"
 
 
 def worst(mode: str) -> float:
@@ -57,7 +47,7 @@ class SpaceSampler:
 
 
 def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: str, metric: str, mode: str,
-              fid_weights: list[str] | None) -> None:
+              context: RunContext) -> None:
     """The Tune trainable: a driver that builds and fits the trial's TorchTrainer (or refuses it)."""
     from ray import tune
 
@@ -68,23 +58,19 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
         return
     from cifarray.config import from_dict
     from cifarray.train import launch
-    from cifarray.train.common import RunDir
+    from cifarray.rundir import RunDir
 
     sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
     cfg = from_dict(sweep.cls, {**base, **sweep.overrides(sampled), "out": str(Path(out) / "trials" / trial_id)})
-    run, resolved, done = launch.prepare_run(cfg, cfg.model_config())
+    run, resolved, done = launch.prepare_run(cfg, sweep.family)
     if done:  # finished before the driver was killed, but Tune never heard: tell it now
         tune.report(final_result(run, metric, mode))
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    if sweep.model == "densenet":
-        from cifarray.train.densenet import train_densenet as train_fn
-    else:
-        from cifarray.train.dcgan import train_dcgan as train_fn
-    extra = {"_sweep_trial": True, **({"_fid_weights": fid_weights} if fid_weights else {})}
     cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU / cfg.workers
-    trainer = launch.build_trainer(cfg, run, train_fn, resolved, cpus, extra, callbacks=[TuneReportCallback()])
+    train_fn = sweep.family.train_fn(replace(context, sweep_trial=True))
+    trainer = launch.build_trainer(cfg, run, train_fn, resolved, cpus, callbacks=[TuneReportCallback()])
     trainer.fit()
     if not RunDir(cfg.out).read_json("summary.json"):
         diverged = run.read_json("diverged.json")
@@ -95,7 +81,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
 
 
 def final_result(run, metric: str, mode: str) -> dict[str, Any]:
-    from cifarray.train.common import read_metrics
+    from cifarray.rundir import read_metrics
 
     rows = read_metrics(run.metrics)
     last = rows[-1] if rows else {}

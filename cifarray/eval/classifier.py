@@ -1,0 +1,42 @@
+"""Classifier evaluation and loading a finished classifier run: shared by the trainer, the report,
+the tuner's one test evaluation and the bench."""
+
+from __future__ import annotations
+
+import torch
+
+from cifarray.data.augment import AugmentConfig, DeviceAugment
+from cifarray.data.loader import DeviceSplit, load_data, prepare
+from cifarray.rundir import RunDir
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: DeviceSplit, augment: DeviceAugment, device: torch.device,
+             batch: int = 1000) -> tuple[float, torch.Tensor]:
+    """Top-1 accuracy on a whole split; returns (accuracy, logits).
+
+    Always in fp32, whatever the training precision: accuracies then do not depend on it, and the
+    tuner's and the report's CPU re-evaluations of a finished run give the same numbers.
+    """
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, len(split), batch):
+        x = augment.normalize(split.images[start:start + batch])
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs.append(model(x).float())
+    model.train(was_training)
+    logits = torch.cat(outs) if outs else torch.zeros(0, 100, device=device)
+    acc = (logits.argmax(1) == split.labels).float().mean().item() if len(split) else float("nan")
+    return acc, logits
+
+
+def load_finished(run: RunDir, cfg, build_model) -> tuple[torch.nn.Module, object, DeviceAugment]:
+    """A finished run's final weights (model.pt), data splits and normalisation, on the CPU.
+
+    `build_model(cfg)` makes the untrained module of the run's family."""
+    data = prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed)
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
+    return model, data, DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std)
