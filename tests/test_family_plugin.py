@@ -106,7 +106,7 @@ def finish(s: ToyState, run: RunDir) -> dict:
 
 
 def report(run: RunDir, cfg: ToyConfig) -> list[Path]:
-    from cifarray.report import curves
+    from cifarray.figures import curves
 
     return [curves(run, read_metrics(run.metrics), [("loss", ["loss"]), ("accuracy", ["train_acc", "val_acc"])],
                    f"toy, pool {cfg.pool}")]

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
+from cifarray import figures
+from cifarray.errors import UserError
 from cifarray.metrics import stats_fd
 from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.dcgan import Discriminator, Generator, discriminator_params, generator_params
@@ -232,10 +234,28 @@ class Widths(SweepRules):
                 ("lr_d", lambda c: c.get("lr_d")), ("widths", widths))
 
 
-def _report(run, cfg):
-    from cifarray.report import dcgan_report
-
-    return dcgan_report(run, cfg)
+def report(run: RunDir, cfg: DCGANTrainConfig) -> list[Path]:
+    """curves.png, samples.png, interpolation.png (python -m cifarray.report)."""
+    weights = run.path / "generator.pt"
+    if not weights.is_file():
+        raise UserError(f"{run.path}: no generator.pt; the run has not finished (rerun its training command)")
+    rows = read_metrics(run.metrics)
+    panels = [("loss", ["loss_d", "loss_g"]), ("D output", ["d_real", "d_fake"])]
+    if any(r.get("fid") not in (None, "", "nan") for r in rows):
+        panels.append(("FID", ["fid"]))
+    out = [figures.curves(run, rows, panels, "DCGAN" + (" (procedural data)" if cfg.synthetic else ""))]
+    g = Generator(cfg.model_config())
+    g.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    g.eval()
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z = torch.randn(64, cfg.z_dim, generator=rng)
+        save_image((g(z) + 1) / 2, run.path / "samples.png", nrow=8, padding=2)
+        ends = torch.randn(2, 8, cfg.z_dim, generator=rng)
+        t = torch.linspace(0, 1, 10).view(1, 10, 1)
+        path = ends[0].unsqueeze(1) * (1 - t) + ends[1].unsqueeze(1) * t  # (8 rows, 10 steps, z)
+        save_image((g(path.reshape(80, -1)) + 1) / 2, run.path / "interpolation.png", nrow=10, padding=2)
+    return out + [run.path / "samples.png", run.path / "interpolation.png"]
 
 
 def _test_note(run: RunDir, cfg) -> dict[str, Any]:
@@ -253,7 +273,7 @@ FAMILY = Family(
     metric_fields=("loss_d", "loss_g", "d_real", "d_fake", "fid", "stats_fd", "lr_g"),
     log_fields=_log_fields, objective=objective, driver_context=fid_weights_for_training,
     param_count=train_config_params, enforce_budget=enforce_train_config,
-    report=_report, test_metrics=_test_note, sweep=Widths(),
+    report=report, test_metrics=_test_note, sweep=Widths(),
     progress_keys=("loss_d", "loss_g", "d_real", "d_fake", "fid", "images_per_s"),
     summary_keys=("params_g", "params_d", "steps", "seconds", "images_per_s", "best_fid", "best_fid_step"),
 )

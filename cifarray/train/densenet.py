@@ -2,23 +2,28 @@
 
 Step: augment on the device (crop, flip, AugMix), forward under autocast, cross-entropy, SGD (or
 AdamW) step, one-cycle schedule step. Evaluation: validation accuracy; at the end, train/val/test
-accuracy (a sweep trial leaves test alone) and model.pt.
+accuracy (a sweep trial leaves test alone) and model.pt. Report: curves, per-class accuracy, the most
+confused pairs and the first 16 test images with their top-3 predictions.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from cifarray import figures
 from cifarray.data.augment import DeviceAugment
 from cifarray.data.loader import DeviceSplit
 from cifarray.eval.classifier import evaluate, load_finished
 from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.densenet import DenseNet, param_count
-from cifarray.rundir import RunDir
+from cifarray.errors import UserError
+from cifarray.rundir import RunDir, read_metrics
 from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.engine import Family, Objective, Worker
 from cifarray.tune.rules import SweepRules
@@ -152,10 +157,51 @@ def layout(config: dict[str, Any]) -> str:
     return ",".join(map(str, config.get("blocks", ())))
 
 
-def _report(run, cfg):
-    from cifarray.report import densenet_report
-
-    return densenet_report(run, cfg)
+def report(run: RunDir, cfg: DenseNetTrainConfig) -> list[Path]:
+    """curves.png, per_class_accuracy.csv, confused_pairs.csv, inference.png (python -m cifarray.report)."""
+    weights = run.path / "model.pt"
+    if not weights.is_file():
+        raise UserError(f"{run.path}: no model.pt; the run has not finished (rerun its training command)")
+    tag = " (procedural data)" if cfg.synthetic else ""
+    out = [figures.curves(run, read_metrics(run.metrics),
+                          [("loss", ["loss"]), ("accuracy", ["train_acc", "val_acc"])],
+                          f"DenseNet k={cfg.growth_rate} blocks={','.join(map(str, cfg.blocks))}{tag}")]
+    model, data, aug = load_finished(run, cfg, build_model)
+    _, logits = evaluate(model, data.test, aug, torch.device("cpu"))
+    probs = logits.softmax(1)
+    pred, labels, names = probs.argmax(1), data.test.labels, data.class_names
+    n = len(names)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    with open(run.path / "per_class_accuracy.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class", "name", "test_images", "accuracy"])
+        for c in range(n):
+            total = int(confusion[c].sum())
+            w.writerow([c, names[c], total, f"{confusion[c, c].item() / total:.4f}" if total else ""])
+    pairs = (confusion + confusion.T).triu(1)  # unordered pairs: a taken for b plus b taken for a
+    top = torch.topk(pairs.flatten(), k=min(10, n * (n - 1) // 2))
+    with open(run.path / "confused_pairs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class_a", "class_b", "a_as_b", "b_as_a", "total"])
+        for value, flat in zip(top.values.tolist(), top.indices.tolist()):
+            a, b = divmod(flat, n)
+            w.writerow([names[a], names[b], int(confusion[a, b]), int(confusion[b, a]), value])
+    out += [run.path / "per_class_accuracy.csv", run.path / "confused_pairs.csv"]
+    plt = figures.pyplot()
+    fig, axes = plt.subplots(4, 4, figsize=(10, 11), dpi=100)
+    top3 = probs.topk(3, dim=1)
+    for i, ax in enumerate(axes.flat):
+        ax.imshow(data.test.images[i].permute(1, 2, 0).numpy())
+        ax.axis("off")
+        lines = [f"{names[c][:18]} {p:.0%}" for p, c in zip(top3.values[i].tolist(), top3.indices[i].tolist())]
+        ok = "ok" if pred[i] == labels[i] else f"true: {names[int(labels[i])][:16]}"
+        ax.set_title("\n".join(lines + [ok]), fontsize=7)
+    fig.suptitle(f"first 16 test images, top-3 predictions{tag}")
+    fig.tight_layout()
+    fig.savefig(run.path / "inference.png")
+    plt.close(fig)
+    return out + [run.path / "inference.png"]
 
 
 def _log_fields(s: State) -> dict[str, Any]:
@@ -172,7 +218,7 @@ FAMILY = Family(
     metric_fields=("loss", "train_acc", "val_acc", "lr"),
     log_fields=_log_fields, objective=_objective,
     param_count=train_config_params, enforce_budget=enforce_train_config,
-    report=_report, test_metrics=test_accuracy, sweep=BlockLayout(),
+    report=report, test_metrics=test_accuracy, sweep=BlockLayout(),
     progress_keys=("loss", "train_acc", "val_acc", "images_per_s"),
     summary_keys=("params", "steps", "seconds", "images_per_s", "val_acc", "test_acc"),
 )
