@@ -85,7 +85,9 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     # plain fp32 loop measured 0.0945 test accuracy (seed 0) on the 2-core EPYC dev VM. At 8k parameters
     # and this length, seeds spread widely (600 steps x 64: 0.24 with seed 0, 0.142 with seed 1), so the
     # floor only says that the reference learned; a colour swap in the augmentation fails it, a
-    # backwards learning-rate schedule (0.0965) or a disabled crop does not (docs/BENCHMARKS.md).
+    # backwards learning-rate schedule (0.0965) or a disabled crop does not (docs/BENCHMARKS.md). The
+    # schedule is therefore checked on the curve the trainer logged: warm-up over the first 15 % (45
+    # steps), then a decay to ~0 by the last step; a backwards schedule rises to its peak at 85 %.
     args = [*TINY_HARD, "--steps", "300", "--batch-size", "128", "--checkpoint-every", "100", "--eval-every", "100"]
     result = run_train("densenet", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -103,7 +105,12 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     assert plain["test_acc"] > 0.05  # chance is 0.01: the reference itself learned (measured 0.0945)
     assert abs(got["test_acc"] - plain["test_acc"]) <= 0.03, (got["test_acc"], plain["test_acc"])
     assert json.loads((out / "config.json").read_text())["steps"] == 300
-    assert [int(r["step"]) for r in metrics(out)][-1] == 300
+    rows = metrics(out)
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200, 250, 300]
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.9 * cfg.lr and lrs[-1] < 0.01 * cfg.lr, lrs
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < losses[0] - 0.3, losses  # it learned while the rate decayed (ln 100 = 4.6 at chance)
 
 
 @pytest.mark.slow

@@ -279,3 +279,32 @@ def test_gan_sweep_without_inception_weights_selects_on_a_labelled_fallback(tmp_
                                                  if t["status"] == "complete"), abs=1e-6)
     for t in trials:
         assert int(t["params"]) <= 1_000_000
+
+
+@pytest.mark.parametrize("gpus_per_trial, workers, expected", [
+    ("0.5", "2", "--gpus-per-trial 0.5 with --workers-per-trial 2: a fraction of a GPU is for one-worker trials"),
+    ("1.5", None, "--gpus-per-trial 1.5 must equal --workers-per-trial 1"),
+    ("2", "3", "--gpus-per-trial 2 must equal --workers-per-trial 3"),
+    ("-1", None, "--gpus-per-trial must be >= 0"),
+])
+def test_gpu_shares_that_cannot_work_are_refused_before_ray(tmp_path, gpus_per_trial, workers, expected):
+    out = tmp_path / "out"
+    args = ["--gpus-per-trial", gpus_per_trial, *(["--workers-per-trial", workers] if workers else [])]
+    result = run_module("cifarray.tune", "--sweep", str(CI_SWEEP), "--synthetic", "--out", str(out), *args,
+                        timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith(f"error: {expected}"), result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("cluster, share, expected", [
+    ((16, 1.0), 0.25, (4, 4)),  # four trials on one GPU, the node's 16 CPUs shared out: 4 each
+    ((16, 2.0), 0.5, (4, 4)),
+    ((16, 2.0), 1.0, (2, 8)),
+    ((2, 1.0), 0.25, (2, 1)),  # 2 CPUs: only 2 of the 4 GPU shares can run, one CPU each
+    ((2, 0.0), 0.0, (2, 1)),  # CPU only: one CPU per trial
+])
+def test_trials_per_gpu_follow_gpus_over_the_share(cluster, share, expected):
+    from cifarray.tune.__main__ import plan
+
+    assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=None, trials=8) == expected
+    assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=1, trials=8)[0] == 1

@@ -193,8 +193,10 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
 
 
 def build_trainer(cfg, run: RunDir, train_fn: Callable[[dict], None], resolved: dict, cpus: float,
-                  callbacks: list | None = None):
-    """The TorchTrainer of one run; its storage (RUN_DIR/ray) is where a rerun resumes from."""
+                  callbacks: list | None = None, gpus: float = 1.0):
+    """The TorchTrainer of one run; its storage (RUN_DIR/ray) is where a rerun resumes from.
+
+    `gpus`: per worker when cfg.gpu (a fraction packs several one-worker sweep trials on a GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -202,7 +204,7 @@ def build_trainer(cfg, run: RunDir, train_fn: Callable[[dict], None], resolved: 
         train_fn,
         train_loop_config=resolved,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.gpu else {})}),
+                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus} if cfg.gpu else {})}),
         run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run.path),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),

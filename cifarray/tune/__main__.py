@@ -49,8 +49,9 @@ def parser() -> argparse.ArgumentParser:
                    "it if --out holds one, else start it (for batch jobs that may be requeued)")
     p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else a local one)")
     p.add_argument("--max-concurrent", type=int, help="cap on trials at once (default: what the cluster fits)")
-    p.add_argument("--gpus-per-trial", default="0", help="GPUs per trial, one per DDP worker (default 0); auto: 1 "
-                   "if the Ray cluster has GPUs, else 0")
+    p.add_argument("--gpus-per-trial", default="0", help="GPUs per trial: one per DDP worker, or a fraction <= 1 "
+                   "for a one-worker trial (0.25: four trials share a GPU); default 0; auto: 1 if the Ray cluster "
+                   "has GPUs, else 0")
     p.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default: GPUs per trial, or 1)")
     p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial, split across its workers (default: 1 per "
                    "worker on CPU; the node's CPUs shared out on GPU)")
@@ -77,7 +78,7 @@ def _main(args, out: Path) -> int:
         args.resume = saved is not None and experiment.exists()
     args.auto_gpus = args.gpus_per_trial == "auto"  # decided in run(), once the Ray cluster is joined
     try:
-        args.gpus_per_trial = 0 if args.auto_gpus else int(args.gpus_per_trial)
+        args.gpus_per_trial = 0 if args.auto_gpus else float(args.gpus_per_trial)
     except ValueError:
         raise UserError(f"--gpus-per-trial must be a number or auto, got {args.gpus_per_trial!r}") from None
     if args.resume:
@@ -104,12 +105,7 @@ def _main(args, out: Path) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    if args.gpus_per_trial < 0:
-        raise UserError("--gpus-per-trial must be >= 0")
-    workers = args.workers_per_trial or max(1, args.gpus_per_trial)
-    if args.gpus_per_trial and args.gpus_per_trial != workers:
-        raise UserError(f"--gpus-per-trial {args.gpus_per_trial} must equal --workers-per-trial {workers} "
-                        "(one GPU per DDP worker)")
+    workers = trial_workers(args.gpus_per_trial, args.workers_per_trial)
     trials = args.trials or sweep.trials
     batches = [sweep.base.batch_size]
     if "batch_size" in sweep.space and sweep.space["batch_size"].kind == "choice":
@@ -126,6 +122,47 @@ def _main(args, out: Path) -> int:
         (out / ARGS_FILE).write_text(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS},
                                                  "sweep": str(Path(sweep.source).resolve())}, indent=2))
     return run(args, sweep, out, data_dir, workers, trials)
+
+
+def trial_workers(gpus_per_trial: float, workers_per_trial: int | None) -> int:
+    """DDP workers per trial, checked against --gpus-per-trial (whole GPUs, one per worker, or a fraction
+    of one GPU for a one-worker trial)."""
+    g = gpus_per_trial
+    if g < 0:
+        raise UserError("--gpus-per-trial must be >= 0")
+    workers = workers_per_trial or max(1, int(g))
+    if 0 < g < 1:
+        if workers > 1:
+            raise UserError(f"--gpus-per-trial {g:g} with --workers-per-trial {workers}: a fraction of a GPU is for "
+                            "one-worker trials (NCCL refuses two ranks on one GPU); pass --workers-per-trial 1, or "
+                            f"--gpus-per-trial {workers} (one GPU per worker)")
+    elif g and (g != int(g) or g != workers):
+        raise UserError(f"--gpus-per-trial {g:g} must equal --workers-per-trial {workers} (one GPU per DDP "
+                        "worker), or be a fraction <= 1 for one-worker trials")
+    return workers
+
+
+def plan(cpus: int, gpus: float, gpus_per_trial: float, workers: int, cpus_per_trial: int | None,
+         max_concurrent: int | None, trials: int) -> tuple[int, int]:
+    """(trials at once, CPUs per worker) on a cluster of `cpus` and `gpus`.
+
+    With GPUs, concurrency follows GPUs / GPUs per trial (0.25: four trials per GPU) and the CPUs are
+    shared out among the trials that fit; without, each worker gets --cpus-per-trial / workers CPUs.
+    """
+    if gpus_per_trial:
+        if gpus < gpus_per_trial:
+            raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {gpus:g} GPU(s); "
+                            "lower it or run on GPU nodes")
+        fit_by = int(gpus / gpus_per_trial + 1e-9)
+        cpus_per_worker = max(1, (cpus_per_trial or cpus // fit_by) // workers)
+        fit_by = min(fit_by, cpus // (cpus_per_worker * workers))  # every trial still needs its CPUs
+    else:
+        cpus_per_worker = max(1, (cpus_per_trial or workers) // workers)
+        fit_by = cpus // (cpus_per_worker * workers)
+    if fit_by < 1:
+        raise UserError(f"one trial needs {workers * cpus_per_worker} CPUs but the Ray cluster has {cpus}; "
+                        "lower --workers-per-trial or --cpus-per-trial")
+    return min(fit_by, max_concurrent or fit_by, trials), cpus_per_worker
 
 
 def _json(path: Path) -> dict | None:
@@ -196,28 +233,18 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
         logging.getLogger(name).setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
     if args.auto_gpus and gpus and workers == 1:
         args.gpus_per_trial = 1
-    if args.gpus_per_trial:
-        if gpus < args.gpus_per_trial:
-            raise UserError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {gpus} GPU(s); "
-                            "lower it or run on GPU nodes")
-        fit_by = gpus // args.gpus_per_trial
-        cpus_per_worker = max(1, (args.cpus_per_trial or cpus // fit_by) // workers)
-    else:
-        cpus_per_worker = max(1, (args.cpus_per_trial or workers) // workers)
-        fit_by = cpus // (cpus_per_worker * workers)
-    if fit_by < 1:
-        raise UserError(f"one trial needs {workers * cpus_per_worker} CPUs but the Ray cluster has {cpus}; "
-                        "lower --workers-per-trial or --cpus-per-trial")
-    concurrent = min(fit_by, args.max_concurrent or fit_by, trials)
+    concurrent, cpus_per_worker = plan(cpus, gpus, args.gpus_per_trial, workers, args.cpus_per_trial,
+                                       args.max_concurrent, trials)
 
     base = {**sweep.train, "data_dir": str(data_dir), "synthetic": False,
-            "no_verify": True if args.synthetic else args.no_verify, "workers": workers, "gpu": bool(args.gpus_per_trial), "cpus_per_worker": cpus_per_worker,
+            "no_verify": True if args.synthetic else args.no_verify, "workers": workers,
+            "gpu": bool(args.gpus_per_trial), "cpus_per_worker": cpus_per_worker,
             "checkpoint_every": sweep.eval_every}  # every report carries a checkpoint and the objective
     trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), metric=metric, mode=mode,
-                                     context=context)
+                                     context=context, gpus_per_worker=args.gpus_per_trial / workers)
     # The driver only waits on its TorchTrainer; Tune cannot place a trial that asks for nothing, so the
     # driver holds a sliver of a CPU that its workers give up (see run_trial): a trial takes exactly
     # workers x cpus_per_worker CPUs, and 2 one-CPU trials fit on 2 CPUs.
@@ -229,7 +256,8 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
     print(f"sweep {Path(sweep.source).name}: {sweep.model}, {trials} trials, objective {label} ({mode}), "
           f"budget {sweep.budget:,} params; ASHA grace {sweep.grace_period} steps, reduction x{sweep.reduction_factor}, "
           f"max {sweep.steps} steps; {concurrent} trial(s) at once, {workers} worker(s) x "
-          f"{'1 GPU' if args.gpus_per_trial else f'{cpus_per_worker} CPU'} each; out {out}", flush=True)
+          f"{f'{args.gpus_per_trial / workers:g} GPU' if args.gpus_per_trial else f'{cpus_per_worker} CPU'} each; "
+          f"out {out}", flush=True)
     started = time.time()
     if args.resume:
         # The saved RunConfig comes back with it, console callback included (see SweepConsole.__getstate__).

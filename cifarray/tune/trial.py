@@ -47,7 +47,7 @@ class SpaceSampler:
 
 
 def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: str, metric: str, mode: str,
-              context: RunContext) -> None:
+              context: RunContext, gpus_per_worker: float = 1.0) -> None:
     """The Tune trainable: a driver that builds and fits the trial's TorchTrainer (or refuses it)."""
     from ray import tune
 
@@ -70,7 +70,8 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
 
     cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU / cfg.workers
     train_fn = sweep.family.train_fn(replace(context, sweep_trial=True))
-    trainer = launch.build_trainer(cfg, run, train_fn, resolved, cpus, callbacks=[TuneReportCallback()])
+    trainer = launch.build_trainer(cfg, run, train_fn, resolved, cpus, callbacks=[TuneReportCallback()],
+                                   gpus=gpus_per_worker)
     trainer.fit()
     if not RunDir(cfg.out).read_json("summary.json"):
         diverged = run.read_json("diverged.json")
