@@ -148,6 +148,7 @@ def test_a_family_defined_outside_cifarray_trains_sweeps_and_reports(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "toy" and summary["status"] == "complete" and summary["params"] == 19_300
+    assert summary["startup_s"] > 0 and summary["train_s"] > 0 and summary["finish_s"] >= 0  # the engine's timings
     rows = read_metrics(out / "metrics.csv")
     assert list(rows[0]) == ["step", "loss", "train_acc", "val_acc", "images_per_s", "seconds", "attempt"]
     # It learned (measured val 0.214 at seed 0; chance is 0.01) through the engine's loop, cadence and final files.

@@ -51,7 +51,7 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
     opt, sched = make_optimizer(cfg, model)
-    sampler = ShardedBatches(len(data.train), cfg.batch_size, seed=cfg.seed)
+    sampler = ShardedBatches(len(data.train), cfg.batch_size, seed=cfg.seed, device=device)
     aug = DeviceAugment(cfg.augment_config(), data.mean, data.std, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model.train()
@@ -59,7 +59,7 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, 
     for step in range(cfg.steps):
         if step == warmup:
             t0 = time.perf_counter()
-        idx = sampler.next().to(device)
+        idx = sampler.next()
         x = aug(data.train.images[idx], gen)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)

@@ -60,15 +60,21 @@ def prepare(data: Cifar100, *, val_size: int = 5000, seed: int = 0,
 
 
 class ShardedBatches:
-    """Indices of this rank's batches, epoch after epoch, from one seeded permutation shared by all ranks."""
+    """Indices of this rank's batches, epoch after epoch, from one seeded permutation shared by all ranks.
 
-    def __init__(self, n: int, global_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0):
+    The permutation is drawn on the CPU, so the order does not depend on the device (a run resumed on
+    another kind of device trains on the same batches), and moved to `device` once per epoch: a batch
+    is then a slice of a device tensor, with no host-to-device copy per step.
+    """
+
+    def __init__(self, n: int, global_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0,
+                 device: torch.device | str = "cpu"):
         if global_batch % world:
             raise UserError(f"batch size {global_batch} must be divisible by the number of workers ({world})")
         self.per_rank = global_batch // world
         if n // world < self.per_rank:
             raise UserError(f"batch size {global_batch} exceeds the {n} training images; use a smaller --batch-size")
-        self.n, self.rank, self.world, self.seed = n, rank, world, seed
+        self.n, self.rank, self.world, self.seed, self.device = n, rank, world, seed, torch.device(device)
         self.epoch, self.position = 0, 0
         self._order: torch.Tensor | None = None
 
@@ -80,7 +86,8 @@ class ShardedBatches:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)
         shard = self.n // self.world
-        return perm[self.rank * shard:(self.rank + 1) * shard]  # disjoint contiguous slices of one permutation
+        # Disjoint contiguous slices of one permutation.
+        return perm[self.rank * shard:(self.rank + 1) * shard].to(self.device)
 
     def next(self) -> torch.Tensor:
         if self.position >= self.batches_per_epoch:

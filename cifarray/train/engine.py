@@ -137,6 +137,7 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
     """The one training loop: run in every Ray Train worker (1 CPU process or N GPU ranks alike)."""
     from cifarray.config import from_dict
 
+    entered = time.perf_counter()
     cfg = from_dict(family.config, config)
     run = common.RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
@@ -145,7 +146,8 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
                     data=prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device),
                     gen=torch.Generator(device=device), context=context,
                     attempt=common.next_attempt(run) if rank == 0 else 0)
-    sampler = ShardedBatches(len(worker.data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed)
+    sampler = ShardedBatches(len(worker.data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed,
+                             device=device)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     state = family.build(cfg, worker)
@@ -161,11 +163,12 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
 
     keys: list[str] = []
     sums = torch.zeros(0, device=device)
+    started = time.perf_counter()
     window_start, window_steps = time.perf_counter(), 0
     row: dict[str, Any] = {}
     checkpoint = None
     for step in range(start + 1, cfg.steps + 1):
-        metrics = family.step(state, sampler.next().to(device))
+        metrics = family.step(state, sampler.next())
         if not keys:
             keys, sums = list(metrics), torch.zeros(len(metrics), dtype=torch.float64, device=device)
         sums += torch.stack([metrics[k].detach().to(torch.float64) for k in keys])
@@ -202,16 +205,21 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
         sums.zero_()
         window_steps, window_start = 0, time.perf_counter()
 
+    trained = time.perf_counter()
     primary = next(c for c in state.stateful.values() if isinstance(c, torch.nn.Module))
     common.write_worker_info(run, rank, params_sha256=common.params_sha256(primary), final_step=cfg.steps)
     if rank == 0:
         seconds = sum(float(r["seconds"]) for r in common.read_metrics(run.metrics))
+        fields = family.finish(state, run)
         run.write_json("summary.json", {
             "model": family.name, "status": "complete", "steps": cfg.steps, "workers": world,
             "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
             "images_per_s": round(cfg.steps * cfg.batch_size / max(seconds, 1e-9), 1),
-            "seed": cfg.seed, "precision": worker.precision,
-            **family.finish(state, run), **common.provenance(device),
+            # This attempt's wall clock in the worker: data, build and restore; the loop (evaluations and
+            # checkpoints included); final evaluation and files. Ray's own start-up is the driver's.
+            "startup_s": round(started - entered, 2), "train_s": round(trained - started, 2),
+            "finish_s": round(time.perf_counter() - trained, 2),
+            "seed": cfg.seed, "precision": worker.precision, **fields, **common.provenance(device),
         })
     if start < cfg.steps:
         # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
