@@ -62,3 +62,32 @@ def test_the_plain_baseline_augments_with_the_runs_own_augmix_settings(monkeypat
                               augmix_severity=5, augmix_width=2, growth_rate=2, blocks=(1, 1), cpus_per_worker=1)
     bench_train.plain_train(cfg, tmp_path, warmup=0)
     assert [(c.mode, c.severity, c.width) for c in seen] == [("augmix", 5, 2)]
+
+
+@pytest.mark.slow
+def test_bench_gpu_prints_its_table_on_the_cpu_with_small_sizes():
+    result = run_module("cifarray.bench", "gpu", "--device", "cpu", "--batch-size", "32", "--gan-batch-size", "16",
+                        "--growth-rate", "4", "--blocks", "1,1", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                        "--compile", "--e2e-steps", "20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^bench gpu: cpu .*precision (bf16|fp32), DenseNet k=4 blocks=1,1", out, re.M)
+    for row in ("AugMix \\+ crop \\+ flip, one batch", "model step, eager", "model step, torch.compile",
+                "full step \\(order \\+ augment \\+ model\\)", "DCGAN D\\+G step \\(paper preset\\)"):
+        assert re.search(rf"^  {row}\s+\d+\.\d\d\s", out, re.M), row
+    ops = int(re.search(r"aten operators per full step\s+(\d+)", out).group(1))
+    assert ops > 50  # a DenseNet step is hundreds of operators; zero would mean the profiler saw nothing
+    full = float(re.search(r"full step \(order \+ augment \+ model\)\s+(\d+\.\d+)", out).group(1))
+    projected = float(re.search(r"projected 10,000 steps\s+(\d+) s", out).group(1))
+    assert abs(projected - full * 10) <= 1
+    e2e = re.search(r"end-to-end python -m cifarray.train\s+(\d+\.\d) s wall for 20 steps: worker start-up "
+                    r"(\d+\.\d+) s, training (\d+\.\d+) s, finish (\d+\.\d+) s", out)
+    assert e2e and float(e2e.group(1)) > float(e2e.group(3)) > 0, out
+    assert "not built yet" in out  # bulk augmentation and CUDA graphs: said, not faked
+
+
+def test_bench_gpu_without_cuda_is_one_line_error():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_module("cifarray.bench", "gpu", "--device", "cuda")
+    assert result.returncode == 2 and result.stderr.strip() == "error: --device cuda: no CUDA device here; pass --device cpu"

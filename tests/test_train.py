@@ -110,7 +110,8 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     lrs = [float(r["lr"]) for r in rows]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0.9 * cfg.lr and lrs[-1] < 0.01 * cfg.lr, lrs
     losses = [float(r["loss"]) for r in rows]
-    assert losses[-1] < losses[0] - 0.3, losses  # it learned while the rate decayed (ln 100 = 4.6 at chance)
+    # Measured (seed 0, EPYC VM): lr 0.1997 at step 50 falling to 1.6e-5 at 300; loss 4.57 -> 3.22.
+    assert losses[-1] < losses[0] - 0.5, losses  # it learned while the rate decayed (ln 100 = 4.6 at chance)
 
 
 @pytest.mark.slow

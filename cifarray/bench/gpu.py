@@ -1,0 +1,210 @@
+"""Where a training step's time goes, on a GPU (or, with small sizes, on the CPU): one table.
+
+Rows: AugMix per batch; the model step alone (eager, and compiled with --compile); the full step
+(batch order + augmentation + model step, through the DenseNet family's own `step`); launches per
+step and the GPU's busy fraction (torch.profiler); the projected 10,000-step time; the DCGAN's D+G
+step; and the end-to-end wall of a short `python -m cifarray.train` run with its start-up, training
+and finish itemised. Rows for paths that do not exist yet (bulk augmentation, CUDA graphs) say so.
+
+Everything except the end-to-end row runs in this process, without Ray, on random uint8 images:
+step timings do not depend on the pixels. Times are medians of --repeats timed runs of --steps
+steps each, after --warmup steps, with the device synchronised around each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cifarray.data.loader import DeviceSplit, PreparedData, ShardedBatches
+from cifarray.errors import UserError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gpu", help="where a training step's time goes (GPU, or CPU with small sizes)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=512, help="DenseNet batch (the paper's 512)")
+    p.add_argument("--gan-batch-size", type=int, default=128, help="DCGAN batch (the paper's 128)")
+    p.add_argument("--growth-rate", type=int, default=8)
+    p.add_argument("--blocks", default="5,5,5,5", help="the paper model by default")
+    p.add_argument("--precision", default="auto", help="auto | bf16 | fp32 (auto: bf16 where native)")
+    p.add_argument("--steps", type=int, default=20, help="steps per timed run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, cuDNN autotune)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is reported")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd model step")
+    p.add_argument("--e2e-steps", type=int, default=200,
+                   help="steps of the end-to-end cifarray.train run (0: skip that row)")
+    p.set_defaults(func=run)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ms(fn, device: torch.device, steps: int, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        runs.append((time.perf_counter() - t) * 1000 / steps)
+    return statistics.median(runs)
+
+
+def _profile(fn, device: torch.device, steps: int) -> tuple[float, float | None]:
+    """(device kernels, or CPU operators, per step; GPU busy fraction or None on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    wall_us = (time.perf_counter() - t) * 1e6
+    events = prof.events()
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / wall_us
+        return len(kernels) / steps, min(busy, 1.0)
+    return sum(1 for e in events if e.name.startswith("aten::")) / steps, None
+
+
+def _data(device: torch.device, n: int) -> PreparedData:
+    g = torch.Generator().manual_seed(0)
+
+    def split(k: int) -> DeviceSplit:
+        return DeviceSplit(torch.randint(0, 256, (k, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
+                           torch.randint(0, 100, (k,), generator=g).to(device))
+
+    return PreparedData(train=split(n), val=split(256), test=split(256), mean=(0.5,) * 3, std=(0.25,) * 3,
+                        class_names=[str(i) for i in range(100)])
+
+
+def _worker(cfg, device: torch.device, data: PreparedData, precision: str):
+    from cifarray.rundir import RunDir
+    from cifarray.train.engine import RunContext, Worker
+
+    class LocalWorker(Worker):
+        def wrap(self, model):  # no Ray Train session here: no DDP
+            return torch.compile(model) if self.cfg.compile else model
+
+    return LocalWorker(cfg=cfg, run=RunDir(tempfile.mkdtemp(prefix="cifarray-bench-gpu-")), device=device, rank=0, world=1,
+                       precision=precision, data=data, gen=torch.Generator(device=device).manual_seed(0),
+                       context=RunContext(sweep_trial=True))
+
+
+def _e2e(args, device: torch.device) -> str:
+    out = Path(tempfile.mkdtemp(prefix="cifarray-bench-gpu-"))
+    cmd = [sys.executable, "-m", "cifarray.train", "densenet", "--synthetic", "--out", str(out / "run"),
+           "--steps", str(args.e2e_steps), "--batch-size", str(args.batch_size), "--growth-rate",
+           str(args.growth_rate), "--blocks", args.blocks, "--precision", args.precision,
+           "--eval-every", str(args.e2e_steps), "--checkpoint-every", str(args.e2e_steps),
+           *(["--gpu"] if device.type == "cuda" else ["--synthetic-train-per-class", "40",
+                                                      "--synthetic-test-per-class", "10", "--val-size", "500"])]
+    t = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if result.returncode != 0:
+        return f"failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}"
+    s = json.loads((out / "run" / "summary.json").read_text())
+    return (f"{wall:.1f} s wall for {args.e2e_steps} steps: worker start-up {s['startup_s']} s, training "
+            f"{s['train_s']} s, finish {s['finish_s']} s; the rest is Ray, data and the report")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cifarray.train import dcgan, densenet
+    from cifarray.train.common import resolve_precision
+    from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; pass --device cpu")
+    if min(args.steps, args.repeats, args.batch_size, args.gan_batch_size) < 1 or args.warmup < 0 \
+            or args.e2e_steps < 0:
+        raise UserError("--steps, --repeats and the batch sizes must be at least 1; --warmup, --e2e-steps >= 0")
+    precision = resolve_precision(args.precision, device)
+    torch.backends.cudnn.benchmark = True
+    blocks = tuple(int(b) for b in args.blocks.split(","))
+    cfg = DenseNetTrainConfig(synthetic=True, batch_size=args.batch_size, growth_rate=args.growth_rate,
+                              blocks=blocks, steps=10_000, gpu=device.type == "cuda", precision=precision)
+    data = _data(device, max(4 * args.batch_size, 2048))
+    torch.manual_seed(0)
+    state = densenet.build(cfg, _worker(cfg, device, data, precision))
+    sampler = ShardedBatches(len(data.train), cfg.batch_size, device=device)
+    batch = sampler.next()
+    raw = data.train.images[batch]
+    x = state.aug(raw, state.worker.gen)
+    y = data.train.labels[batch]
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def model_step(model=state.train_model):
+        with state.worker.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        state.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        state.opt.step()
+
+    def full_step():
+        densenet.step(state, sampler.next())
+
+    timing = dict(device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+    rows = [("AugMix + crop + flip, one batch", f"{_ms(lambda: state.aug(raw, state.worker.gen), **timing):.2f}",
+             f"{args.batch_size} images, per batch"),
+            ("AugMix, bulk (many batches per call)", "n/a", "not built yet"),
+            ("model step, eager", f"{_ms(model_step, **timing):.2f}", f"{precision}, forward + backward + SGD")]
+    if args.compile:
+        t = time.perf_counter()
+        compiled = torch.compile(state.model)
+        model_step(compiled)
+        rows.append(("model step, torch.compile", f"{_ms(lambda: model_step(compiled), **timing):.2f}",
+                     f"compiling took {time.perf_counter() - t:.0f} s"))
+    rows.append(("model step, CUDA graph", "n/a", "not built yet"))
+    full = _ms(full_step, **timing)
+    launches, busy = _profile(full_step, device, max(1, min(args.steps, 5)))
+    rows += [("full step (order + augment + model)", f"{full:.2f}", "the family's own step, eager"),
+             ("kernels per full step" if device.type == "cuda" else "aten operators per full step",
+              f"{launches:.0f}", "torch.profiler"),
+             ("GPU busy per full step", f"{busy:.0%}" if busy is not None else "n/a",
+              "kernel time / wall" if busy is not None else "no GPU"),
+             ("projected 10,000 steps", f"{full * 10:.0f} s", "full step x 10,000")]
+
+    gcfg = DCGANTrainConfig(synthetic=True, batch_size=args.gan_batch_size, gpu=device.type == "cuda",
+                            precision=precision)
+    torch.manual_seed(0)
+    gstate = dcgan.build(gcfg, _worker(gcfg, device, data, precision))
+    gsampler = ShardedBatches(len(data.train), gcfg.batch_size, device=device)
+    gan = _ms(lambda: dcgan.step(gstate, gsampler.next()), **timing)
+    rows += [("DCGAN D+G step (paper preset)", f"{gan:.2f}", f"batch {gcfg.batch_size}; 50,000 steps: "
+                                                              f"{gan * 50:.0f} s")]
+    if args.e2e_steps:
+        rows.append(("end-to-end python -m cifarray.train", "", _e2e(args, device)))
+
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    params = sum(p.numel() for p in state.model.parameters())
+    print(f"bench gpu: {name}, torch {torch.__version__}, precision {precision}, DenseNet k={args.growth_rate} "
+          f"blocks={args.blocks} ({params:,} params), batch {args.batch_size}")
+    width = max(len(r[0]) for r in rows)
+    print(f"  {'what':<{width}}  {'ms/value':>9}  note")
+    for what, value, note in rows:
+        print(f"  {what:<{width}}  {value:>9}  {note}")
+    return 0
