@@ -110,7 +110,7 @@ def fake_dcgan_run(root: Path) -> Path:
     from cifarray.config import to_dict
     from cifarray.data.synth import write_synthetic
     from cifarray.models.dcgan import Generator
-    from cifarray.train.common import RunDir
+    from cifarray.rundir import RunDir
     from cifarray.train.config import DCGANTrainConfig
 
     run = RunDir(root)

@@ -13,7 +13,7 @@ from cifarray.config import to_dict
 from cifarray.data.synth import write_synthetic
 from cifarray.models.dcgan import Generator
 from cifarray.models.densenet import DenseNet
-from cifarray.train.common import MetricsLog, RunDir
+from cifarray.rundir import MetricsLog, RunDir
 from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
 from cifarray.train.dcgan import FAMILY as GAN
 from cifarray.train.densenet import FAMILY as DENSENET

@@ -14,7 +14,8 @@ def fid_command(args: argparse.Namespace) -> int:
     from cifarray.config import from_dict
     from cifarray.eval import fid
     from cifarray.models.dcgan import Generator
-    from cifarray.train.common import RunDir, load_data
+    from cifarray.data.loader import load_data
+    from cifarray.rundir import RunDir
     from cifarray.train.config import DCGANTrainConfig
 
     run = RunDir(args.run_dir)

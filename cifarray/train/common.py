@@ -1,6 +1,6 @@
 """What the training engine builds on: provenance, checkpoints, collectives, worker set-up, precision.
 
-The run folder and metrics.csv live in `cifarray.rundir` (re-exported here).
+The run folder and metrics.csv live in `cifarray.rundir`, the run's data in `cifarray.data.loader`.
 
 Inside a Ray Train worker, `rank == 0` is the one process that writes files; every
 rank takes part in collectives and in `ray.train.report`.
@@ -21,8 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cifarray.data.loader import load_data  # noqa: F401  (re-exported)
-from cifarray.rundir import MetricsLog, RunDir, read_metrics  # noqa: F401  (re-exported)
+from cifarray.rundir import RunDir
 
 CHECKPOINT_FILE = "state.pt"
 

@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import torch
 
-from cifarray.data.loader import PreparedData, ShardedBatches, prepare
+from cifarray.data.loader import PreparedData, ShardedBatches, load_data, prepare
+from cifarray.rundir import MetricsLog, RunDir, read_metrics
 from cifarray.train import common
 
 
@@ -47,7 +48,7 @@ class Worker:
     """One worker's view of the run: given to `build`, and kept by the state the family returns."""
 
     cfg: Any
-    run: common.RunDir
+    run: RunDir
     device: torch.device
     rank: int
     world: int
@@ -93,12 +94,12 @@ class Family:
     build: Callable[[Any, Worker], Any]
     step: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
     evaluate: Callable[[Any, int], dict[str, float]]
-    finish: Callable[[Any, common.RunDir], dict[str, Any]]
+    finish: Callable[[Any, RunDir], dict[str, Any]]
     metric_fields: tuple[str, ...]  # metrics.csv columns between step and images_per_s
     objective: Callable[[RunContext], Objective]  # what a sweep selects on
     param_count: Callable[[Any], int]  # trainable parameters of the config's model(s)
     enforce_budget: Callable[[Any], int]  # the count, or BudgetError naming the flags to change
-    report: Callable[[common.RunDir, Any], list[Path]]  # figures and tables of a finished run
+    report: Callable[[RunDir, Any], list[Path]]  # figures and tables of a finished run
     progress_keys: tuple[str, ...] = ()  # shown while training
     summary_keys: tuple[str, ...] = ()  # printed by the CLI when training ends
     description: str = ""
@@ -107,7 +108,7 @@ class Family:
     eval_now: Callable[[Any, int], bool] | None = None  # default: every cfg.eval_every steps
     begin: Callable[[Any], None] = _nothing  # rank 0, after restore, before the first step
     driver_context: Callable[[Any], RunContext] = _no_context  # driver side, before Ray starts
-    test_metrics: Callable[[common.RunDir, Any], dict[str, Any]] = _nothing  # a sweep's best trial, once
+    test_metrics: Callable[[RunDir, Any], dict[str, Any]] = _nothing  # a sweep's best trial, once
     sweep: Any = None  # SweepRules: special sweep keys, their expansion, console columns (cifarray.tune.sweep)
 
     @property
@@ -139,11 +140,11 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
 
     entered = time.perf_counter()
     cfg = from_dict(family.config, config)
-    run = common.RunDir(cfg.out)
+    run = RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
     worker = Worker(cfg=cfg, run=run, device=device, rank=rank, world=world,
                     precision=common.resolve_precision(cfg.precision, device),
-                    data=prepare(common.load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device),
+                    data=prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device),
                     gen=torch.Generator(device=device), context=context,
                     attempt=common.next_attempt(run) if rank == 0 else 0)
     sampler = ShardedBatches(len(worker.data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed,
@@ -154,7 +155,7 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
     stateful = {**state.stateful, "sampler": sampler}
     start = worker.start = common.restore(stateful)
     worker.gen.manual_seed(common.augment_seed(cfg.seed, rank, start))
-    log = common.MetricsLog(run.metrics, family.metrics_columns)
+    log = MetricsLog(run.metrics, family.metrics_columns)
     if rank == 0:
         log.truncate_after(start)
         family.begin(state)
@@ -209,7 +210,7 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
     primary = next(c for c in state.stateful.values() if isinstance(c, torch.nn.Module))
     common.write_worker_info(run, rank, params_sha256=common.params_sha256(primary), final_step=cfg.steps)
     if rank == 0:
-        seconds = sum(float(r["seconds"]) for r in common.read_metrics(run.metrics))
+        seconds = sum(float(r["seconds"]) for r in read_metrics(run.metrics))
         fields = family.finish(state, run)
         run.write_json("summary.json", {
             "model": family.name, "status": "complete", "steps": cfg.steps, "workers": world,
