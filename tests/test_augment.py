@@ -7,8 +7,10 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from cifarray.data.augment import OP_NAMES, AugmentConfig, DeviceAugment, apply_op, crop_flip, reference_pipeline
+from cifarray.data.augment import (OP_NAMES, AugmentConfig, BulkAugment, DeviceAugment, apply_op, chunk_batches,
+                                   crop_flip, reference_pipeline)
 from cifarray.data.cifar import load_cifar100
+from cifarray.data.loader import ShardedBatches
 from cifarray.errors import UserError
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
@@ -131,3 +133,49 @@ def test_config_validation():
         AugmentConfig(mode="fancy")
     with pytest.raises(UserError, match="severity 11"):
         AugmentConfig(severity=11)
+
+
+def _bulk_stream(aug, images, chunk: int, steps: int, take: int, state: dict | None = None):
+    """(indices, augmented batch) of `take` steps of a 16-image-batch run, from `state` or the start."""
+    sampler = ShardedBatches(len(images), 16, seed=3)
+    if state is not None:
+        sampler.load_state_dict(state)
+    bulk = BulkAugment(aug, images, sampler, seed=3, rank=0, chunk=chunk, steps=steps)
+    out = []
+    for _ in range(take):
+        batch = sampler.next()
+        out.append((batch.clone(), bulk(batch).clone()))
+    return out, sampler.state_dict()
+
+
+def test_bulk_augmentation_resumes_mid_chunk_on_exactly_the_same_batches():
+    """200 images, batch 16: 12 batches an epoch in chunks of 5, 5 and 2; a 30-step run ends mid-chunk
+    of epoch 2. Interrupting anywhere (mid-chunk, in a chunk cut by the epoch's end, at an epoch start,
+    in the run's truncated last chunk) and resuming from the sampler's state redraws the same batches."""
+    images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = DeviceAugment(AugmentConfig(mode="augmix"), MEAN, STD)
+    full, _ = _bulk_stream(aug, images, chunk=5, steps=30, take=30)
+    for k in (7, 11, 12, 13, 27):
+        _, state = _bulk_stream(aug, images, chunk=5, steps=30, take=k)
+        resumed, _ = _bulk_stream(aug, images, chunk=5, steps=30, take=30 - k, state=state)
+        for (i1, x1), (i2, x2) in zip(full[k:], resumed, strict=True):
+            assert torch.equal(i1, i2) and torch.equal(x1, x2), k
+    # Each batch is its own indices' images augmented: with augmentation off, exactly the normalised images.
+    plain = DeviceAugment(AugmentConfig(mode="none"), MEAN, STD)
+    for batch, x in _bulk_stream(plain, images, chunk=5, steps=30, take=14)[0]:
+        assert torch.equal(x, plain.normalize(images[batch]))
+    # An image seen in epochs 0 and 1 gets fresh draws: the epoch is part of the chunk's seed.
+    def per_image(steps):
+        return {int(i): x for batch, xs in steps for i, x in zip(batch, xs)}
+
+    first, again = per_image(full[:12]), per_image(full[12:24])
+    common_ids = sorted(set(first) & set(again))
+    assert len(common_ids) > 100 and all(not torch.equal(first[i], again[i]) for i in common_ids[:50])
+
+
+def test_chunk_size_follows_the_memory_budget():
+    augmix, basic = AugmentConfig(mode="augmix"), AugmentConfig(mode="basic")
+    # AugMix (width 3) needs 22 uint8 images of memory per image: 1 GiB holds 15,887 images, 31 batches of 512.
+    assert chunk_batches(augmix, 512, 87) == 31
+    assert chunk_batches(basic, 512, 87) == 87  # capped at the epoch
+    assert chunk_batches(augmix, 512, 87, budget_mib=1) == 1  # never below one batch

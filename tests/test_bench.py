@@ -68,11 +68,12 @@ def test_the_plain_baseline_augments_with_the_runs_own_augmix_settings(monkeypat
 def test_bench_gpu_prints_its_table_on_the_cpu_with_small_sizes():
     result = run_module("cifarray.bench", "gpu", "--device", "cpu", "--batch-size", "32", "--gan-batch-size", "16",
                         "--growth-rate", "4", "--blocks", "1,1", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                        "--compile", "--e2e-steps", "20")
+                        "--compile", "--e2e-steps", "20", "--chunk", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert re.search(r"^bench gpu: cpu .*precision (bf16|fp32), DenseNet k=4 blocks=1,1", out, re.M)
-    for row in ("AugMix \\+ crop \\+ flip, one batch", "model step, eager", "model step, torch.compile",
+    for row in ("AugMix \\+ crop \\+ flip, one batch", "AugMix \\+ crop \\+ flip, bulk, per batch",
+                "model step, eager", "model step, torch.compile",
                 "full step \\(order \\+ augment \\+ model\\)", "DCGAN D\\+G step \\(paper preset\\)"):
         assert re.search(rf"^  {row}\s+\d+\.\d\d\s", out, re.M), row
     ops = int(re.search(r"aten operators per full step\s+(\d+)", out).group(1))
@@ -83,7 +84,8 @@ def test_bench_gpu_prints_its_table_on_the_cpu_with_small_sizes():
     e2e = re.search(r"end-to-end python -m cifarray.train\s+(\d+\.\d) s wall for 20 steps: worker start-up "
                     r"(\d+\.\d+) s, training (\d+\.\d+) s, finish (\d+\.\d+) s", out)
     assert e2e and float(e2e.group(1)) > float(e2e.group(3)) > 0, out
-    assert "not built yet" in out  # bulk augmentation and CUDA graphs: said, not faked
+    assert "3 batches per call" in out
+    assert "not built yet" in out  # CUDA graphs: said, not faked
 
 
 def test_bench_gpu_without_cuda_is_one_line_error():

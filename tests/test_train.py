@@ -154,9 +154,12 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_at_exact_steps(tmp_path
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_when_rerun(tmp_path):
+    """...and ends bit-identical to an uninterrupted run: augmentation chunks of 7 batches put both resume
+    points (step 30 or 60) mid-chunk, and the 120 steps cross an epoch (78 batches) in a cut chunk."""
     out = tmp_path / "again"
-    cmd = train_cmd("densenet", out, *TINY, "--steps", "120", "--batch-size", "64", "--log-every", "10",
-                    "--checkpoint-every", "30", "--eval-every", "30")
+    args = (*TINY, "--steps", "120", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "30",
+            "--eval-every", "30", "--augment-chunk", "7")
+    cmd = train_cmd("densenet", out, *args)
     # Two checkpoints written: Ray registers a reported checkpoint when its controller next polls
     # (every 2 s), so an interruption right after the newest one may resume from the one before.
     proc = start_until_checkpoint(cmd, out, 60)
@@ -178,6 +181,11 @@ def test_interrupted_run_resumes_when_rerun(tmp_path):
     assert [int(r["step"]) for r in metrics(out)] == list(range(10, 121, 10))
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)  # a finished run is not retrained
     assert again.returncode == 0 and "already complete" in again.stdout
+    whole = run_train("densenet", tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    sha = [json.loads((d / "workers" / "rank0.json").read_text())["params_sha256"] for d in (out, tmp_path / "whole")]
+    assert sha[0] == sha[1]
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "whole")]
 
 
 def grid_images(path: Path) -> torch.Tensor:

@@ -4,7 +4,7 @@ Rows: AugMix per batch; the model step alone (eager, and compiled with --compile
 (batch order + augmentation + model step, through the DenseNet family's own `step`); launches per
 step and the GPU's busy fraction (torch.profiler); the projected 10,000-step time; the DCGAN's D+G
 step; and the end-to-end wall of a short `python -m cifarray.train` run with its start-up, training
-and finish itemised. Rows for paths that do not exist yet (bulk augmentation, CUDA graphs) say so.
+and finish itemised. Rows for paths that do not exist yet (CUDA graphs) say so.
 
 Everything except the end-to-end row runs in this process, without Ray, on random uint8 images:
 step timings do not depend on the pixels. Times are medians of --repeats timed runs of --steps
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cifarray.data.augment import AugmentConfig, chunk_batches
 from cifarray.data.loader import DeviceSplit, PreparedData, ShardedBatches
 from cifarray.errors import UserError
 
@@ -42,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="steps per timed run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, cuDNN autotune)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is reported")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="batches per bulk augmentation call (default: what --augment-chunk 0 picks, 1 GiB)")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd model step")
     p.add_argument("--e2e-steps", type=int, default=200,
                    help="steps of the end-to-end cifarray.train run (0: skip that row)")
@@ -108,7 +111,8 @@ def _worker(cfg, device: torch.device, data: PreparedData, precision: str):
 
     return LocalWorker(cfg=cfg, run=RunDir(tempfile.mkdtemp(prefix="cifarray-bench-gpu-")), device=device, rank=0, world=1,
                        precision=precision, data=data, gen=torch.Generator(device=device).manual_seed(0),
-                       context=RunContext(sweep_trial=True))
+                       context=RunContext(sweep_trial=True),
+                       sampler=ShardedBatches(len(data.train), cfg.batch_size, device=device))
 
 
 def _e2e(args, device: torch.device) -> str:
@@ -137,22 +141,25 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; pass --device cpu")
-    if min(args.steps, args.repeats, args.batch_size, args.gan_batch_size) < 1 or args.warmup < 0 \
-            or args.e2e_steps < 0:
-        raise UserError("--steps, --repeats and the batch sizes must be at least 1; --warmup, --e2e-steps >= 0")
+    if min(args.steps, args.repeats, args.batch_size, args.gan_batch_size) < 1 or min(args.warmup, args.e2e_steps,
+                                                                                     args.chunk) < 0:
+        raise UserError("--steps, --repeats and the batch sizes must be at least 1; --warmup, --e2e-steps, "
+                        "--chunk >= 0")
     precision = resolve_precision(args.precision, device)
     torch.backends.cudnn.benchmark = True
     blocks = tuple(int(b) for b in args.blocks.split(","))
+    chunk = args.chunk or chunk_batches(AugmentConfig(), args.batch_size, 10**9)
     cfg = DenseNetTrainConfig(synthetic=True, batch_size=args.batch_size, growth_rate=args.growth_rate,
-                              blocks=blocks, steps=10_000, gpu=device.type == "cuda", precision=precision)
-    data = _data(device, max(4 * args.batch_size, 2048))
+                              blocks=blocks, steps=10_000, gpu=device.type == "cuda", precision=precision,
+                              augment_chunk=chunk)
+    data = _data(device, max(chunk * args.batch_size, 2048))
     torch.manual_seed(0)
     state = densenet.build(cfg, _worker(cfg, device, data, precision))
-    sampler = ShardedBatches(len(data.train), cfg.batch_size, device=device)
-    batch = sampler.next()
-    raw = data.train.images[batch]
+    sampler = state.worker.sampler
+    raw = data.train.images[:args.batch_size]
+    bulk = data.train.images[:chunk * args.batch_size]
     x = state.aug(raw, state.worker.gen)
-    y = data.train.labels[batch]
+    y = data.train.labels[:args.batch_size]
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
 
@@ -167,9 +174,15 @@ def run(args: argparse.Namespace) -> int:
         densenet.step(state, sampler.next())
 
     timing = dict(device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+    bulk_timing = dict(device=device, steps=1, warmup=1, repeats=args.repeats)
+    # The full step's timed runs hold whole chunks (one bulk call each), after one whole chunk of warm-up.
+    step_timing = dict(device=device, steps=-(-args.steps // chunk) * chunk,
+                       warmup=chunk * max(1, -(-args.warmup // chunk)), repeats=args.repeats)
     rows = [("AugMix + crop + flip, one batch", f"{_ms(lambda: state.aug(raw, state.worker.gen), **timing):.2f}",
              f"{args.batch_size} images, per batch"),
-            ("AugMix, bulk (many batches per call)", "n/a", "not built yet"),
+            ("AugMix + crop + flip, bulk, per batch",
+             f"{_ms(lambda: state.aug(bulk, state.worker.gen), **bulk_timing) / chunk:.2f}",
+             f"{chunk} batches per call (--augment-chunk), time / {chunk}"),
             ("model step, eager", f"{_ms(model_step, **timing):.2f}", f"{precision}, forward + backward + SGD")]
     if args.compile:
         t = time.perf_counter()
@@ -178,11 +191,12 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("model step, torch.compile", f"{_ms(lambda: model_step(compiled), **timing):.2f}",
                      f"compiling took {time.perf_counter() - t:.0f} s"))
     rows.append(("model step, CUDA graph", "n/a", "not built yet"))
-    full = _ms(full_step, **timing)
-    launches, busy = _profile(full_step, device, max(1, min(args.steps, 5)))
-    rows += [("full step (order + augment + model)", f"{full:.2f}", "the family's own step, eager"),
+    full = _ms(full_step, **step_timing)
+    launches, busy = _profile(full_step, device, chunk)
+    rows += [("full step (order + augment + model)", f"{full:.2f}",
+              f"the family's own step, eager; bulk augmentation, {chunk} batches per call"),
              ("kernels per full step" if device.type == "cuda" else "aten operators per full step",
-              f"{launches:.0f}", "torch.profiler"),
+              f"{launches:.0f}", f"torch.profiler, over {chunk} steps"),
              ("GPU busy per full step", f"{busy:.0%}" if busy is not None else "n/a",
               "kernel time / wall" if busy is not None else "no GPU"),
              ("projected 10,000 steps", f"{full * 10:.0f} s", "full step x 10,000")]
@@ -191,8 +205,7 @@ def run(args: argparse.Namespace) -> int:
                             precision=precision)
     torch.manual_seed(0)
     gstate = dcgan.build(gcfg, _worker(gcfg, device, data, precision))
-    gsampler = ShardedBatches(len(data.train), gcfg.batch_size, device=device)
-    gan = _ms(lambda: dcgan.step(gstate, gsampler.next()), **timing)
+    gan = _ms(lambda: dcgan.step(gstate, gstate.worker.sampler.next()), **timing)
     rows += [("DCGAN D+G step (paper preset)", f"{gan:.2f}", f"batch {gcfg.batch_size}; 50,000 steps: "
                                                               f"{gan * 50:.0f} s")]
     if args.e2e_steps:

@@ -13,6 +13,7 @@ compare against.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -395,3 +396,62 @@ def reference_pipeline(config: AugmentConfig, mean: tuple[float, ...], std: tupl
                                alpha=config.alpha))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
+
+
+# Peak augmentation memory per image, in uint8 images (3 KB): the float32 output (4) and, for AugMix,
+# each chain's uint8 stack, gathers and float copies (6 per chain). Measured on the CPU as the peak
+# RSS growth of one call on 8,192 images: none 4.0, basic 4.9, AugMix width 3 21.9.
+DEFAULT_CHUNK_MIB = 1024
+
+
+def chunk_batches(config: AugmentConfig, batch: int, batches_per_epoch: int,
+                  budget_mib: int = DEFAULT_CHUNK_MIB) -> int:
+    """Batches per bulk call that fit `budget_mib` of augmentation memory, at most an epoch."""
+    images = {"none": 4, "basic": 5, "augmix": 4 + 6 * config.width}[config.mode]
+    return max(1, min(batches_per_epoch, budget_mib * 2**20 // (images * 3 * 32 * 32 * batch)))
+
+
+def chunk_seed(seed: int, rank: int, epoch: int, chunk: int) -> int:
+    """The augmentation seed of one chunk: a pure function of where it is, so a resumed run redraws it."""
+    digest = hashlib.sha256(f"augment:{seed}:{rank}:{epoch}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class BulkAugment:
+    """A run's augmented training batches, made `chunk` consecutive batches of an epoch per call.
+
+    One call to `DeviceAugment` for many batches means one round of kernel launches and AugMix's
+    host syncs per chunk instead of per step. Every sample still draws its own crop, flip, chains
+    and weights, so the augmentation is distributed as before. A chunk's draws come from a generator
+    seeded by (seed, rank, epoch, chunk), and the last chunk of a run stops at its last step, so a run
+    resumed mid-chunk recomputes that chunk and trains on exactly the batches the uninterrupted run
+    trained on, whatever step it resumed at.
+
+    `sampler` is the run's ShardedBatches; call this with the batch `sampler.next()` just returned.
+    """
+
+    def __init__(self, aug: DeviceAugment, images: torch.Tensor, sampler, *, seed: int, rank: int,
+                 chunk: int, steps: int):
+        self.aug, self.images, self.sampler, self.seed, self.rank = aug, images, sampler, seed, rank
+        self.per_epoch = sampler.batches_per_epoch
+        self.chunk = max(1, min(chunk, self.per_epoch))
+        self.final = divmod(steps - 1, self.per_epoch)  # (epoch, position) of the run's last batch
+        self.gen = torch.Generator(device=images.device)
+        self._key: tuple[int, int] | None = None
+        self._out: torch.Tensor | None = None
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        epoch, position = self.sampler.last()
+        c = position // self.chunk
+        if self._key != (epoch, c):
+            first = c * self.chunk
+            stop = min(first + self.chunk, self.per_epoch)
+            if epoch == self.final[0]:
+                stop = min(stop, self.final[1] + 1)
+            self._out = None  # free the previous chunk before the next is made
+            self.gen.manual_seed(chunk_seed(self.seed, self.rank, epoch, c))
+            self._out = self.aug(self.images[self.sampler.span(first, stop)], self.gen)
+            self._key = (epoch, c)
+        n = len(batch)
+        i = (position - c * self.chunk) * n
+        return self._out[i:i + n]

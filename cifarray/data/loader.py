@@ -92,11 +92,19 @@ class ShardedBatches:
     def next(self) -> torch.Tensor:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = self._epoch_order()
         start = self.position * self.per_rank
         self.position += 1
-        return self._order[start:start + self.per_rank]
+        return self.span(start // self.per_rank, start // self.per_rank + 1)
+
+    def last(self) -> tuple[int, int]:
+        """(epoch, position in the epoch) of the batch `next()` returned last."""
+        return self.epoch, self.position - 1
+
+    def span(self, first: int, stop: int) -> torch.Tensor:
+        """This rank's indices of the current epoch's batches first..stop-1, concatenated."""
+        if self._order is None:
+            self._order = self._epoch_order()
+        return self._order[first * self.per_rank:stop * self.per_rank]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,

@@ -98,12 +98,17 @@ class DenseNetTrainConfig(CommonConfig):
     augmix_width: int = embed(AugmentConfig, "width")
     augmix_depth: int = embed(AugmentConfig, "depth")
     augmix_alpha: float = embed(AugmentConfig, "alpha")
+    augment_chunk: int = opt(0, "training batches augmented per call: one call's kernel launches and host syncs "
+                                "serve them all; 0: as many as fit in 1 GiB of augmentation memory, at most an "
+                                "epoch (the draws depend on it: resume with the same value)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.augment not in MODES:
             raise UserError(f"--augment {self.augment!r} is not one of {', '.join(MODES)}")
         self.augment_config()  # validates --crop-pad and the --augmix-* settings
+        if self.augment_chunk < 0:
+            raise UserError(f"--augment-chunk must be 0 (auto) or a number of batches, got {self.augment_chunk}")
         if self.optimizer not in ("sgd", "adamw"):
             raise UserError(f"--optimizer {self.optimizer!r} is not sgd or adamw")
         if self.lr <= 0 or not 0 <= self.warmup < 1 or not 0 <= self.label_smoothing < 1:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarray import figures
-from cifarray.data.augment import DeviceAugment
+from cifarray.data.augment import BulkAugment, DeviceAugment, chunk_batches
 from cifarray.data.loader import DeviceSplit
 from cifarray.eval.classifier import evaluate, load_finished
 from cifarray.models.budget import enforce_train_config, train_config_params
@@ -58,7 +58,8 @@ class State:
     train_model: torch.nn.Module  # what the step runs: DDP and/or compiled
     opt: torch.optim.Optimizer
     sched: Any
-    aug: DeviceAugment
+    aug: DeviceAugment  # evaluation's normalisation
+    batches: BulkAugment  # the augmented training batches, a chunk at a time
     val_acc: float = float("nan")  # the latest validation accuracy, repeated on every metrics row
 
     @property
@@ -70,12 +71,16 @@ def build(cfg: DenseNetTrainConfig, w: Worker) -> State:
     model = build_model(cfg, w.device)
     opt, sched = make_optimizer(cfg, model)
     aug = DeviceAugment(cfg.augment_config(), w.data.mean, w.data.std, device=w.device)
-    return State(w, model, w.wrap(model), opt, sched, aug)
+    per_epoch = w.sampler.batches_per_epoch
+    chunk = cfg.augment_chunk or chunk_batches(aug.config, w.sampler.per_rank, per_epoch)
+    batches = BulkAugment(aug, w.data.train.images, w.sampler, seed=cfg.seed, rank=w.rank, chunk=chunk,
+                          steps=cfg.steps)
+    return State(w, model, w.wrap(model), opt, sched, aug, batches)
 
 
 def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     w = s.worker
-    x = s.aug(w.data.train.images[batch], w.gen)
+    x = s.batches(batch)
     if w.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = w.data.train.labels[batch]

@@ -56,6 +56,7 @@ class Worker:
     data: PreparedData
     gen: torch.Generator  # the augmentation/noise generator; the engine reseeds it at checkpoints
     context: RunContext
+    sampler: ShardedBatches  # this rank's batch order: `step` gets the batch its next() returned
     attempt: int = 0
     start: int = 0  # the step training resumes after (0: a fresh run); set after restore
 
@@ -142,13 +143,12 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
     cfg = from_dict(family.config, config)
     run = RunDir(cfg.out)
     device, rank, world = common.setup_worker(cfg)
+    data = prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
+    sampler = ShardedBatches(len(data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed, device=device)
     worker = Worker(cfg=cfg, run=run, device=device, rank=rank, world=world,
-                    precision=common.resolve_precision(cfg.precision, device),
-                    data=prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device),
-                    gen=torch.Generator(device=device), context=context,
+                    precision=common.resolve_precision(cfg.precision, device), data=data,
+                    gen=torch.Generator(device=device), context=context, sampler=sampler,
                     attempt=common.next_attempt(run) if rank == 0 else 0)
-    sampler = ShardedBatches(len(worker.data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed,
-                             device=device)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     state = family.build(cfg, worker)
