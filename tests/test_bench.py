@@ -85,7 +85,7 @@ def test_bench_gpu_prints_its_table_on_the_cpu_with_small_sizes():
                     r"(\d+\.\d+) s, training (\d+\.\d+) s, finish (\d+\.\d+) s", out)
     assert e2e and float(e2e.group(1)) > float(e2e.group(3)) > 0, out
     assert "3 batches per call" in out
-    assert "not built yet" in out  # CUDA graphs: said, not faked
+    assert re.search(r"^  full step, CUDA graph\s+n/a\s+needs CUDA$", out, re.M)  # said, not faked
 
 
 def test_bench_gpu_without_cuda_is_one_line_error():

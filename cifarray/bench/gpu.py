@@ -1,10 +1,11 @@
 """Where a training step's time goes, on a GPU (or, with small sizes, on the CPU): one table.
 
-Rows: AugMix per batch; the model step alone (eager, and compiled with --compile); the full step
-(batch order + augmentation + model step, through the DenseNet family's own `step`); launches per
-step and the GPU's busy fraction (torch.profiler); the projected 10,000-step time; the DCGAN's D+G
-step; and the end-to-end wall of a short `python -m cifarray.train` run with its start-up, training
-and finish itemised. Rows for paths that do not exist yet (CUDA graphs) say so.
+Rows: AugMix per batch and in bulk (many batches per call); the model step alone (eager, and compiled
+with --compile); the full step (batch order + augmentation + model step, through the DenseNet family's
+own `step`); launches per step and the GPU's busy fraction (torch.profiler); the projected 10,000-step
+time; on a GPU, the full step again with --cuda-graphs on and its loss curve against eager's; the
+DCGAN's D+G step; and the end-to-end wall of a short `python -m cifarray.train` run with its start-up,
+training and finish itemised.
 
 Everything except the end-to-end row runs in this process, without Ray, on random uint8 images:
 step timings do not depend on the pixels. Times are medians of --repeats timed runs of --steps
@@ -14,6 +15,7 @@ steps each, after --warmup steps, with the device synchronised around each run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -133,6 +135,35 @@ def _e2e(args, device: torch.device) -> str:
             f"{s['train_s']} s, finish {s['finish_s']} s; the rest is Ray, data and the report")
 
 
+def _graph_rows(cfg, device: torch.device, data: PreparedData, precision: str, timing: dict, chunk: int) -> list:
+    """The full step with --cuda-graphs on: time, kernels, busy fraction, projection, and its loss against eager's."""
+    from cifarray.train import densenet
+
+    def fresh(mode: str):
+        c = dataclasses.replace(cfg, cuda_graphs=mode)
+        torch.manual_seed(0)
+        return densenet.build(c, _worker(c, device, data, precision))
+
+    state = fresh("on")
+    step = lambda: densenet.step(state, state.worker.sampler.next())  # noqa: E731
+    ms = _ms(step, **{**timing, "warmup": max(timing["warmup"], state.graphed.warmup + 1)})
+    if state.graphed.graph is None:
+        return [("full step, CUDA graph", "n/a", state.graphed.failed)]
+    launches, busy = _profile(step, device, chunk)
+    # Same seed, batches and augmentation, eager then graphed: the loss curves should agree within noise.
+    curves = []
+    for mode in ("off", "on"):
+        s = fresh(mode)
+        curves.append(torch.stack([densenet.step(s, s.worker.sampler.next())["loss"].clone() for _ in range(200)]))
+    eager, graphed = (c[100:].mean().item() for c in curves)
+    return [("full step, CUDA graph", f"{ms:.2f}", f"captured after {state.graphed.warmup} eager steps"),
+            ("kernels per graphed step", f"{launches:.0f}", "torch.profiler (a replay runs them all)"),
+            ("GPU busy per graphed step", f"{busy:.0%}", "kernel time / wall"),
+            ("projected 10,000 graphed steps", f"{ms * 10:.0f} s", "graphed step x 10,000"),
+            ("graphed vs eager loss, steps 101-200", f"{graphed - eager:+.4f}",
+             f"mean loss {graphed:.4f} graphed, {eager:.4f} eager (random images: a check, not learning)")]
+
+
 def run(args: argparse.Namespace) -> int:
     from cifarray.train import dcgan, densenet
     from cifarray.train.common import resolve_precision
@@ -190,16 +221,17 @@ def run(args: argparse.Namespace) -> int:
         model_step(compiled)
         rows.append(("model step, torch.compile", f"{_ms(lambda: model_step(compiled), **timing):.2f}",
                      f"compiling took {time.perf_counter() - t:.0f} s"))
-    rows.append(("model step, CUDA graph", "n/a", "not built yet"))
     full = _ms(full_step, **step_timing)
     launches, busy = _profile(full_step, device, chunk)
+    kernels = "kernels per full step" if device.type == "cuda" else "aten operators per full step"
     rows += [("full step (order + augment + model)", f"{full:.2f}",
               f"the family's own step, eager; bulk augmentation, {chunk} batches per call"),
-             ("kernels per full step" if device.type == "cuda" else "aten operators per full step",
-              f"{launches:.0f}", f"torch.profiler, over {chunk} steps"),
+             (kernels, f"{launches:.0f}", f"torch.profiler, over {chunk} steps"),
              ("GPU busy per full step", f"{busy:.0%}" if busy is not None else "n/a",
               "kernel time / wall" if busy is not None else "no GPU"),
              ("projected 10,000 steps", f"{full * 10:.0f} s", "full step x 10,000")]
+    rows += _graph_rows(cfg, device, data, precision, step_timing, chunk) if device.type == "cuda" else [
+        ("full step, CUDA graph", "n/a", "needs CUDA")]
 
     gcfg = DCGANTrainConfig(synthetic=True, batch_size=args.gan_batch_size, gpu=device.type == "cuda",
                             precision=precision)

@@ -177,6 +177,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if any(f() for f in native) else "fp32"
 
 
-def autocast(device: torch.device, precision: str):
-    """Mixed precision for a resolved --precision: weights, optimizer state and losses stay fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """Mixed precision for a resolved --precision: weights, optimizer state and losses stay fp32.
+
+    `cache=False` inside a captured CUDA graph (PyTorch's graph notes: the cast cache must not outlive capture).
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache)

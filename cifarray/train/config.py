@@ -20,6 +20,7 @@ from cifarray.errors import UserError
 from cifarray.models.budget import CLASSIFIER_BUDGET, GAN_BUDGET
 from cifarray.models.dcgan import DCGANConfig
 from cifarray.models.densenet import DenseNetConfig
+from cifarray.train import graphs
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # Component config field -> the training config's flat key (flags, TOML, sweep files, config.json).
@@ -101,6 +102,9 @@ class DenseNetTrainConfig(CommonConfig):
     augment_chunk: int = opt(0, "training batches augmented per call: one call's kernel launches and host syncs "
                                 "serve them all; 0: as many as fit in 1 GiB of augmentation memory, at most an "
                                 "epoch (the draws depend on it: resume with the same value)")
+    cuda_graphs: str = opt("auto", "auto | on | off: replay the whole training step (forward, backward, SGD) from one "
+                                   "captured CUDA graph; needs --gpu, one worker, SGD, no --compile. auto: off until "
+                                   "a GPU run has shown it trains like eager (docs/BENCHMARKS.md)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,6 +115,14 @@ class DenseNetTrainConfig(CommonConfig):
             raise UserError(f"--augment-chunk must be 0 (auto) or a number of batches, got {self.augment_chunk}")
         if self.optimizer not in ("sgd", "adamw"):
             raise UserError(f"--optimizer {self.optimizer!r} is not sgd or adamw")
+        if self.cuda_graphs not in graphs.MODES:
+            raise UserError(f"--cuda-graphs {self.cuda_graphs!r} is not one of {', '.join(graphs.MODES)}")
+        if self.cuda_graphs == "on":
+            use, why = graphs.resolve("on", cuda=self.gpu, workers=self.workers, compiled=self.compile,
+                                      optimizer=self.optimizer)
+            if not use:
+                raise UserError(f"--cuda-graphs on cannot be used here ({why}): graphs need --gpu, --workers 1, "
+                                "--optimizer sgd and no --compile; pass --cuda-graphs off or auto")
         if self.lr <= 0 or not 0 <= self.warmup < 1 or not 0 <= self.label_smoothing < 1:
             raise UserError("--lr must be > 0, --warmup and --label-smoothing in [0, 1)")
         self.model_config()  # validates the architecture now, before Ray starts

@@ -1,7 +1,8 @@
 """The DenseNet classifier family: its pieces for the training engine, and its registry entry `FAMILY`.
 
-Step: augment on the device (crop, flip, AugMix), forward under autocast, cross-entropy, SGD (or
-AdamW) step, one-cycle schedule step. Evaluation: validation accuracy; at the end, train/val/test
+Step: the next augmented batch (augmented on the device a chunk of batches at a time: crop, flip,
+AugMix), then `update`: forward under autocast, cross-entropy, SGD (or AdamW) step; then the one-cycle
+schedule step. With --cuda-graphs, `update` is captured once and replayed (cifarray.train.graphs). Evaluation: validation accuracy; at the end, train/val/test
 accuracy (a sweep trial leaves test alone) and model.pt. Report: curves, per-class accuracy, the most
 confused pairs and the first 16 test images with their top-3 predictions.
 """
@@ -9,6 +10,7 @@ confused pairs and the first 16 test images with their top-3 predictions.
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,9 @@ from cifarray.models.densenet import DenseNet, param_count
 from cifarray.errors import UserError
 from cifarray.rundir import RunDir, read_metrics
 from cifarray.train.config import DenseNetTrainConfig
+from cifarray.train import graphs
 from cifarray.train.engine import Family, Objective, Worker
+from cifarray.train.graphs import GraphedStep
 from cifarray.tune.rules import SweepRules
 
 
@@ -61,6 +65,9 @@ class State:
     aug: DeviceAugment  # evaluation's normalisation
     batches: BulkAugment  # the augmented training batches, a chunk at a time
     val_acc: float = float("nan")  # the latest validation accuracy, repeated on every metrics row
+    graphed: GraphedStep | None = None  # the captured step (--cuda-graphs), else eager
+    graphs_off_because: str = ""
+    lr: torch.Tensor | None = None  # the graphed step's learning rate, refilled from the schedule each step
 
     @property
     def stateful(self) -> dict[str, Any]:
@@ -75,7 +82,44 @@ def build(cfg: DenseNetTrainConfig, w: Worker) -> State:
     chunk = cfg.augment_chunk or chunk_batches(aug.config, w.sampler.per_rank, per_epoch)
     batches = BulkAugment(aug, w.data.train.images, w.sampler, seed=cfg.seed, rank=w.rank, chunk=chunk,
                           steps=cfg.steps)
-    return State(w, model, w.wrap(model), opt, sched, aug, batches)
+    state = State(w, model, w.wrap(model), opt, sched, aug, batches)
+    use, state.graphs_off_because = graphs.resolve(cfg.cuda_graphs, cuda=w.device.type == "cuda", workers=w.world,
+                                                   compiled=cfg.compile, optimizer=cfg.optimizer)
+    if use:
+        enable_graphs(state, capture=True)
+    return state
+
+
+def enable_graphs(s: State, capture: bool) -> None:
+    """Train through `GraphedStep` (capture=False: its static buffers without a graph, for CPU tests)."""
+    s.lr = torch.tensor(s.opt.param_groups[0]["lr"], device=s.worker.device)
+    for group in s.opt.param_groups:  # what SGD's first step would create: the graph cannot branch on it
+        for p in group["params"]:
+            s.opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+    s.graphed = graphs.GraphedStep(functools.partial(update, s), capture=capture)
+    # The schedule warns when opt.step() was never called before its first step; sgd_step is the step here.
+    s.opt._opt_called = True
+
+
+def update(s: State, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and optimizer step on one augmented batch: what a CUDA graph captures."""
+    w = s.worker
+    with w.autocast(cache=s.graphed is None):
+        logits = s.train_model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=w.cfg.label_smoothing)
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if s.lr is None:
+        s.opt.step()
+    else:
+        graphs.sgd_step(s.opt, s.lr)
+    return loss.detach(), (logits.argmax(1) == y).float().mean()
+
+
+def graphs_note(g: GraphedStep) -> str:
+    if g.graph is not None:
+        return f"captured after {g.warmup} eager steps"
+    return g.failed or "static buffers without a graph (CPU emulation)"
 
 
 def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,14 +128,13 @@ def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     if w.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = w.data.train.labels[batch]
-    with w.autocast():
-        logits = s.train_model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=w.cfg.label_smoothing)
-    s.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    s.opt.step()
+    if s.graphed is None:
+        loss, acc = update(s, x, y)
+    else:
+        s.lr.fill_(s.opt.param_groups[0]["lr"])  # a launch with the host's value: no sync
+        loss, acc = s.graphed(x, y)  # static outputs: valid until the next step (the engine sums them now)
     s.sched.step()
-    return {"loss": loss.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
+    return {"loss": loss, "train_acc": acc}
 
 
 def evaluate_step(s: State, step: int) -> dict[str, float]:
@@ -109,6 +152,9 @@ def finish(s: State, run: RunDir) -> dict[str, Any]:
     torch.save(s.model.state_dict(), run.path / "model.pt")
     return {"params": param_count(cfg.model_config()), "train_acc": train_acc, "val_acc": val_acc,
             "test_acc": test_acc, "train_acc_note": f"unaugmented, on the first {len(train_eval)} training images",
+            "cuda_graphs": s.graphed is not None and s.graphed.graph is not None,
+            "cuda_graphs_note": s.graphs_off_because or graphs_note(s.graphed),
+            "augment_chunk": s.batches.chunk,
             "config": cfg.model_config().__dict__ | {"blocks": list(cfg.blocks)}}
 
 

@@ -67,8 +67,8 @@ class Worker:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
         return torch.compile(model) if self.cfg.compile else model
 
-    def autocast(self):
-        return common.autocast(self.device, self.precision)
+    def autocast(self, cache: bool = True):
+        return common.autocast(self.device, self.precision, cache)
 
 
 @dataclass(frozen=True)

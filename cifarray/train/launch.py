@@ -38,7 +38,8 @@ def _check_resumable(run: RunDir, resolved: dict, cfg) -> bool:
     saved = run.read_json("config.json")
     if saved is None:
         return False
-    ignore = {"max_failures", "log_every"}  # may change between attempts without changing the result
+    # May change between attempts without changing what is trained (graphs change how a step runs, not its maths).
+    ignore = {"max_failures", "log_every", "cuda_graphs"}
     # A setting added after the run was written is absent from its config.json: the run used its default.
     defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
                 for f in dataclasses.fields(cfg) if f.name not in saved}
