@@ -69,7 +69,10 @@ def test_graphed_path_trains_each_step_on_its_own_batch_like_eager():
         losses[name] = [float(densenet.step(state, state.worker.sampler.next())["loss"]) for _ in range(cfg.steps)]
     torch.testing.assert_close(losses["graphed"], losses["eager"], rtol=1e-4, atol=1e-5)
     assert len(set(losses["eager"])) == cfg.steps  # each step saw another batch
-    assert densenet.graphs_note(graphed.graphed) == "static buffers without a graph (CPU emulation)"
+    assert graphs.describe(graphed.graphed, "") == {"cuda_graphs": False,
+                                                    "cuda_graphs_note": "static buffers without a graph (CPU emulation)"}
+    assert graphs.describe(eager.graphed, eager.graphs_off_because) == {"cuda_graphs": False,
+                                                                        "cuda_graphs_note": "--cuda-graphs off"}
 
 
 def test_graphed_step_falls_back_to_eager_in_one_line_when_capture_fails():
@@ -91,18 +94,20 @@ def test_graphed_step_falls_back_to_eager_in_one_line_when_capture_fails():
 
 
 def test_cuda_graphs_setting_resolves_and_refuses_in_one_line():
-    assert graphs.resolve("auto", cuda=False, workers=1, compiled=False, optimizer="sgd") == (False, "no GPU")
-    use, why = graphs.resolve("auto", cuda=True, workers=1, compiled=False, optimizer="sgd")
+    assert graphs.resolve("auto", cuda=False, workers=1, compiled=False) == (False, "no GPU")
+    use, why = graphs.resolve("auto", cuda=True, workers=1, compiled=False)
     assert use is graphs.AUTO_ON and (use or why.startswith("auto: not yet validated on a GPU"))
-    assert graphs.resolve("on", cuda=True, workers=1, compiled=False, optimizer="sgd") == (True, "")
-    assert graphs.resolve("on", cuda=True, workers=2, compiled=True, optimizer="adamw")[1] == \
+    assert graphs.resolve("on", cuda=True, workers=1, compiled=False) == (True, "")
+    assert graphs.resolve("on", cuda=True, workers=2, compiled=True, unsupported="--optimizer adamw")[1] == \
         "several workers (DDP), --compile, --optimizer adamw"
+    assert DenseNetTrainConfig(synthetic=True, optimizer="adamw", cuda_graphs="auto").graphs(cuda=True) == \
+        (False, "--optimizer adamw")
     with pytest.raises(UserError, match="not one of auto, on, off"):
         DenseNetTrainConfig(synthetic=True, cuda_graphs="yes")
     result = run_module("cifarray.train", "densenet", "--synthetic", "--cuda-graphs", "on", "--out", "/nonexistent/x")
     assert result.returncode == 2 and result.stderr.strip() == (
-        "error: --cuda-graphs on cannot be used here (no GPU): graphs need --gpu, --workers 1, --optimizer sgd and "
-        "no --compile; pass --cuda-graphs off or auto")
+        "error: --cuda-graphs on cannot be used here (no GPU): graphs need --gpu, --workers 1 and no --compile "
+        "(densenet: --optimizer sgd); pass --cuda-graphs off or auto")
     assert "Traceback" not in result.stderr and "ray" not in result.stdout.lower()
 
 
@@ -128,3 +133,26 @@ def test_captured_step_trains_like_eager_on_a_gpu(tmp_path):
     last = {mode: curve[-50:].mean().item() for mode, curve in curves.items()}
     assert abs(last["on"] - last["off"]) < 0.05 * last["off"], last
     assert last["on"] < 0.9 * curves["on"][:10].mean().item(), last  # it learned
+
+
+def test_dcgan_graphed_path_trains_like_eager():
+    """The DCGAN's D+G step (with EMA and noisy real labels) through GraphedStep's static buffers, against
+    eager: the same four metrics step for step, and the draws (flips, latents, label noise) stay outside."""
+    from cifarray.train import dcgan
+    from cifarray.train.config import DCGANTrainConfig
+
+    cfg = DCGANTrainConfig(synthetic=True, batch_size=16, steps=8, g_widths=(32, 16, 8, 8), d_widths=(8, 8, 16, 32),
+                           ema=0.9, label_noise=0.05, cuda_graphs="off")
+    runs = {}
+    for graphed in (False, True):
+        data = _data(torch.device("cpu"), 256)
+        torch.manual_seed(0)
+        state = dcgan.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32"))
+        if graphed:
+            dcgan.enable_graphs(state, capture=False)
+        runs[graphed] = [[float(v) for v in dcgan.step(state, state.worker.sampler.next()).values()]
+                         for _ in range(cfg.steps)]
+        runs[f"ema{graphed}"] = next(state.ema.parameters()).detach().clone()
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs["emaTrue"], runs["emaFalse"])
+    assert len({r[0] for r in runs[False]}) == cfg.steps

@@ -233,13 +233,21 @@ def run(args: argparse.Namespace) -> int:
     rows += _graph_rows(cfg, device, data, precision, step_timing, chunk) if device.type == "cuda" else [
         ("full step, CUDA graph", "n/a", "needs CUDA")]
 
-    gcfg = DCGANTrainConfig(synthetic=True, batch_size=args.gan_batch_size, gpu=device.type == "cuda",
-                            precision=precision)
-    torch.manual_seed(0)
-    gstate = dcgan.build(gcfg, _worker(gcfg, device, data, precision))
-    gan = _ms(lambda: dcgan.step(gstate, gstate.worker.sampler.next()), **timing)
-    rows += [("DCGAN D+G step (paper preset)", f"{gan:.2f}", f"batch {gcfg.batch_size}; 50,000 steps: "
-                                                              f"{gan * 50:.0f} s")]
+    for mode in ("off", "on") if device.type == "cuda" else ("off",):
+        gcfg = DCGANTrainConfig(synthetic=True, batch_size=args.gan_batch_size, gpu=device.type == "cuda",
+                                precision=precision, cuda_graphs=mode)
+        torch.manual_seed(0)
+        gstate = dcgan.build(gcfg, _worker(gcfg, device, data, precision))
+        gan = _ms(lambda: dcgan.step(gstate, gstate.worker.sampler.next()),
+                  **{**timing, "warmup": max(timing["warmup"], 4)})
+        graphed = mode == "on"
+        if graphed and gstate.graphed.graph is None:
+            rows.append(("DCGAN D+G step, CUDA graph", "n/a", gstate.graphed.failed))
+            continue
+        rows.append(("DCGAN D+G step, CUDA graph" if graphed else "DCGAN D+G step (paper preset)", f"{gan:.2f}",
+                     f"batch {gcfg.batch_size}; 50,000 steps: {gan * 50:.0f} s"))
+    if device.type != "cuda":
+        rows.append(("DCGAN D+G step, CUDA graph", "n/a", "needs CUDA"))
     if args.e2e_steps:
         rows.append(("end-to-end python -m cifarray.train", "", _e2e(args, device)))
 

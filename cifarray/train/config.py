@@ -47,6 +47,10 @@ class CommonConfig:
     precision: str = opt("auto", "auto | bf16 | fp32: auto is bf16 autocast where the hardware computes bf16 "
                                  "natively (GPUs; CPUs with AMX or AVX512-BF16), else fp32")
     compile: bool = opt(False, "torch.compile the model (costs start-up time: ~30 s on 2 CPU cores)")
+    cuda_graphs: str = opt("auto", "auto | on | off: replay the whole training step (forward, backward, optimizer) "
+                                   "from one captured CUDA graph; needs --gpu, one worker, no --compile (densenet: "
+                                   "--optimizer sgd). auto: off until a GPU run has shown it trains like eager "
+                                   "(docs/BENCHMARKS.md)")
     out: str = opt("runs/train", "run folder: config, metrics.csv, checkpoints, summary.json")
     seed: int = opt(0, "seed of initialisation, data order and augmentation")
     val_size: int = opt(5000, "validation images carved from train (model selection; test is used once)")
@@ -74,6 +78,22 @@ class CommonConfig:
             raise UserError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.max_failures < -1:
             raise UserError("--max-failures must be -1 (unlimited) or >= 0")
+        if self.cuda_graphs not in graphs.MODES:
+            raise UserError(f"--cuda-graphs {self.cuda_graphs!r} is not one of {', '.join(graphs.MODES)}")
+        if self.cuda_graphs == "on":
+            use, why = self.graphs()
+            if not use:
+                raise UserError(f"--cuda-graphs on cannot be used here ({why}): graphs need --gpu, --workers 1 and "
+                                "no --compile (densenet: --optimizer sgd); pass --cuda-graphs off or auto")
+
+    def graphs(self, cuda: bool | None = None, workers: int | None = None) -> tuple[bool, str]:
+        """(use CUDA graphs, why not) for this config, on a device that is CUDA or not (default: --gpu)."""
+        return graphs.resolve(self.cuda_graphs, cuda=self.gpu if cuda is None else cuda,
+                              workers=self.workers if workers is None else workers, compiled=self.compile,
+                              unsupported=self.graphs_unsupported())
+
+    def graphs_unsupported(self) -> str:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -102,9 +122,6 @@ class DenseNetTrainConfig(CommonConfig):
     augment_chunk: int = opt(0, "training batches augmented per call: one call's kernel launches and host syncs "
                                 "serve them all; 0: as many as fit in 1 GiB of augmentation memory, at most an "
                                 "epoch (the draws depend on it: resume with the same value)")
-    cuda_graphs: str = opt("auto", "auto | on | off: replay the whole training step (forward, backward, SGD) from one "
-                                   "captured CUDA graph; needs --gpu, one worker, SGD, no --compile. auto: off until "
-                                   "a GPU run has shown it trains like eager (docs/BENCHMARKS.md)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,17 +132,12 @@ class DenseNetTrainConfig(CommonConfig):
             raise UserError(f"--augment-chunk must be 0 (auto) or a number of batches, got {self.augment_chunk}")
         if self.optimizer not in ("sgd", "adamw"):
             raise UserError(f"--optimizer {self.optimizer!r} is not sgd or adamw")
-        if self.cuda_graphs not in graphs.MODES:
-            raise UserError(f"--cuda-graphs {self.cuda_graphs!r} is not one of {', '.join(graphs.MODES)}")
-        if self.cuda_graphs == "on":
-            use, why = graphs.resolve("on", cuda=self.gpu, workers=self.workers, compiled=self.compile,
-                                      optimizer=self.optimizer)
-            if not use:
-                raise UserError(f"--cuda-graphs on cannot be used here ({why}): graphs need --gpu, --workers 1, "
-                                "--optimizer sgd and no --compile; pass --cuda-graphs off or auto")
         if self.lr <= 0 or not 0 <= self.warmup < 1 or not 0 <= self.label_smoothing < 1:
             raise UserError("--lr must be > 0, --warmup and --label-smoothing in [0, 1)")
         self.model_config()  # validates the architecture now, before Ray starts
+
+    def graphs_unsupported(self) -> str:
+        return "" if self.optimizer == "sgd" else f"--optimizer {self.optimizer}"
 
     def model_config(self) -> DenseNetConfig:
         return DenseNetConfig(**{name: getattr(self, name) for name in DENSENET_KEYS})

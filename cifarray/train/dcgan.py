@@ -9,6 +9,7 @@ batch is saved at step 0 and at every evaluation (samples/step_XXXXXXX.png).
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cifarray.models.dcgan import Discriminator, Generator, discriminator_params
 from cifarray.rundir import RunDir, read_metrics
 from cifarray.train.config import DCGANTrainConfig
 from cifarray.train.engine import Family, Objective, RunContext, Worker
+from cifarray.train.graphs import GraphedStep, describe
 from cifarray.tune.rules import SweepRules
 
 GRID = 64  # 8 x 8 samples
@@ -80,6 +82,8 @@ class State:
     reference_name: str
     fid_every: int
     best: dict | None  # the best FID so far (best_fid.json survives restarts)
+    graphs_off_because: str = ""
+    graphed: GraphedStep | None = None  # the captured D+G step (--cuda-graphs), else eager
 
     @property
     def stateful(self) -> dict[str, Any]:
@@ -94,19 +98,24 @@ class State:
 def build(cfg: DCGANTrainConfig, w: Worker) -> State:
     mc = cfg.model_config()
     g, d = Generator(mc).to(w.device), Discriminator(mc).to(w.device)
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, 0.999))
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, 0.999))
+    use_graphs, off_because = cfg.graphs(cuda=w.device.type == "cuda", workers=w.world)
+    # capturable: Adam keeps its step counts on the device, so a captured graph can advance them.
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, 0.999), capturable=use_graphs)
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, 0.999), capturable=use_graphs)
     ema = copy.deepcopy(g).requires_grad_(False) if cfg.ema else None
     fixed_z = torch.randn(GRID, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(w.device)
     per_rank = cfg.batch_size // w.world
     # A sweep selects on validation images; the test split stays unseen until the paper-style FID afterwards.
     sweep = w.context.sweep_trial
     fid_every = 0 if w.context.fid_weights is None else (cfg.eval_every if sweep else cfg.fid_every or cfg.eval_every)
-    return State(w, g, d, w.wrap(g), w.wrap(d), opt_g, opt_d, ema, fixed_z,
-                 real_target=torch.full((per_rank,), 1.0 - cfg.label_smoothing, device=w.device),
-                 fake_target=torch.zeros(per_rank, device=w.device),
-                 reference=w.data.val if sweep else w.data.test, reference_name="val" if sweep else "test",
-                 fid_every=fid_every, best=w.run.read_json("best_fid.json"))
+    state = State(w, g, d, w.wrap(g), w.wrap(d), opt_g, opt_d, ema, fixed_z,
+                  real_target=torch.full((per_rank,), 1.0 - cfg.label_smoothing, device=w.device),
+                  fake_target=torch.zeros(per_rank, device=w.device),
+                  reference=w.data.val if sweep else w.data.test, reference_name="val" if sweep else "test",
+                  fid_every=fid_every, best=w.run.read_json("best_fid.json"), graphs_off_because=off_because)
+    if use_graphs:
+        enable_graphs(state, capture=True)
+    return state
 
 
 def begin(s: State) -> None:
@@ -116,7 +125,9 @@ def begin(s: State) -> None:
         save_grid(s.sampler_g, s.fixed_z, str(samples / "step_0000000.png"))  # the untrained baseline
 
 
-def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+def inputs(s: State, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Real images (scaled to [-1, 1], flipped), latents and real targets: every random draw of a step, made
+    outside `update` so that a captured graph replays none of them."""
     w, cfg = s.worker, s.worker.cfg
     n = len(batch)
     real = w.data.train.images[batch].float().div_(127.5).sub_(1.0)
@@ -124,13 +135,19 @@ def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         flip = torch.rand(n, device=w.device, generator=w.gen) < 0.5
         real = torch.where(flip.view(-1, 1, 1, 1), real.flip(-1), real)
     z = torch.randn(n, cfg.z_dim, device=w.device, generator=w.gen)
-    with w.autocast():
+    target = s.real_target
+    if cfg.loss == "bce" and cfg.label_noise:
+        target = (target + cfg.label_noise * torch.randn(n, device=w.device, generator=w.gen)).clamp(0, 1)
+    return real, z, target
+
+
+def update(s: State, real: torch.Tensor, z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One D step and one G step (and the EMA): what a CUDA graph captures."""
+    w, cfg = s.worker, s.worker.cfg
+    with w.autocast(cache=s.graphed is None):
         fake = s.g_train(z)
         d_real, d_fake = s.d_train(real).float(), s.d_train(fake.detach()).float()
         if cfg.loss == "bce":
-            target = s.real_target
-            if cfg.label_noise:
-                target = (target + cfg.label_noise * torch.randn(n, device=w.device, generator=w.gen)).clamp(0, 1)
             loss_d = F.binary_cross_entropy_with_logits(d_real, target) + \
                 F.binary_cross_entropy_with_logits(d_fake, s.fake_target)
         else:
@@ -138,7 +155,7 @@ def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     s.opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     s.opt_d.step()
-    with w.autocast():
+    with w.autocast(cache=s.graphed is None):
         d_gen = s.d_train(fake).float()
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen)) if cfg.loss == "bce" \
             else -d_gen.mean()
@@ -147,12 +164,24 @@ def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     s.opt_g.step()
     if s.ema is not None:
         with torch.no_grad():
-            for pe, pg in zip(s.ema.parameters(), s.g.parameters()):
-                pe.lerp_(pg, 1 - cfg.ema)
-            for be, bg in zip(s.ema.buffers(), s.g.buffers()):
-                be.copy_(bg)
-    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": torch.sigmoid(d_real).mean().detach(),
-            "d_fake": torch.sigmoid(d_fake).mean().detach()}
+            torch._foreach_lerp_(list(s.ema.parameters()), list(s.g.parameters()), 1 - cfg.ema)
+            torch._foreach_copy_(list(s.ema.buffers()), list(s.g.buffers()))
+    return (loss_d.detach(), loss_g.detach(), torch.sigmoid(d_real).mean().detach(),
+            torch.sigmoid(d_fake).mean().detach())
+
+
+METRICS = ("loss_d", "loss_g", "d_real", "d_fake")
+
+
+def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    x = inputs(s, batch)
+    # Graphed outputs are static: valid until the next step (the engine sums them at once).
+    return dict(zip(METRICS, s.graphed(*x) if s.graphed is not None else update(s, *x)))
+
+
+def enable_graphs(s: State, capture: bool) -> None:
+    """Train through `GraphedStep` (capture=False: its static buffers without a graph, for CPU tests)."""
+    s.graphed = GraphedStep(functools.partial(update, s), capture=capture)
 
 
 def evaluates_at(s: State, step: int) -> bool:
@@ -198,7 +227,8 @@ def finish(s: State, run: RunDir) -> dict[str, Any]:
         "fid_during_training": (f"every {s.fid_every} steps, {cfg.fid_samples} samples vs the {s.reference_name} split"
                                 + (" (procedural data)" if cfg.synthetic else "")) if s.fid_every
         else "off (no Inception weights)",
-        "final": {k: float(rows[-1][k]) for k in ("loss_d", "loss_g", "d_real", "d_fake")} if rows else {},
+        "final": {k: float(rows[-1][k]) for k in METRICS} if rows else {},
+        **describe(s.graphed, s.graphs_off_because),
     }
 
 

@@ -83,8 +83,7 @@ def build(cfg: DenseNetTrainConfig, w: Worker) -> State:
     batches = BulkAugment(aug, w.data.train.images, w.sampler, seed=cfg.seed, rank=w.rank, chunk=chunk,
                           steps=cfg.steps)
     state = State(w, model, w.wrap(model), opt, sched, aug, batches)
-    use, state.graphs_off_because = graphs.resolve(cfg.cuda_graphs, cuda=w.device.type == "cuda", workers=w.world,
-                                                   compiled=cfg.compile, optimizer=cfg.optimizer)
+    use, state.graphs_off_because = cfg.graphs(cuda=w.device.type == "cuda", workers=w.world)
     if use:
         enable_graphs(state, capture=True)
     return state
@@ -114,12 +113,6 @@ def update(s: State, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     else:
         graphs.sgd_step(s.opt, s.lr)
     return loss.detach(), (logits.argmax(1) == y).float().mean()
-
-
-def graphs_note(g: GraphedStep) -> str:
-    if g.graph is not None:
-        return f"captured after {g.warmup} eager steps"
-    return g.failed or "static buffers without a graph (CPU emulation)"
 
 
 def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -152,8 +145,7 @@ def finish(s: State, run: RunDir) -> dict[str, Any]:
     torch.save(s.model.state_dict(), run.path / "model.pt")
     return {"params": param_count(cfg.model_config()), "train_acc": train_acc, "val_acc": val_acc,
             "test_acc": test_acc, "train_acc_note": f"unaugmented, on the first {len(train_eval)} training images",
-            "cuda_graphs": s.graphed is not None and s.graphed.graph is not None,
-            "cuda_graphs_note": s.graphs_off_because or graphs_note(s.graphed),
+            **graphs.describe(s.graphed, s.graphs_off_because),
             "augment_chunk": s.batches.chunk,
             "config": cfg.model_config().__dict__ | {"blocks": list(cfg.blocks)}}
 

@@ -25,13 +25,14 @@ MODES = ("auto", "on", "off")
 AUTO_ON = False
 
 
-def resolve(mode: str, *, cuda: bool, workers: int, compiled: bool, optimizer: str) -> tuple[bool, str]:
-    """(use graphs, why not) for --cuda-graphs; `on` where it cannot work is refused by the config."""
+def resolve(mode: str, *, cuda: bool, workers: int, compiled: bool, unsupported: str = "") -> tuple[bool, str]:
+    """(use graphs, why not) for --cuda-graphs; `unsupported` names a family setting graphs cannot run.
+
+    `on` where it cannot work is refused by the config before Ray starts."""
     if mode == "off":
         return False, "--cuda-graphs off"
     reasons = [why for bad, why in ((not cuda, "no GPU"), (workers > 1, "several workers (DDP)"),
-                                    (compiled, "--compile"), (optimizer != "sgd", f"--optimizer {optimizer}"))
-               if bad]
+                                    (compiled, "--compile"), (bool(unsupported), unsupported)) if bad]
     if reasons:
         return False, ", ".join(reasons)
     if mode == "auto" and not AUTO_ON:
@@ -115,3 +116,14 @@ class GraphedStep:
             return self.outputs
         self.outputs = self._eager()
         return self.outputs
+
+
+def describe(graphed: GraphedStep | None, off_because: str) -> dict[str, object]:
+    """summary.json's record of the graph path: used or not, and why."""
+    if graphed is None:
+        note = off_because
+    elif graphed.graph is not None:
+        note = f"captured after {graphed.warmup} eager steps"
+    else:
+        note = graphed.failed or "static buffers without a graph (CPU emulation)"
+    return {"cuda_graphs": graphed is not None and graphed.graph is not None, "cuda_graphs_note": note}
