@@ -92,7 +92,8 @@ class GraphedStep:
     def _capture(self) -> bool:
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: Ray's own threads may touch CUDA while this one captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.outputs = self.fn(*self.static)
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager, said once
             self.capture = False
