@@ -26,6 +26,18 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def synthetic_cache(tmp_path_factory) -> Path:
+    """The suite's own cache of procedural sets (runs reuse them within the suite; the user's cache is left alone).
+
+    Set in os.environ, so that the CLIs the tests start inherit it."""
+    import os
+
+    path = tmp_path_factory.mktemp("cifarray-cache")
+    os.environ["CIFARRAY_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """Small procedural data set written by `cifarray.data synth` (30 train / 10 test per class)."""

@@ -123,3 +123,33 @@ def test_hard_set_is_deterministic_and_in_the_real_format(tmp_path):
     assert data.fine_names[0].startswith("polygon5") and data.coarse_names[0] == "polygon_warm"
     c = write_synthetic(tmp_path / "c", train_per_class=3, test_per_class=2, seed=6, difficulty="hard")
     assert (c / "train").read_bytes() != (a / "train").read_bytes()
+
+
+def test_runs_share_one_generated_set_through_the_cache(tmp_path, monkeypatch):
+    from cifarray.data import synth
+
+    monkeypatch.setenv("CIFARRAY_CACHE", str(tmp_path / "cache"))
+    made = []
+    make_split = synth.make_split
+    monkeypatch.setattr(synth, "make_split", lambda *a, **k: made.append(a[2]) or make_split(*a, **k))
+    kw = dict(train_per_class=3, test_per_class=2, seed=5, difficulty="hard")
+    a = synth.synthetic_for_run(tmp_path / "a", **kw)
+    b = synth.synthetic_for_run(tmp_path / "b", **kw)
+    assert made == ["training", "testing"]  # generated once, for both run folders
+    ref = write_synthetic(tmp_path / "ref", **kw)
+    for name in ("train", "test", "meta"):
+        assert (a / name).read_bytes() == (b / name).read_bytes() == (ref / name).read_bytes()
+    assert load_cifar100(tmp_path / "b", verify=False).train.images.shape == (300, 3, 32, 32)
+    made.clear()
+    synth.synthetic_for_run(tmp_path / "c", **{**kw, "seed": 6})  # other settings: another set
+    assert made == ["training", "testing"]
+    # A run folder's copy is its own: regenerating it leaves the cache and the other run alone.
+    write_synthetic(tmp_path / "a", **{**kw, "seed": 7}, force=True)
+    assert (b / "train").read_bytes() == (ref / "train").read_bytes()
+    made.clear()
+    e = synth.synthetic_for_run(tmp_path / "e", **kw)
+    assert made == [] and (e / "train").read_bytes() == (ref / "train").read_bytes()
+    # No writable cache: generated in the run folder, as before.
+    monkeypatch.setenv("CIFARRAY_CACHE", "/proc/cifarray-cache")
+    d = synth.synthetic_for_run(tmp_path / "d", **kw)
+    assert made == ["training", "testing"] and (d / "train").read_bytes() == (ref / "train").read_bytes()

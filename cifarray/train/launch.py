@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from cifarray.config import to_dict
 from cifarray.data.cifar import NUM_FINE, load_cifar100
-from cifarray.data.synth import write_synthetic
+from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError, handle_sigterm
 from cifarray.rundir import RunDir, read_metrics
 
@@ -105,9 +105,9 @@ def prepare_run(cfg, family: "Family") -> tuple[RunDir, dict, bool]:
     if done:
         return run, resolved, True
     if cfg.synthetic:
-        write_synthetic(run.data, train_per_class=cfg.synthetic_train_per_class,
-                        test_per_class=cfg.synthetic_test_per_class, seed=cfg.seed,
-                        difficulty=cfg.synthetic_difficulty)
+        synthetic_for_run(run.data, train_per_class=cfg.synthetic_train_per_class,
+                          test_per_class=cfg.synthetic_test_per_class, seed=cfg.seed,
+                          difficulty=cfg.synthetic_difficulty)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", resolved)
     return run, resolved, False

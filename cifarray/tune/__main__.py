@@ -189,7 +189,7 @@ def _prepare_data(args, sweep: Sweep, out: Path, workers: int) -> Path:
     """Check the data, and that every trial config the sweep can sample fits it; write procedural data once."""
     from types import SimpleNamespace
 
-    from cifarray.data.synth import write_synthetic
+    from cifarray.data.synth import synthetic_for_run
     from cifarray.train.launch import check_data_fits, training_images
 
     base = sweep.base
@@ -200,9 +200,9 @@ def _prepare_data(args, sweep: Sweep, out: Path, workers: int) -> Path:
     check_data_fits(worst, n_train, source,
                     flag=lambda key: f"the sweep's {'largest ' if key in sweep.space else ''}{key}")
     if args.synthetic and not (data / "cifar-100-python" / "meta").exists():
-        write_synthetic(data, train_per_class=base.synthetic_train_per_class,
-                        test_per_class=base.synthetic_test_per_class, seed=sweep.seed,
-                        difficulty=base.synthetic_difficulty)
+        synthetic_for_run(data, train_per_class=base.synthetic_train_per_class,
+                          test_per_class=base.synthetic_test_per_class, seed=sweep.seed,
+                          difficulty=base.synthetic_difficulty)
     return data
 
 
