@@ -69,8 +69,8 @@ def test_graphed_path_trains_each_step_on_its_own_batch_like_eager():
         losses[name] = [float(densenet.step(state, state.worker.sampler.next())["loss"]) for _ in range(cfg.steps)]
     torch.testing.assert_close(losses["graphed"], losses["eager"], rtol=1e-4, atol=1e-5)
     assert len(set(losses["eager"])) == cfg.steps  # each step saw another batch
-    assert graphs.describe(graphed.graphed, "") == {"cuda_graphs": False,
-                                                    "cuda_graphs_note": "static buffers without a graph (CPU emulation)"}
+    emulated = "static buffers without a graph (CPU emulation)"
+    assert graphs.describe(graphed.graphed, "") == {"cuda_graphs": False, "cuda_graphs_note": emulated}
     assert graphs.describe(eager.graphed, eager.graphs_off_because) == {"cuda_graphs": False,
                                                                         "cuda_graphs_note": "--cuda-graphs off"}
 

@@ -302,7 +302,8 @@ def write_synthetic(out_dir: str | Path, *, train_per_class: int = 500, test_per
 
 
 def cache_root() -> Path:
-    """Where procedural sets are kept for reuse: $CIFARRAY_CACHE, else $XDG_CACHE_HOME/cifarray, else ~/.cache/cifarray."""
+    """Where procedural sets are kept for reuse: $CIFARRAY_CACHE, else $XDG_CACHE_HOME/cifarray, else
+    ~/.cache/cifarray."""
     if os.environ.get("CIFARRAY_CACHE"):
         return Path(os.environ["CIFARRAY_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarray"

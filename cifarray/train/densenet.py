@@ -2,8 +2,9 @@
 
 Step: the next augmented batch (augmented on the device a chunk of batches at a time: crop, flip,
 AugMix), then `update`: forward under autocast, cross-entropy, SGD (or AdamW) step; then the one-cycle
-schedule step. With --cuda-graphs, `update` is captured once and replayed (cifarray.train.graphs). Evaluation: validation accuracy; at the end, train/val/test
-accuracy (a sweep trial leaves test alone) and model.pt. Report: curves, per-class accuracy, the most
+schedule step. With --cuda-graphs, `update` is captured once and replayed (cifarray.train.graphs).
+Evaluation: validation accuracy; at the end, train/val/test accuracy (a sweep trial leaves test
+alone) and model.pt. Report: curves, per-class accuracy, the most
 confused pairs and the first 16 test images with their top-3 predictions.
 """
 
@@ -26,8 +27,8 @@ from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.densenet import DenseNet, param_count
 from cifarray.errors import UserError
 from cifarray.rundir import RunDir, read_metrics
-from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train import graphs
+from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.engine import Family, Objective, Worker
 from cifarray.train.graphs import GraphedStep
 from cifarray.tune.rules import SweepRules
