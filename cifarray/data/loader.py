@@ -92,9 +92,8 @@ class ShardedBatches:
     def next(self) -> torch.Tensor:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        start = self.position * self.per_rank
         self.position += 1
-        return self.span(start // self.per_rank, start // self.per_rank + 1)
+        return self.span(self.position - 1, self.position)
 
     def last(self) -> tuple[int, int]:
         """(epoch, position in the epoch) of the batch `next()` returned last."""

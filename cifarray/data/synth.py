@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -331,8 +332,6 @@ def synthetic_for_run(out_dir: str | Path, *, train_per_class: int, test_per_cla
             try:
                 os.rename(tmp, entry)
             except OSError:  # another process made it first: theirs is the same set
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
         source = write_synthetic(entry, **kw)  # checks the entry's marker and files
     except (OSError, UserError):  # no writable cache, or a damaged entry: generate in the run folder
@@ -345,8 +344,6 @@ def synthetic_for_run(out_dir: str | Path, *, train_per_class: int, test_per_cla
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    import shutil
-
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)

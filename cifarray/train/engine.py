@@ -14,8 +14,8 @@ pieces; this module owns everything around them, once:
   family's part of summary.json.
 
 The engine does device/rank set-up, restore and snapshot, the cadence (log, NaN check, evaluation,
-checkpoint, report; final files before the final report), augmentation reseeding, worker info,
-provenance and the common summary fields. `Worker` and `RunContext` are what the pieces get.
+checkpoint, report; final files before the final report), reseeding `worker.gen` at checkpoints,
+worker info, provenance and the common summary fields. `Worker` and `RunContext` are what the pieces get.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Worker:
     world: int
     precision: str  # resolved: bf16 or fp32
     data: PreparedData
-    gen: torch.Generator  # the augmentation/noise generator; the engine reseeds it at checkpoints
+    gen: torch.Generator  # a family's random draws (DCGAN: flips, noise); the engine reseeds it at checkpoints
     context: RunContext
     sampler: ShardedBatches  # this rank's batch order: `step` gets the batch its next() returned
     attempt: int = 0
