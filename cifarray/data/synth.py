@@ -265,6 +265,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _marker(seed: int, train_per_class: int, test_per_class: int, difficulty: str) -> dict:
+    """What a folder's marker records: the set's parameters and the generator version that made it."""
+    params = {"generator": "cifarray.data.synth", "version": 1, "seed": seed,
+              "train_per_class": train_per_class, "test_per_class": test_per_class}
+    if difficulty != "easy":  # easy keeps its marker of before, so existing folders stay valid
+        params |= {"version": 3, "difficulty": difficulty}
+    return params
+
+
 def write_synthetic(out_dir: str | Path, *, train_per_class: int = 500, test_per_class: int = 100,
                     seed: int = 0, difficulty: str = "easy", force: bool = False) -> Path:
     """Write OUT_DIR/cifar-100-python/{train,test,meta} and a marker; returns the data folder.
@@ -278,10 +287,7 @@ def write_synthetic(out_dir: str | Path, *, train_per_class: int = 500, test_per
         raise UserError(f"difficulty {difficulty!r} is not one of {', '.join(DIFFICULTIES)}")
     out = Path(out_dir).expanduser()
     folder, marker = out / FOLDER, out / SYNTH_MARKER
-    params = {"generator": "cifarray.data.synth", "version": 1, "seed": seed,
-              "train_per_class": train_per_class, "test_per_class": test_per_class}
-    if difficulty != "easy":  # easy keeps its marker of before, so existing folders stay valid
-        params |= {"version": 3, "difficulty": difficulty}
+    params = _marker(seed, train_per_class, test_per_class, difficulty)
     if folder.exists():
         if not marker.is_file():
             raise UserError(f"{folder} already exists and was not written by `cifarray.data synth`; "
@@ -323,7 +329,9 @@ def synthetic_for_run(out_dir: str | Path, *, train_per_class: int, test_per_cla
     out = Path(out_dir).expanduser()
     if (out / FOLDER).exists():  # already there: write_synthetic checks it is this set, or refuses
         return write_synthetic(out, **kw)
-    entry = cache_root() / "synthetic" / f"{difficulty}-seed{seed}-{train_per_class}x{test_per_class}"
+    # The generator version is in the name: a new generator gets new entries instead of meeting stale ones.
+    version = _marker(seed, train_per_class, test_per_class, difficulty)["version"]
+    entry = cache_root() / "synthetic" / f"{difficulty}-v{version}-seed{seed}-{train_per_class}x{test_per_class}"
     try:
         if not (entry / SYNTH_MARKER).is_file():
             entry.parent.mkdir(parents=True, exist_ok=True)
