@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +68,8 @@ def test_the_plain_baseline_augments_with_the_runs_own_augmix_settings(monkeypat
 
 @pytest.mark.slow
 def test_bench_gpu_prints_its_table_on_the_cpu_with_small_sizes():
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("cifarray-bench-gpu-*"))
     result = run_module("cifarray.bench", "gpu", "--device", "cpu", "--batch-size", "32", "--gan-batch-size", "16",
                         "--growth-rate", "4", "--blocks", "1,1", "--steps", "2", "--warmup", "1", "--repeats", "1",
                         "--compile", "--e2e-steps", "20", "--chunk", "3")
@@ -86,6 +90,7 @@ def test_bench_gpu_prints_its_table_on_the_cpu_with_small_sizes():
     assert e2e and float(e2e.group(1)) > float(e2e.group(3)) > 0, out
     assert "3 batches per call" in out
     assert re.search(r"^  full step, CUDA graph\s+n/a\s+needs CUDA$", out, re.M)  # said, not faked
+    assert set(tmp.glob("cifarray-bench-gpu-*")) == before  # its run folders and data are removed
 
 
 def test_bench_gpu_without_cuda_is_one_line_error():

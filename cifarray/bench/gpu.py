@@ -103,7 +103,7 @@ def _data(device: torch.device, n: int) -> PreparedData:
                         class_names=[str(i) for i in range(100)])
 
 
-def _worker(cfg, device: torch.device, data: PreparedData, precision: str):
+def _worker(cfg, device: torch.device, data: PreparedData, precision: str, tmp: Path):
     from cifarray.rundir import RunDir
     from cifarray.train.engine import RunContext, Worker
 
@@ -111,14 +111,13 @@ def _worker(cfg, device: torch.device, data: PreparedData, precision: str):
         def wrap(self, model):  # no Ray Train session here: no DDP
             return torch.compile(model) if self.cfg.compile else model
 
-    return LocalWorker(cfg=cfg, run=RunDir(tempfile.mkdtemp(prefix="cifarray-bench-gpu-")), device=device, rank=0, world=1,
+    return LocalWorker(cfg=cfg, run=RunDir(tempfile.mkdtemp(dir=tmp)), device=device, rank=0, world=1,
                        precision=precision, data=data, gen=torch.Generator(device=device).manual_seed(0),
                        context=RunContext(sweep_trial=True),
                        sampler=ShardedBatches(len(data.train), cfg.batch_size, device=device))
 
 
-def _e2e(args, device: torch.device) -> str:
-    out = Path(tempfile.mkdtemp(prefix="cifarray-bench-gpu-"))
+def _e2e(args, device: torch.device, out: Path) -> str:
     cmd = [sys.executable, "-m", "cifarray.train", "densenet", "--synthetic", "--out", str(out / "run"),
            "--steps", str(args.e2e_steps), "--batch-size", str(args.batch_size), "--growth-rate",
            str(args.growth_rate), "--blocks", args.blocks, "--precision", args.precision,
@@ -135,14 +134,15 @@ def _e2e(args, device: torch.device) -> str:
             f"{s['train_s']} s, finish {s['finish_s']} s; the rest is Ray, data and the report")
 
 
-def _graph_rows(cfg, device: torch.device, data: PreparedData, precision: str, timing: dict, chunk: int) -> list:
+def _graph_rows(cfg, device: torch.device, data: PreparedData, precision: str, timing: dict, chunk: int,
+                tmp: Path) -> list:
     """The full step with --cuda-graphs on: time, kernels, busy fraction, projection, and its loss against eager's."""
     from cifarray.train import densenet
 
     def fresh(mode: str):
         c = dataclasses.replace(cfg, cuda_graphs=mode)
         torch.manual_seed(0)
-        return densenet.build(c, _worker(c, device, data, precision))
+        return densenet.build(c, _worker(c, device, data, precision, tmp))
 
     state = fresh("on")
     step = lambda: densenet.step(state, state.worker.sampler.next())  # noqa: E731
@@ -165,6 +165,12 @@ def _graph_rows(cfg, device: torch.device, data: PreparedData, precision: str, t
 
 
 def run(args: argparse.Namespace) -> int:
+    # Run folders of the in-process workers and the end-to-end run: removed however the bench ends.
+    with tempfile.TemporaryDirectory(prefix="cifarray-bench-gpu-") as tmp:
+        return _run(args, Path(tmp))
+
+
+def _run(args: argparse.Namespace, tmp: Path) -> int:
     from cifarray.train import dcgan, densenet
     from cifarray.train.common import resolve_precision
     from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
                               augment_chunk=chunk)
     data = _data(device, max(chunk * args.batch_size, 2048))
     torch.manual_seed(0)
-    state = densenet.build(cfg, _worker(cfg, device, data, precision))
+    state = densenet.build(cfg, _worker(cfg, device, data, precision, tmp))
     sampler = state.worker.sampler
     raw = data.train.images[:args.batch_size]
     bulk = data.train.images[:chunk * args.batch_size]
@@ -230,14 +236,14 @@ def run(args: argparse.Namespace) -> int:
              ("GPU busy per full step", f"{busy:.0%}" if busy is not None else "n/a",
               "kernel time / wall" if busy is not None else "no GPU"),
              ("projected 10,000 steps", f"{full * 10:.0f} s", "full step x 10,000")]
-    rows += _graph_rows(cfg, device, data, precision, step_timing, chunk) if device.type == "cuda" else [
+    rows += _graph_rows(cfg, device, data, precision, step_timing, chunk, tmp) if device.type == "cuda" else [
         ("full step, CUDA graph", "n/a", "needs CUDA")]
 
     for mode in ("off", "on") if device.type == "cuda" else ("off",):
         gcfg = DCGANTrainConfig(synthetic=True, batch_size=args.gan_batch_size, gpu=device.type == "cuda",
                                 precision=precision, cuda_graphs=mode)
         torch.manual_seed(0)
-        gstate = dcgan.build(gcfg, _worker(gcfg, device, data, precision))
+        gstate = dcgan.build(gcfg, _worker(gcfg, device, data, precision, tmp))
         gan = _ms(lambda: dcgan.step(gstate, gstate.worker.sampler.next()),
                   **{**timing, "warmup": max(timing["warmup"], 4)})
         graphed = mode == "on"
@@ -249,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     if device.type != "cuda":
         rows.append(("DCGAN D+G step, CUDA graph", "n/a", "needs CUDA"))
     if args.e2e_steps:
-        rows.append(("end-to-end python -m cifarray.train", "", _e2e(args, device)))
+        rows.append(("end-to-end python -m cifarray.train", "", _e2e(args, device, tmp)))
 
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
