@@ -13,21 +13,18 @@ compare against.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from cifarray.config import opt
 from cifarray.errors import UserError
 
 MODES = ("none", "basic", "augmix")
 
-# AugMix's op table, taken from torchvision so that op set and magnitude bins stay identical.
-_SPACE = v2.AugMix._AUGMENTATION_SPACE
-OP_NAMES = tuple(_SPACE)
 _AFFINE = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 PARAMETER_MAX = 10  # torchvision's number of magnitude bins - 1
 
@@ -55,11 +52,30 @@ class AugmentConfig:
             raise UserError("AugMix needs width >= 1, depth -1 (random 1..3) or >= 1, and alpha > 0")
 
 
+@functools.cache
+def _augmix_space() -> dict:
+    """AugMix's op table, taken from torchvision so that op set and magnitude bins stay identical.
+
+    Imported on first use, not with this module: importing torchvision loads torch._dynamo (~2.5 s
+    on 2 CPU cores), which every process without AugMix (crop and flip only, or none) would pay."""
+    from torchvision.transforms import v2
+
+    space = v2.AugMix._AUGMENTATION_SPACE
+    names = tuple(space)
+    assert names[: len(_AFFINE)] == _AFFINE and set(names[len(_AFFINE):]) == set(_OPS), names
+    return space
+
+
+def __getattr__(name: str):
+    if name == "OP_NAMES":  # the op names, in torchvision's order (loads its table: see _augmix_space)
+        return tuple(_augmix_space())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _magnitude_table(severity: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ops, severity) magnitudes and (ops,) signed flags, from torchvision's AugMix table."""
     mags, signed = [], []
-    for name in OP_NAMES:
-        fn, is_signed = _SPACE[name]
+    for name, (fn, is_signed) in _augmix_space().items():
         m = fn(PARAMETER_MAX + 1, height, width)
         mags.append(torch.zeros(severity) if m is None else m[:severity].float())
         signed.append(is_signed)
@@ -254,7 +270,6 @@ _OPS = {
     "Posterize": _posterize, "Solarize": _solarize, "AutoContrast": _autocontrast, "Equalize": _equalize,
     "Brightness": _brightness, "Color": _color, "Contrast": _contrast, "Sharpness": _sharpness,
 }
-assert OP_NAMES[: len(_AFFINE)] == _AFFINE and set(OP_NAMES[len(_AFFINE):]) == set(_OPS), OP_NAMES
 
 
 def apply_op(x: torch.Tensor, name: str, magnitude: torch.Tensor) -> torch.Tensor:
@@ -284,16 +299,23 @@ class DeviceAugment:
         # (x / 255 - mean) / std folded into one multiply-add.
         self._scale = 1.0 / (255.0 * std_t)
         self._shift = -mean_t / std_t
+        self.image_size = image_size
+        if config.mode == "augmix":
+            self._augmix_tables()
+
+    def _augmix_tables(self) -> None:
+        config, image_size = self.config, self.image_size
         mags, signed = _magnitude_table(config.severity, *image_size)
         self._mags = mags.to(self.device)
         self._signed = signed.to(self.device)
         # Ops that are exact identities at magnitude 0 (angle/shear/shift 0, blend factor 1):
         # bin 0 selects them a third of the time at the default severity; they are skipped.
         names_at_zero = _AFFINE + ("Brightness", "Color", "Contrast", "Sharpness")
-        self._noop_at_zero = torch.tensor([n in names_at_zero for n in OP_NAMES], device=self.device)
+        self.op_names = tuple(_augmix_space())
+        self._noop_at_zero = torch.tensor([n in names_at_zero for n in self.op_names], device=self.device)
         # Magnitudes take few values (op x level x sign), so the sampling grid of every shear and
         # rotation and the gather index of every translation are tabulated once here.
-        combos = torch.arange(len(OP_NAMES) * config.severity * 2, device=self.device)
+        combos = torch.arange(len(self.op_names) * config.severity * 2, device=self.device)
         op_of, rest = combos // (config.severity * 2), combos % (config.severity * 2)
         mag_of = self._mags[op_of, rest // 2] * torch.where(rest % 2 == 1, -1.0, 1.0)
         self._grids = _affine_grid(op_of, mag_of, *image_size)
@@ -332,9 +354,11 @@ class DeviceAugment:
         (`perm` tracks it), so a step costs one gather however many ops it uses.
         """
         cfg = self.config
+        if not hasattr(self, "_mags"):  # built on first use when the mode is not augmix
+            self._augmix_tables()
         b, dev = x.shape[0], x.device
-        n_ops, n_affine = len(OP_NAMES), len(_AFFINE)
-        posterize = OP_NAMES.index("Posterize")
+        n_ops, n_affine = len(self.op_names), len(_AFFINE)
+        posterize = self.op_names.index("Posterize")
         wb = cfg.width * b
         m = self._dirichlet(2, b, generator, dev)
         weights = self._dirichlet(cfg.width, b, generator, dev) * m[:, 1:2]  # (B, width)
@@ -373,7 +397,7 @@ class DeviceAugment:
                     elif k == posterize:
                         aug[s].bitwise_and_(_posterize_mask(mag[s]))  # in place: no copy
                     else:
-                        aug[s] = _OPS[OP_NAMES[k]](aug[s], mag[s])
+                        aug[s] = _OPS[self.op_names[k]](aug[s], mag[s])
                 start += count
         aug = aug.index_select(0, torch.argsort(perm))
         # Normalisation is folded into the mixing weights: (sum w x) * scale + shift.
@@ -384,8 +408,11 @@ class DeviceAugment:
         return mix.add_(self._shift) if normalize else mix
 
 
-def reference_pipeline(config: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
-    """The same augmentation as torchvision v2 per-image transforms: the baseline and the tests' reference."""
+def reference_pipeline(config: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...]):
+    """The same augmentation as torchvision v2 per-image transforms (a v2.Compose): the baseline and the tests'
+    reference."""
+    from torchvision.transforms import v2
+
     steps: list = []
     if config.mode != "none":
         steps.append(v2.RandomCrop(32, padding=config.pad, padding_mode="reflect"))

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
 
 from cifarray import figures
 from cifarray.errors import UserError
@@ -35,6 +34,14 @@ STATS_SAMPLES = 1000  # generated and real images per stats_fd (~0.1 s on a CPU)
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     return (x.float() + 1) / 2  # generator output in [-1, 1] -> [0, 1]
+
+
+def save_image(images: torch.Tensor, path, **kwargs) -> None:
+    # torchvision is imported here, not with the module: its import loads torch._dynamo (~2.5 s), which
+    # every process that imports the registry (each run's driver and workers) would otherwise pay.
+    from torchvision.utils import save_image as save
+
+    save(images, path, **kwargs)
 
 
 def save_grid(g: torch.nn.Module, z: torch.Tensor, path: str) -> None:
