@@ -48,22 +48,22 @@ def test_sgd_step_with_a_device_learning_rate_equals_torch_sgd(nesterov):
     assert not torch.equal(next(ours.parameters()), next(_model().parameters()))  # it did train
 
 
-def _state(cfg: DenseNetTrainConfig, graphed: bool):
+def _state(cfg: DenseNetTrainConfig, graphed: bool, tmp):
     data = _data(torch.device("cpu"), 512)
     torch.manual_seed(0)
-    state = densenet.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32"))
+    state = densenet.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32", tmp))
     if graphed:
         densenet.enable_graphs(state, capture=False)
     return state
 
 
-def test_graphed_path_trains_each_step_on_its_own_batch_like_eager():
+def test_graphed_path_trains_each_step_on_its_own_batch_like_eager(tmp_path):
     """The static-buffer path (GraphedStep without a graph, as on the CPU) against the eager step: the same
     losses step for step. A path that kept training on its first batch (stale inputs) or read a stale
     learning rate would drift within a few steps."""
     cfg = DenseNetTrainConfig(synthetic=True, batch_size=32, growth_rate=4, blocks=(1, 1), steps=12, augment="basic",
                               augment_chunk=3, cuda_graphs="off")
-    eager, graphed = _state(cfg, False), _state(cfg, True)
+    eager, graphed = _state(cfg, False, tmp_path), _state(cfg, True, tmp_path)
     losses = {}
     for name, state in (("eager", eager), ("graphed", graphed)):
         losses[name] = [float(densenet.step(state, state.worker.sampler.next())["loss"]) for _ in range(cfg.steps)]
@@ -124,7 +124,7 @@ def test_captured_step_trains_like_eager_on_a_gpu(tmp_path):
         cfg = DenseNetTrainConfig(synthetic=True, batch_size=128, growth_rate=8, blocks=(2, 2, 2), steps=300,
                                   gpu=True, augment="basic", cuda_graphs=mode)
         torch.manual_seed(0)
-        state = densenet.build(cfg, _worker(cfg, device, data, "bf16"))
+        state = densenet.build(cfg, _worker(cfg, device, data, "bf16", tmp_path))
         assert (state.graphed is not None) == (mode == "on")
         curves[mode] = torch.stack([densenet.step(state, state.worker.sampler.next())["loss"].clone()
                                     for _ in range(cfg.steps)]).cpu()
@@ -135,7 +135,7 @@ def test_captured_step_trains_like_eager_on_a_gpu(tmp_path):
     assert last["on"] < 0.9 * curves["on"][:10].mean().item(), last  # it learned
 
 
-def test_dcgan_graphed_path_trains_like_eager():
+def test_dcgan_graphed_path_trains_like_eager(tmp_path):
     """The DCGAN's D+G step (with EMA and noisy real labels) through GraphedStep's static buffers, against
     eager: the same four metrics step for step, and the draws (flips, latents, label noise) stay outside."""
     from cifarray.train import dcgan
@@ -147,7 +147,7 @@ def test_dcgan_graphed_path_trains_like_eager():
     for graphed in (False, True):
         data = _data(torch.device("cpu"), 256)
         torch.manual_seed(0)
-        state = dcgan.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32"))
+        state = dcgan.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32", tmp_path))
         if graphed:
             dcgan.enable_graphs(state, capture=False)
         runs[graphed] = [[float(v) for v in dcgan.step(state, state.worker.sampler.next()).values()]
