@@ -179,3 +179,74 @@ def test_chunk_size_follows_the_memory_budget():
     assert chunk_batches(augmix, 512, 87) == 31
     assert chunk_batches(basic, 512, 87) == 87  # capped at the epoch
     assert chunk_batches(augmix, 512, 87, budget_mib=1) == 1  # never below one batch
+
+
+def _squares_and_mirrored_ells(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four classes on a noisy background: 0 and 1, a 6-px square whose left edge is at column 13 or 15
+    (the classes differ only by a 2-px shift); 2 and 3, a centred L and its mirror image."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(4, (n,), generator=g)
+    x = torch.randint(40, 90, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    for i, c in enumerate(y.tolist()):
+        if c < 2:
+            x[i, :, 13:19, 13 + 2 * c:19 + 2 * c] = 230
+        else:
+            x[i, :, 11:21, 15:17] = 230
+            (x[i, :, 19:21, 15:21] if c == 2 else x[i, :, 19:21, 11:17]).fill_(230)
+    return x, y
+
+
+def _probe_accuracy(args: list[str], tmp_path, steps: int = 200) -> tuple[float, float]:
+    """A linear classifier trained on the DenseNet trainer's own augmented batches (the CLI's flags, the
+    family's BulkAugment): its accuracy on further such batches, within the square pair and the L pair."""
+    from cifarray.bench.gpu import _worker
+    from cifarray.data.loader import DeviceSplit, PreparedData
+    from cifarray.train import densenet
+    from cifarray.train.__main__ import parse
+
+    cfg = parse(["densenet", "--synthetic", "--batch-size", "128", "--steps", str(steps + 20), *args]).cfg
+    x, y = _squares_and_mirrored_ells(2048)
+    split = DeviceSplit(x, y)
+    data = PreparedData(train=split, val=split, test=split, mean=(0.3,) * 3, std=(0.25,) * 3,
+                        class_names=[str(i) for i in range(100)])
+    state = densenet.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32", tmp_path))
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(3 * 32 * 32, 4)
+    opt = torch.optim.Adam(probe.parameters(), lr=3e-3)
+    sampler = state.worker.sampler
+    for _ in range(steps):
+        idx = sampler.next()
+        loss = torch.nn.functional.cross_entropy(probe(state.batches(idx).flatten(1)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    right, total = torch.zeros(2), torch.zeros(2)
+    with torch.no_grad():
+        for _ in range(20):
+            idx = sampler.next()
+            pair = (y[idx] >= 2).long()
+            right.index_add_(0, pair, (probe(state.batches(idx).flatten(1)).argmax(1) == y[idx]).float())
+            total.index_add_(0, pair, torch.ones(len(idx)))
+    square, ell = (right / total).tolist()
+    return square, ell
+
+
+@pytest.mark.slow
+def test_the_trainers_batches_hide_what_basic_augmentation_randomises(tmp_path):
+    """A learning test of the crop and the flip, which the `hard` set cannot give (objects there already
+    vary by +-6 px, so a disabled crop costs nothing measurable: docs/BENCHMARKS.md).
+
+    Trained on unaugmented batches, a linear classifier tells both pairs apart perfectly. On the trainer's
+    basic-augmented batches it cannot: a crop of +-4 px puts the two squares (2 px apart) at the same
+    columns 7 times in 9, so no classifier exceeds 11/18 = 0.611 within that pair (crop pad 2: 0.70; no
+    crop: 1.0), and a flip with p = 0.5 makes an L and its mirror image equally likely, so 0.5 is the
+    bound there. Measured (square pair / L pair, EPYC VM, fp32): none 1.0 / 1.0; basic 0.597 / 0.525;
+    --crop-pad 2 0.70 / 0.558; --crop-pad 0 1.0 / 0.756; --no-flip 0.606 / 0.936. Checked by patching
+    DeviceAugment: with every crop at the centre this test fails (1.0); with the flip never applied, too
+    (0.936).
+    """
+    square, ell = _probe_accuracy(["--augment", "none"], tmp_path)
+    assert square > 0.95 and ell > 0.95, (square, ell)  # the probe can learn both distinctions
+    square, ell = _probe_accuracy(["--augment", "basic"], tmp_path)
+    assert square < 0.68, square  # the crop shifts each sample by up to 4 px
+    assert ell < 0.62, ell  # the flip mirrors half of the samples
