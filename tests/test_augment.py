@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -12,6 +15,7 @@ from cifarray.data.augment import (OP_NAMES, AugmentConfig, BulkAugment, DeviceA
 from cifarray.data.cifar import load_cifar100
 from cifarray.data.loader import ShardedBatches
 from cifarray.errors import UserError
+from conftest import REPO
 
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
 
@@ -250,3 +254,21 @@ def test_the_trainers_batches_hide_what_basic_augmentation_randomises(tmp_path):
     square, ell = _probe_accuracy(["--augment", "basic"], tmp_path)
     assert square < 0.68, square  # the crop shifts each sample by up to 4 px
     assert ell < 0.62, ell  # the flip mirrors half of the samples
+
+
+def test_torchvision_is_imported_only_where_augmix_needs_its_table():
+    """Importing torchvision loads torch._dynamo (~2.5 s on 2 cores): every driver and Ray worker without
+    AugMix would pay it at start-up. The AugMix table still comes from torchvision when AugMix is used."""
+    code = """if True:
+        import sys, torch
+        import cifarray.registry, cifarray.train.engine, cifarray.train.__main__, cifarray.tune.trial
+        from cifarray.data.augment import AugmentConfig, DeviceAugment
+        x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+        DeviceAugment(AugmentConfig(mode="basic"), (0.5,) * 3, (0.25,) * 3)(x)
+        print("basic", "torchvision" in sys.modules)
+        DeviceAugment(AugmentConfig(mode="augmix"), (0.5,) * 3, (0.25,) * 3)(x)
+        print("augmix", "torchvision" in sys.modules)
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["basic", "False", "augmix", "True"]
