@@ -257,8 +257,9 @@ def test_the_trainers_batches_hide_what_basic_augmentation_randomises(tmp_path):
 
 
 def test_torchvision_is_imported_only_where_augmix_needs_its_table():
-    """Importing torchvision loads torch._dynamo (~2.5 s on 2 cores): every driver and Ray worker without
-    AugMix would pay it at start-up. The AugMix table still comes from torchvision when AugMix is used."""
+    """Importing torchvision loads torch._dynamo (~2.5 s on 2 cores): the CLI drivers, the tuner and each
+    trial's driver (processes that build no optimizer, which loads it too) would pay it at start-up. The
+    AugMix table still comes from torchvision when AugMix is used."""
     code = """if True:
         import sys, torch
         import cifarray.registry, cifarray.train.engine, cifarray.train.__main__, cifarray.tune.trial

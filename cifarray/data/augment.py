@@ -57,7 +57,8 @@ def _augmix_space() -> dict:
     """AugMix's op table, taken from torchvision so that op set and magnitude bins stay identical.
 
     Imported on first use, not with this module: importing torchvision loads torch._dynamo (~2.5 s
-    on 2 CPU cores), which every process without AugMix (crop and flip only, or none) would pay."""
+    on 2 CPU cores), which the processes that import this module but build no optimizer (the CLI
+    drivers, the tuner, each sweep trial's driver) would otherwise pay; torch.optim loads it anyway."""
     from torchvision.transforms import v2
 
     space = v2.AugMix._AUGMENTATION_SPACE

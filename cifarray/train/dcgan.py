@@ -38,7 +38,8 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 def save_image(images: torch.Tensor, path, **kwargs) -> None:
     # torchvision is imported here, not with the module: its import loads torch._dynamo (~2.5 s), which
-    # every process that imports the registry (each run's driver and workers) would otherwise pay.
+    # every process that imports the registry but builds no optimizer (the CLI drivers, the tuner, each
+    # trial's driver) would otherwise pay.
     from torchvision.utils import save_image as save
 
     save(images, path, **kwargs)
