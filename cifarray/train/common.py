@@ -48,15 +48,15 @@ def git_commit(root: Path = PROJECT_ROOT) -> str | None:
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
-    from importlib.metadata import version
-
     import numpy
     import ray
+    import torchvision
 
     return {
-        # torchvision's version from its metadata: importing it costs seconds (see data/augment.py)
+        # Only training workers call this, and their optimizer has already loaded torch._dynamo, the costly
+        # part of importing torchvision; its __version__ names the build (e.g. +cu130), its metadata does not.
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": version("torchvision"), "ray": ray.__version__, "numpy": numpy.__version__},
+                     "torchvision": torchvision.__version__, "ray": ray.__version__, "numpy": numpy.__version__},
         "git_commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "host": socket.gethostname(),
