@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_module
+from conftest import run_cli_here, run_module
 
 import cifarray.bench.train as bench_train
 from cifarray.data.augment import DeviceAugment
@@ -26,7 +26,7 @@ def test_bench_augment_reports_both_sides_and_ratio():
 
 
 def test_bench_bad_input_is_one_line_error():
-    result = run_module("cifarray.bench", "augment", "--batch-size", "0")
+    result = run_cli_here("cifarray.bench", "augment", "--batch-size", "0")
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
@@ -45,7 +45,7 @@ def test_bench_train_reports_plain_ray_and_ratio():
 
 
 def test_bench_train_bad_steps_is_one_line_error():
-    result = run_module("cifarray.bench", "train", "--steps", "15")
+    result = run_cli_here("cifarray.bench", "train", "--steps", "15")
     assert result.returncode == 2 and result.stderr.strip() == "error: --steps 15 must be a multiple of 10 and at least 20"
 
 
@@ -96,5 +96,5 @@ def test_bench_gpu_prints_its_table_on_the_cpu_with_small_sizes():
 def test_bench_gpu_without_cuda_is_one_line_error():
     if __import__("torch").cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = run_module("cifarray.bench", "gpu", "--device", "cuda")
+    result = run_cli_here("cifarray.bench", "gpu", "--device", "cuda")
     assert result.returncode == 2 and result.stderr.strip() == "error: --device cuda: no CUDA device here; pass --device cpu"

@@ -14,7 +14,7 @@ from cifarray.data import cifar
 from cifarray.data.cifar import load_cifar100
 from cifarray.data.py2pickle import dumps_py2
 from cifarray.errors import DataError, UserError
-from conftest import run_module, write_py2_folder
+from conftest import run_cli_here, run_module, write_py2_folder
 
 
 def torchvision_reader(root: Path, train: bool):
@@ -126,7 +126,7 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path, name):
     write_py2_folder(root, train=PAYLOADS[name](marker))
     with pytest.raises(DataError, match="refused to load: the pickle references"):
         load_cifar100(root, verify=False)
-    result = run_module("cifarray.data", "check", str(root), "--no-verify")
+    result = run_cli_here("cifarray.data", "check", str(root), "--no-verify")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "cifar-100-python/train" in lines[0]
@@ -182,7 +182,7 @@ def test_meta_errors(tmp_path):
     (tmp_path / "cifar-100-python" / "meta").unlink()
     with pytest.raises(DataError, match="missing meta"):
         load_cifar100(tmp_path, verify=False)
-    result = run_module("cifarray.data", "check", str(tmp_path), "--no-verify")
+    result = run_cli_here("cifarray.data", "check", str(tmp_path), "--no-verify")
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "missing meta" in result.stderr
 
 

@@ -131,7 +131,7 @@ def test_eval_fid_cli_stores_results_and_fails_cleanly_without_weights(tmp_path,
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, run_cli_here
 
     run = fake_dcgan_run(tmp_path / "gan")
     env = {**os.environ, "CIFARRAY_OFFLINE": "1"}
@@ -142,8 +142,7 @@ def test_eval_fid_cli_stores_results_and_fails_cleanly_without_weights(tmp_path,
     summary = json.loads((run / "summary.json").read_text())
     assert summary["fid"] > 0 and summary["fid_samples"] == 20 and summary["fid_reference"] == "test"
     assert summary["fid_reference_images"] == 100 and "FID" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "cifarray.eval", "fid", str(run), "--samples", "50"],
-                         capture_output=True, text=True, cwd=REPO, env=env)
+    bad = run_cli_here("cifarray.eval", "fid", str(run), "--samples", "50", env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("error: Inception weights for FID are not available offline")
     assert len(bad.stderr.strip().splitlines()) == 1
@@ -156,7 +155,7 @@ def test_fid_during_gan_training_keeps_the_best_generator(tmp_path, inception_we
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, run_cli_here
 
     out = tmp_path / "gan"
     result = subprocess.run(

@@ -13,7 +13,7 @@ from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError
 from cifarray.train import densenet, graphs
 from cifarray.train.config import DenseNetTrainConfig
-from conftest import run_module
+from conftest import run_cli_here, run_module
 
 
 def _model() -> torch.nn.Module:
@@ -104,7 +104,7 @@ def test_cuda_graphs_setting_resolves_and_refuses_in_one_line():
         (False, "--optimizer adamw")
     with pytest.raises(UserError, match="not one of auto, on, off"):
         DenseNetTrainConfig(synthetic=True, cuda_graphs="yes")
-    result = run_module("cifarray.train", "densenet", "--synthetic", "--cuda-graphs", "on", "--out", "/nonexistent/x")
+    result = run_cli_here("cifarray.train", "densenet", "--synthetic", "--cuda-graphs", "on", "--out", "/nonexistent/x")
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: --cuda-graphs on cannot be used here (no GPU): graphs need --gpu, --workers 1 and no --compile "
         "(densenet: --optimizer sgd); pass --cuda-graphs off or auto")

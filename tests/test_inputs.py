@@ -25,7 +25,7 @@ from cifarray.registry import FAMILIES
 from cifarray.train.__main__ import parse
 from cifarray.train.__main__ import parser as train_parser
 from cifarray.tune.__main__ import parser as tune_parser
-from conftest import REPO, write_py2_copy
+from conftest import REPO, run_cli_here, write_py2_copy
 from hpc.ray_cluster import parser as ray_cluster_parser
 from hpc.status import parser as status_parser
 from hpc.submit import parser as submit_parser
@@ -158,8 +158,8 @@ def test_data_size_errors_come_before_ray_in_one_line(tmp_path, py2_folder, job,
     env, ray_tmp = _no_ray_env(tmp_path)
     out = tmp_path / "out"
     t = time.perf_counter()
-    result = _cli(env, "cifarray.train", job, "--data-dir", str(py2_folder), "--no-verify", "--out", str(out),
-                  *TINY[4:] if job == "densenet" else [], *args)
+    result = run_cli_here("cifarray.train", job, "--data-dir", str(py2_folder), "--no-verify", "--out", str(out),
+                          *TINY[4:] if job == "densenet" else [], *args, env=env)
     assert_one_line_error(result, *expected)
     assert time.perf_counter() - t < 45  # Ray's start alone takes ~10 s here; it never began
     assert not ray_tmp.exists() and not out.exists()
@@ -168,8 +168,8 @@ def test_data_size_errors_come_before_ray_in_one_line(tmp_path, py2_folder, job,
 def test_default_val_size_on_a_small_procedural_set_is_refused_before_ray(tmp_path):
     env, ray_tmp = _no_ray_env(tmp_path)
     out = tmp_path / "out"
-    result = _cli(env, "cifarray.train", "densenet", "--synthetic", "--synthetic-train-per-class", "50",
-                  "--out", str(out))
+    result = run_cli_here("cifarray.train", "densenet", "--synthetic", "--synthetic-train-per-class", "50",
+                          "--out", str(out), env=env)
     assert_one_line_error(result, "--val-size 5000 leaves no training images", "procedural data set has 5,000")
     assert not ray_tmp.exists() and not out.exists()
 
@@ -187,7 +187,7 @@ def test_sweeps_whose_trials_cannot_fit_the_data_are_refused_before_the_first_tr
                      'lr = { loguniform = [0.01, 0.1] }\n' + space + "\n")
     env, ray_tmp = _no_ray_env(tmp_path)
     out = tmp_path / "out"
-    result = _cli(env, "cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out))
+    result = run_cli_here("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out), env=env)
     assert_one_line_error(result, expected)
     assert not ray_tmp.exists() and not out.exists()
 
@@ -198,7 +198,7 @@ def test_no_verify_trains_on_a_python2_folder_that_is_not_the_official_release(t
     line = ["cifarray.train", "densenet", "--data-dir", str(py2_folder), "--no-verify", "--out", str(out),
             *TINY[4:], "--val-size", "1000", "--steps", "100", "--batch-size", "64", "--eval-every", "50",
             "--checkpoint-every", "50"]
-    refused = _cli(dict(os.environ), *[a for a in line if a != "--no-verify"])
+    refused = run_cli_here(*[a for a in line if a != "--no-verify"])
     assert_one_line_error(refused, "is not the official CIFAR-100 train file", "--no-verify")
     assert not out.exists()
     result = _cli(dict(os.environ), *line, timeout=600)

@@ -17,7 +17,7 @@ from cifarray.rundir import MetricsLog, RunDir
 from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
 from cifarray.train.dcgan import FAMILY as GAN
 from cifarray.train.densenet import FAMILY as DENSENET
-from conftest import run_module
+from conftest import run_cli_here, run_module
 
 
 def finished_run(root: Path, cfg, model: torch.nn.Module, weights: str, fields: list[str], row) -> Path:
@@ -107,8 +107,8 @@ def test_dcgan_report(dcgan_run):
 
 
 def test_report_errors_are_one_line(tmp_path):
-    result = run_module("cifarray.report", str(tmp_path / "nope"))
+    result = run_cli_here("cifarray.report", str(tmp_path / "nope"))
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "no such run folder" in result.stderr
     (tmp_path / "empty").mkdir()
-    result = run_module("cifarray.report", str(tmp_path / "empty"))
+    result = run_cli_here("cifarray.report", str(tmp_path / "empty"))
     assert result.returncode == 2 and "no config.json" in result.stderr

@@ -22,7 +22,7 @@ from cifarray.metrics import stats_fd
 from cifarray.train.__main__ import parse
 from cifarray.train.common import resolve_precision
 from cifarray.train.config import DenseNetTrainConfig
-from conftest import REPO, run_module
+from conftest import REPO, run_cli_here, run_module
 
 # A DenseNet small enough for 2 CPU cores (k=4, blocks 2,2,2: 8,176 parameters) on procedural data.
 # The `hard` set is for tests of how well a run learns; the tests of mechanics (restarts, resume, DDP,
@@ -241,8 +241,8 @@ def test_over_budget_model_is_refused_before_ray(tmp_path):
     out = tmp_path / "big"
     for extra in ([], ["--workers", "auto"]):  # auto sizes itself from the Ray cluster: still refused first
         t = time.time()
-        result = run_module("cifarray.train", "densenet", "--synthetic", "--growth-rate", "16", "--out", str(out),
-                            *extra)
+        result = run_cli_here("cifarray.train", "densenet", "--synthetic", "--growth-rate", "16", "--out", str(out),
+                              *extra)
         assert result.returncode == 2 and time.time() - t < 30
         assert result.stderr.startswith("error: DenseNet") and "over the budget of 100,000" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
@@ -275,14 +275,14 @@ def test_config_precedence_and_errors(tmp_path):
     assert parse(["densenet", "--config", str(f)])[2] and parse(["densenet", "--synthetic", "--workers", "auto"])[2]
     assert cfg.batch_size == DenseNetTrainConfig.__dataclass_fields__["batch_size"].default
     f.write_text("synthetic = true\nlearning_rate = 0.1\n")
-    result = run_module("cifarray.train", "densenet", "--config", str(f))
+    result = run_cli_here("cifarray.train", "densenet", "--config", str(f))
     assert result.returncode == 2 and "unknown key 'learning_rate'" in result.stderr
     f.write_text('synthetic = true\nsteps = "many"\n')
-    result = run_module("cifarray.train", "densenet", "--config", str(f))
+    result = run_cli_here("cifarray.train", "densenet", "--config", str(f))
     assert result.returncode == 2 and "key 'steps': expected an integer" in result.stderr
-    result = run_module("cifarray.train", "densenet", "--synthetic", "--batch-size", "65", "--workers", "2")
+    result = run_cli_here("cifarray.train", "densenet", "--synthetic", "--batch-size", "65", "--workers", "2")
     assert result.returncode == 2 and "divisible" in result.stderr
-    result = run_module("cifarray.train", "densenet", "--synthetic", "--precision", "fp16")
+    result = run_cli_here("cifarray.train", "densenet", "--synthetic", "--precision", "fp16")
     assert result.returncode == 2 and "--precision 'fp16' is not one of auto, bf16, fp32" in result.stderr
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, digest, run_module
+from conftest import REPO, digest, run_cli_here, run_module
 
 CI_SWEEP = REPO / "sweeps" / "ci_densenet.toml"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -57,7 +57,7 @@ def test_bad_sweep_files_are_refused_in_one_line_before_ray(tmp_path, text, expe
     sweep = write_sweep(tmp_path / "bad.toml", text)
     out = tmp_path / "out"
     t = time.perf_counter()
-    result = run_module("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out), timeout=120)
+    result = run_cli_here("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out))
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
@@ -290,8 +290,7 @@ def test_gan_sweep_without_inception_weights_selects_on_a_labelled_fallback(tmp_
 def test_gpu_shares_that_cannot_work_are_refused_before_ray(tmp_path, gpus_per_trial, workers, expected):
     out = tmp_path / "out"
     args = ["--gpus-per-trial", gpus_per_trial, *(["--workers-per-trial", workers] if workers else [])]
-    result = run_module("cifarray.tune", "--sweep", str(CI_SWEEP), "--synthetic", "--out", str(out), *args,
-                        timeout=120)
+    result = run_cli_here("cifarray.tune", "--sweep", str(CI_SWEEP), "--synthetic", "--out", str(out), *args)
     assert result.returncode == 2 and result.stderr.strip().startswith(f"error: {expected}"), result.stderr
     assert not out.exists()
 
