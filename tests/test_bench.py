@@ -38,7 +38,10 @@ def test_bench_train_reports_plain_ray_and_ratio():
     plain = float(re.search(r"plain PyTorch loop, fp32\s*:\s*(\d+) img/s", out).group(1))
     ray = re.search(r"Ray Train, 1 worker, (bf16|fp32)\s*:\s*(\d+) img/s", out)
     ratio = float(re.search(r"ratio \(ray / plain\)\s*:\s*(\d+\.\d+)", out).group(1))
-    assert plain > 0 and abs(ratio - float(ray.group(2)) / plain) < 0.02  # the ratio is of the printed rates
+    # The ratio is of the measured rates, which are printed rounded to whole img/s (and it to 2 decimals):
+    # at the few dozen img/s of a loaded 2-core machine that rounding alone moves it by up to ~0.03.
+    rate = float(ray.group(2))
+    assert plain > 0.5 and (rate - 0.5) / (plain + 0.5) - 0.005 <= ratio <= (rate + 0.5) / (plain - 0.5) + 0.005, out
     # A bf16 Ray side comes with the equal-precision control; an fp32 one needs none.
     assert ("control: plain loop, bf16" in out) == (ray.group(1) == "bf16")
     assert re.search(r"Ray start-up \+ tear-down\s*:\s*\d+\.\d s", out)
