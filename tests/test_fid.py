@@ -155,7 +155,7 @@ def test_fid_during_gan_training_keeps_the_best_generator(tmp_path, inception_we
     import subprocess
     import sys
 
-    from conftest import REPO, run_cli_here
+    from conftest import REPO
 
     out = tmp_path / "gan"
     result = subprocess.run(
