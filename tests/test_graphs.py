@@ -13,7 +13,7 @@ from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError
 from cifarray.train import densenet, graphs
 from cifarray.train.config import DenseNetTrainConfig
-from conftest import run_cli_here, run_module
+from conftest import run_cli_here
 
 
 def _model() -> torch.nn.Module:
