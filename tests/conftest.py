@@ -64,6 +64,14 @@ def run_cli_here(module: str, *args: str, env: dict[str, str] | None = None) -> 
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

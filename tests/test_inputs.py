@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from cifarray.registry import FAMILIES
 from cifarray.train.__main__ import parse
 from cifarray.train.__main__ import parser as train_parser
 from cifarray.tune.__main__ import parser as tune_parser
-from conftest import REPO, run_cli_here, write_py2_copy
+from conftest import REPO, assert_one_line_error, run_cli_here, write_py2_copy
 from hpc.ray_cluster import parser as ray_cluster_parser
 from hpc.status import parser as status_parser
 from hpc.submit import parser as submit_parser
@@ -123,14 +122,6 @@ def _no_ray_env(tmp_path: Path) -> tuple[dict, Path]:
 def _cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -301,45 +292,3 @@ def test_of_runs_started_together_exactly_one_gets_the_lock(tmp_path):
              for _ in range(6)]
     codes = sorted(p.wait(timeout=60) for p in procs)
     assert codes == [0, 3, 3, 3, 3, 3], codes
-
-
-@pytest.mark.slow
-def test_a_second_train_on_a_live_run_folder_exits_and_the_first_finishes_untouched(tmp_path):
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cifarray.train", "densenet", "--synthetic", *TINY, "--val-size", "1000",
-           "--out", str(out), "--steps", "120", "--batch-size", "64", "--log-every", "10",
-           "--checkpoint-every", "30", "--eval-every", "30"]
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        while not (out / "last_checkpoint.json").exists():
-            assert first.poll() is None and time.time() < deadline, first.stdout.read() if first.stdout else ""
-            time.sleep(0.5)
-        sessions = list(ray_tmp.glob("ray/session_*"))
-        assert sessions  # Ray writes its session here: the refusals above and below would have shown one
-        listing = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "ray" not in p.parts)
-        attempts = (out / "attempts.json").read_text()
-        t = time.perf_counter()
-        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert_one_line_error(second, f"{out} is in use by python -m cifarray.train densenet",
-                              f"pid {first.pid}")
-        assert time.perf_counter() - t < 45
-        assert sorted(ray_tmp.glob("ray/session_*")) == sorted(sessions)  # the second one started no Ray
-        assert (out / "attempts.json").read_text() == attempts
-        assert set(listing) <= {str(p.relative_to(out)) for p in out.rglob("*")}
-        output, _ = first.communicate(timeout=300)
-    finally:
-        first.kill()
-        subprocess.run(["rm", "-rf", str(ray_tmp)])
-    assert first.returncode == 0, output[-3000:]
-    # Exactly what a lone run leaves: one attempt, every logged step once, the two newest checkpoints.
-    assert json.loads((out / "attempts.json").read_text()) == {"attempts": 1}
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(10, 121, 10))
-    assert json.loads((out / "last_checkpoint.json").read_text()) == {"step": 120}
-    checkpoints = sorted(p.name for p in (out / "ray").glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2, checkpoints
-    assert json.loads((out / "summary.json").read_text())["steps"] == 120
-    assert not (out / LOCK_NAME).exists()

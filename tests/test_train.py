@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from cifarray.data.cifar import load_cifar100
 from cifarray.metrics import stats_fd
 from cifarray.train.__main__ import parse
 from cifarray.train.common import resolve_precision
+from cifarray.runlock import LOCK_NAME
 from cifarray.train.config import DenseNetTrainConfig
-from conftest import REPO, run_cli_here, run_module
+from conftest import REPO, assert_one_line_error, run_cli_here, run_module
 
 # A DenseNet small enough for 2 CPU cores (k=4, blocks 2,2,2: 8,176 parameters) on procedural data.
 # The `hard` set is for tests of how well a run learns; the tests of mechanics (restarts, resume, DDP,
@@ -59,17 +61,6 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None):
             raise AssertionError(f"process ended early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}")
         time.sleep(0.5)
     raise AssertionError("timed out")
-
-
-def start_until_checkpoint(cmd: list[str], out: Path, step: int) -> subprocess.Popen:
-    """Start a training CLI and return once it has written a checkpoint at `step` or later."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    try:
-        wait_for(lambda: last_checkpoint(out) >= step, 240, proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc
 
 
 def last_checkpoint(out: Path) -> int:
@@ -131,44 +122,58 @@ def test_two_cpu_workers_run_real_ddp(tmp_path):
     assert got["workers"] == 2 and got["test_acc"] > 0.2  # and it learned (chance 0.01)
 
 
-@pytest.mark.slow
-def test_killed_worker_restarts_from_checkpoint_and_ends_at_exact_steps(tmp_path):
-    out = tmp_path / "kill"
-    cmd = train_cmd("densenet", out, *TINY, "--steps", "150", "--batch-size", "64", "--log-every", "10",
-                    "--checkpoint-every", "30", "--eval-every", "30")
-    proc = start_until_checkpoint(cmd, out, 60)
+def rank0(out: Path) -> dict:
     try:
-        first = json.loads((out / "workers" / "rank0.json").read_text())
-        os.kill(first["pid"], signal.SIGKILL)
-        killed_after = last_checkpoint(out)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, output[-3000:]
-    second = json.loads((out / "workers" / "rank0.json").read_text())
-    assert second["pid"] != first["pid"] and second["attempt"] == 1
-    # Resumed from a checkpoint, not from scratch. Ray registers a reported checkpoint when its
-    # controller next polls the workers, so the newest one may be lost with the killed worker.
-    assert second["start_step"] % 30 == 0 and 30 <= second["start_step"] <= killed_after
-    assert summary(out)["steps"] == 150
-    steps = [int(r["step"]) for r in metrics(out)]
-    assert steps == list(range(10, 151, 10))  # no step lost, none counted twice
-    assert {r["attempt"] for r in metrics(out)} == {"0", "1"}
+        return json.loads((out / "workers" / "rank0.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return {}
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_when_rerun(tmp_path):
-    """...and ends bit-identical to an uninterrupted run: augmentation chunks of 7 batches put both resume
-    points (step 30 or 60) mid-chunk, and the 120 steps cross an epoch (78 batches) in a cut chunk."""
+def test_a_run_outlives_a_second_train_a_killed_worker_and_sigterm_and_ends_as_if_uninterrupted(tmp_path):
+    """One run, three interruptions, then the same run never interrupted, compared bit for bit.
+
+    1. A second `train` on the live folder is refused in one line naming the first; it starts no Ray
+       and changes nothing in the folder.
+    2. The worker is SIGKILLed: Ray Train restarts it from a checkpoint (attempt 1) and goes on.
+    3. The driver gets SIGTERM (what Slurm sends on preemption): exit 130, no summary; a rerun resumes.
+    Augmentation chunks of 7 batches put every resume point (a multiple of 30) mid-chunk, and the 150
+    steps cross an epoch (78 batches) in a cut chunk. (One test, not three: each run costs ~45 s of
+    Ray start-up on 2 cores.)
+    """
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     out = tmp_path / "again"
-    args = (*TINY, "--steps", "120", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "30",
+    args = (*TINY, "--steps", "150", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "30",
             "--eval-every", "30", "--augment-chunk", "7")
     cmd = train_cmd("densenet", out, *args)
-    # Two checkpoints written: Ray registers a reported checkpoint when its controller next polls
-    # (every 2 s), so an interruption right after the newest one may resume from the one before.
-    proc = start_until_checkpoint(cmd, out, 60)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     try:
-        proc.send_signal(signal.SIGTERM)  # what Slurm sends on preemption
+        wait_for(lambda: last_checkpoint(out) >= 30, 240, proc)
+        sessions = list(ray_tmp.glob("ray/session_*"))
+        assert sessions  # Ray writes its session here: the second train below would have added one
+        listing = sorted(str(p.relative_to(out)) for p in out.rglob("*") if "ray" not in p.parts)
+        attempts = (out / "attempts.json").read_text()
+        t = time.perf_counter()
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert_one_line_error(second, f"{out} is in use by python -m cifarray.train densenet", f"pid {proc.pid}")
+        assert time.perf_counter() - t < 45  # Ray's start alone takes ~10 s here; it never began
+        assert sorted(ray_tmp.glob("ray/session_*")) == sorted(sessions)
+        assert (out / "attempts.json").read_text() == attempts
+        assert set(listing) <= {str(p.relative_to(out)) for p in out.rglob("*")}
+
+        wait_for(lambda: last_checkpoint(out) >= 60, 240, proc)
+        first = rank0(out)
+        os.kill(first["pid"], signal.SIGKILL)
+        killed_after = last_checkpoint(out)
+        restarted = wait_for(lambda: rank0(out).get("attempt") == 1 and rank0(out), 240, proc)
+        assert restarted["pid"] != first["pid"]
+        # Resumed from a checkpoint, not from scratch. Ray registers a reported checkpoint when its
+        # controller next polls the workers (every 2 s), so the newest one may be lost with the killed worker.
+        assert restarted["start_step"] % 30 == 0 and 30 <= restarted["start_step"] <= killed_after
+
+        wait_for(lambda: last_checkpoint(out) >= 90 and rank0(out).get("attempt") == 1, 240, proc)
+        proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -176,13 +181,24 @@ def test_interrupted_run_resumes_when_rerun(tmp_path):
     assert proc.returncode == 130 and "interrupted" in output and "SIGTERM received" not in output, output[-2000:]
     assert not (out / "summary.json").exists()
     resumed_from = last_checkpoint(out)
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    finally:
+        subprocess.run(["rm", "-rf", str(ray_tmp)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming (last checkpoint written: step {resumed_from})" in result.stdout
-    start = json.loads((out / "workers" / "rank0.json").read_text())["start_step"]
-    assert start % 30 == 0 and 30 <= start <= resumed_from
-    assert summary(out)["steps"] == 120
-    assert [int(r["step"]) for r in metrics(out)] == list(range(10, 121, 10))
+    start = rank0(out)
+    assert start["attempt"] == 2 and start["start_step"] % 30 == 0 and 30 <= start["start_step"] <= resumed_from
+    assert json.loads((out / "attempts.json").read_text()) == {"attempts": 3}
+    assert summary(out)["steps"] == 150
+    rows = metrics(out)
+    assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))  # no step lost, none counted twice
+    assert {"0", "2"} <= {r["attempt"] for r in rows} <= {"0", "1", "2"}
+    # What a run leaves at the end: the two newest checkpoints (not the step-60 one the killed worker wrote
+    # and Ray never registered), and no lock.
+    assert json.loads((out / "last_checkpoint.json").read_text()) == {"step": 150}
+    assert len([p for p in (out / "ray").glob("checkpoint_*") if p.is_dir()]) == 2
+    assert not (out / LOCK_NAME).exists()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)  # a finished run is not retrained
     assert again.returncode == 0 and "already complete" in again.stdout
     whole = run_train("densenet", tmp_path / "whole", *args)
@@ -190,6 +206,22 @@ def test_interrupted_run_resumes_when_rerun(tmp_path):
     sha = [json.loads((d / "workers" / "rank0.json").read_text())["params_sha256"] for d in (out, tmp_path / "whole")]
     assert sha[0] == sha[1]
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "whole")]
+
+
+def test_checkpoints_ray_never_registered_are_dropped_and_nothing_without_a_snapshot(tmp_path):
+    from cifarray.rundir import RunDir
+    from cifarray.train.launch import RAY_RUN_NAME, drop_unregistered_checkpoints
+
+    storage = tmp_path / RAY_RUN_NAME
+    names = ["checkpoint_2026-01-01_00-00-01.0", "checkpoint_2026-01-01_00-00-02.0", "checkpoint_2026-01-01_00-00-03.0"]
+    for name in names:
+        (storage / name).mkdir(parents=True)
+        (storage / name / "state.pt").write_bytes(b"x")
+    assert drop_unregistered_checkpoints(RunDir(tmp_path)) == []  # no snapshot: Ray's layout unknown, keep all
+    (storage / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": n, "metrics": {}} for n in names[1:]]}))
+    assert drop_unregistered_checkpoints(RunDir(tmp_path)) == [names[0]]
+    assert sorted(p.name for p in storage.glob("checkpoint_*") if p.is_dir()) == names[1:]
 
 
 def grid_images(path: Path) -> torch.Tensor:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -190,7 +192,26 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
     summary = run.read_json("summary.json")
     if not summary:
         raise RuntimeError(f"training ended without writing {run.summary}")
+    drop_unregistered_checkpoints(run)
     return summary
+
+
+def drop_unregistered_checkpoints(run: RunDir) -> list[str]:
+    """Delete the RUN_DIR/ray/checkpoint_* folders that Ray Train's checkpoint manager does not list.
+
+    A worker writes its checkpoint before the controller registers it (at its next poll, every 2 s),
+    so a worker killed in between leaves a folder that Ray never deletes: num_to_keep counts only the
+    registered ones. Called once a run has finished; without a readable snapshot nothing is deleted."""
+    storage = run.path / RAY_RUN_NAME
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+        kept = {c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    dropped = [d.name for d in storage.glob("checkpoint_*") if kept and d.is_dir() and d.name not in kept]
+    for name in dropped:
+        shutil.rmtree(storage / name, ignore_errors=True)
+    return dropped
 
 
 def build_trainer(cfg, run: RunDir, train_fn: Callable[[dict], None], resolved: dict, cpus: float,

@@ -79,6 +79,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
             tune.report({"step": int(diverged["step"]), metric: worst(mode), "diverged": True})
             return
         raise RuntimeError(f"trial {trial_id} ended without a summary.json in {run.path}")
+    launch.drop_unregistered_checkpoints(run)
 
 
 def final_result(run, metric: str, mode: str) -> dict[str, Any]:
