@@ -183,21 +183,13 @@ def test_sweeps_whose_trials_cannot_fit_the_data_are_refused_before_the_first_tr
     assert not ray_tmp.exists() and not out.exists()
 
 
-@pytest.mark.slow
-def test_no_verify_trains_on_a_python2_folder_that_is_not_the_official_release(tmp_path, py2_folder):
+def test_a_python2_folder_that_is_not_the_official_release_is_refused_without_no_verify(tmp_path, py2_folder):
+    # With --no-verify the DDP test trains on such a folder (test_train.py).
     out = tmp_path / "run"
-    line = ["cifarray.train", "densenet", "--data-dir", str(py2_folder), "--no-verify", "--out", str(out),
-            *TINY[4:], "--val-size", "1000", "--steps", "100", "--batch-size", "64", "--eval-every", "50",
-            "--checkpoint-every", "50"]
-    refused = run_cli_here(*[a for a in line if a != "--no-verify"])
+    refused = run_cli_here("cifarray.train", "densenet", "--data-dir", str(py2_folder), "--out", str(out),
+                           *TINY[4:], "--val-size", "1000", "--steps", "100")
     assert_one_line_error(refused, "is not the official CIFAR-100 train file", "--no-verify")
     assert not out.exists()
-    result = _cli(dict(os.environ), *line, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["no_verify"] is True
-    got = json.loads((out / "summary.json").read_text())
-    assert got["steps"] == 100 and got["test_acc"] > 0.1  # it learned from those files (chance: 0.01)
-    assert not (out / LOCK_NAME).exists()  # released at the end
 
 
 # --- one live run per folder ------------------------------------------------------------------------------

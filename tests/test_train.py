@@ -19,18 +19,20 @@ from PIL import Image
 
 from cifarray.bench.train import plain_train
 from cifarray.data.cifar import load_cifar100
+from cifarray.data.synth import write_synthetic
 from cifarray.metrics import stats_fd
 from cifarray.train.__main__ import parse
 from cifarray.train.common import resolve_precision
 from cifarray.runlock import LOCK_NAME
 from cifarray.train.config import DenseNetTrainConfig
-from conftest import REPO, assert_one_line_error, run_cli_here, run_module
+from conftest import REPO, assert_one_line_error, run_cli_here, run_module, write_py2_copy
 
 # A DenseNet small enough for 2 CPU cores (k=4, blocks 2,2,2: 8,176 parameters) on procedural data.
 # The `hard` set is for tests of how well a run learns; the tests of mechanics (restarts, resume, DDP,
 # compile) keep `easy`, where "it learned" is a clear threshold after a few dozen steps.
+TINY_MODEL = ["--growth-rate", "4", "--blocks", "2,2,2", "--init-channels", "16", "--augment", "basic"]
 TINY_HARD = ["--synthetic", "--synthetic-train-per-class", "60", "--synthetic-test-per-class", "20", "--val-size",
-             "1000", "--growth-rate", "4", "--blocks", "2,2,2", "--init-channels", "16", "--augment", "basic"]
+             "1000", *TINY_MODEL]
 TINY = [*TINY_HARD, "--synthetic-difficulty", "easy"]
 
 
@@ -110,16 +112,24 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_workers_run_real_ddp(tmp_path):
+def test_two_cpu_workers_run_real_ddp_on_a_python2_folder_with_no_verify(tmp_path):
+    # Data from --data-dir, as users train, in the Python 2 pickle layout whose md5 sums are not the
+    # official release's: --no-verify lets it through (its refusal without the flag: test_inputs.py).
+    src = write_synthetic(tmp_path / "src", train_per_class=60, test_per_class=20, seed=3, difficulty="easy")
+    data_dir = tmp_path / "py2"
+    write_py2_copy(data_dir, load_cifar100(src, verify=False))
     out = tmp_path / "ddp"
-    result = run_train("densenet", out, *TINY, "--workers", "2", "--steps", "80", "--batch-size", "64",
-                       "--eval-every", "40", "--checkpoint-every", "40")
+    result = run_train("densenet", out, "--data-dir", str(data_dir), "--no-verify", *TINY_MODEL, "--val-size", "1000",
+                       "--workers", "2", "--steps", "80", "--batch-size", "64", "--eval-every", "40",
+                       "--checkpoint-every", "40")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["no_verify"] is True
     ranks = [json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["pid"] != ranks[1]["pid"]  # two processes
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]  # DDP kept the weights identical
     got = summary(out)
-    assert got["workers"] == 2 and got["test_acc"] > 0.2  # and it learned (chance 0.01)
+    assert got["workers"] == 2 and got["steps"] == 80 and got["test_acc"] > 0.2  # it learned (chance 0.01)
+    assert not (out / LOCK_NAME).exists()  # released at the end
 
 
 def rank0(out: Path) -> dict:
@@ -231,13 +241,24 @@ def grid_images(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
 
 
-@pytest.mark.slow
-def test_dcgan_samples_move_away_from_noise(tmp_path):
-    out = tmp_path / "gan"
-    result = run_train("dcgan", out, "--synthetic", "--synthetic-difficulty", "easy", "--synthetic-train-per-class", "40",
-                       "--synthetic-test-per-class", "5", "--val-size", "500", "--steps", "300",
-                       "--batch-size", "64", "--eval-every", "150", "--checkpoint-every", "150", "--fid-every", "-1")
+def compiled(job: str, out: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    """A --compile run. Inductor writes its generated kernels under TORCHINDUCTOR_CACHE_DIR, which the local
+    Ray cluster's workers inherit: a non-empty folder proves the worker compiled rather than ignored the flag."""
+    result = subprocess.run(train_cmd(job, out, *args, "--compile"), capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*")), job
+    return result
+
+
+@pytest.mark.slow
+def test_compiled_dcgan_samples_move_away_from_noise(tmp_path):
+    # Compiled, so that one run covers both: the eager DCGAN trains in the FID and GAN-sweep tests.
+    out = tmp_path / "gan"
+    compiled("dcgan", out, tmp_path / "inductor", "--synthetic", "--synthetic-difficulty", "easy",
+             "--synthetic-train-per-class", "40", "--synthetic-test-per-class", "5", "--val-size", "500",
+             "--steps", "300", "--batch-size", "64", "--eval-every", "150", "--checkpoint-every", "150",
+             "--fid-every", "-1")
     got = summary(out)
     assert got["params_g"] == 435_427 and got["params_d"] == 175_313 and got["steps"] == 300
     grids = sorted((out / "samples").glob("step_*.png"))
@@ -246,27 +267,18 @@ def test_dcgan_samples_move_away_from_noise(tmp_path):
     # Criterion: the Fréchet distance of low-order image statistics (colour means/spreads, saturation,
     # edge energy) to real images must at least halve. The untrained generator's tanh(~0) output is
     # flat grey, far from the data; a generator that learned anything moves toward its statistics.
+    # Measured compiled (EPYC VM, fp32): 0.327 -> 0.052.
     before, after = stats_fd(grid_images(grids[0]), real), stats_fd(grid_images(grids[-1]), real)
     assert after < 0.5 * before, (before, after)
 
 
 @pytest.mark.slow
-def test_compile_flag_compiles_both_trainers(tmp_path):
-    # Inductor writes its generated kernels under TORCHINDUCTOR_CACHE_DIR, which the local Ray cluster's
-    # workers inherit: a non-empty folder proves the worker compiled rather than ignored the flag.
-    for job, args in (("densenet", [*TINY, "--steps", "100", "--batch-size", "128", "--eval-every", "100"]),
-                      ("dcgan", ["--synthetic", "--synthetic-difficulty", "easy", "--synthetic-train-per-class", "40",
-                                 "--synthetic-test-per-class",
-                                 "5", "--val-size", "500", "--steps", "40", "--batch-size", "64",
-                                 "--eval-every", "40", "--fid-every", "-1"])):
-        cache, out = tmp_path / f"inductor-{job}", tmp_path / job
-        result = subprocess.run(train_cmd(job, out, *args, "--checkpoint-every", "100", "--compile"),
-                                capture_output=True, text=True, cwd=REPO,
-                                env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*")), job
-        assert summary(out)["steps"] == int(args[args.index("--steps") + 1])
-    assert summary(tmp_path / "densenet")["test_acc"] > 0.2  # compiled, it still learns (chance 0.01)
+def test_compile_flag_compiles_the_densenet_trainer(tmp_path):
+    out = tmp_path / "densenet"
+    compiled("densenet", out, tmp_path / "inductor", *TINY, "--steps", "100", "--batch-size", "128",
+             "--eval-every", "100", "--checkpoint-every", "100")
+    assert summary(out)["steps"] == 100
+    assert summary(out)["test_acc"] > 0.2  # compiled, it still learns (chance 0.01)
 
 
 def test_over_budget_model_is_refused_before_ray(tmp_path):
