@@ -251,8 +251,13 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         pids = getattr(self, "pids", None)
         if pids is None and self.pids_file.exists():
             pids = json.loads(self.pids_file.read_text())
-        # Reverse start order: slurmds, slurmctld, slurmdbd, mariadbd, munged.
-        for pid in reversed(list((pids or {}).values())):
+        # All at once (one at a time took ~28 s, each daemon saving its state): nothing here outlives the
+        # test cluster, so nothing needs the others' state on the way down. Reverse start order: slurmds,
+        # slurmctld, slurmdbd, mariadbd, munged.
+        order = list(reversed(list((pids or {}).values())))
+        for pid in order:
+            _signal(pid, signal.SIGTERM)
+        for pid in order:
             _stop(pid)
 
 
@@ -268,6 +273,13 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _stop(pid: int, grace: float = 15) -> None:
