@@ -222,6 +222,37 @@ def test_resume_after_sigkill_completes_without_rerunning_finished_trials(tmp_pa
     assert summary["infeasible_steps"] == 0 and summary["best"] is not None
 
 
+def test_a_resumed_sweeps_asha_judges_new_trials_against_the_finished_ones():
+    """Tune hands a resumed experiment's scheduler every restored trial but not the rungs it had; the
+    finished trials' metrics.csv are replayed into them, so a trial that an uninterrupted sweep would
+    stop at a rung is stopped after a resume too (Tune's own ASHA, restored, lets it go on)."""
+    import tempfile
+    from types import SimpleNamespace as T
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cifarray.tune.asha import ResumableASHA
+
+    kw = dict(time_attr="step", metric="val_acc", mode="max", max_t=60, grace_period=20, reduction_factor=3)
+    with tempfile.TemporaryDirectory() as out:
+        # Two trials finished before the interruption: one ran to the end, one ASHA stopped at step 20.
+        # Rows without an evaluation (empty val_acc) were not reports of the objective.
+        for trial_id, curve in (("aaaa", {10: "", 20: "0.30", 40: "0.50", 60: "0.60"}), ("bbbb", {20: "0.20"})):
+            folder = Path(out) / "trials" / trial_id
+            folder.mkdir(parents=True)
+            (folder / "metrics.csv").write_text("step,loss,val_acc\n" + "".join(
+                f"{step},1.0,{acc}\n" for step, acc in curve.items()))
+        decisions = {}
+        for scheduler in (ResumableASHA(out=out, **kw), ASHAScheduler(**kw)):
+            for trial_id in ("aaaa", "bbbb", "cccc"):  # cccc: infeasible, no folder, no report
+                scheduler.on_trial_add(None, T(trial_id=trial_id, status="TERMINATED"))
+            scheduler.on_trial_add(None, T(trial_id="new", status="PENDING"))
+            decisions[type(scheduler).__name__] = scheduler.on_trial_result(
+                None, T(trial_id="new", status="RUNNING"), {"step": 20, "val_acc": 0.22})
+    # Rung 20 holds 0.30 and 0.20: its cutoff (the 67th percentile, 0.267) stops a trial at 0.22.
+    assert decisions == {"ResumableASHA": "STOP", "AsyncHyperBandScheduler": "CONTINUE"}
+
+
 def test_console_renders_the_trial_table_and_header():
     from rich.console import Console
 

@@ -214,11 +214,11 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
         os.environ["RAY_ADDRESS"] = args.address
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
     import optuna
 
     from cifarray.train import launch
+    from cifarray.tune.asha import ResumableASHA
     from cifarray.tune.console import SweepConsole
     from cifarray.tune.trial import SpaceSampler, run_trial
 
@@ -268,7 +268,7 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
     else:
         sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, max(2, trials // 3)))
         search = OptunaSearch(space=SpaceSampler(sweep), metric=metric, mode=mode, sampler=sampler)
-        scheduler = ASHAScheduler(time_attr="step", metric=metric, mode=mode, max_t=sweep.steps,
+        scheduler = ResumableASHA(out=str(out), time_attr="step", metric=metric, mode=mode, max_t=sweep.steps,
                                   grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
         tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
             search_alg=search, scheduler=scheduler, num_samples=trials, max_concurrent_trials=concurrent))
