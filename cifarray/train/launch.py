@@ -208,7 +208,9 @@ def drop_unregistered_checkpoints(run: RunDir) -> list[str]:
         kept = {c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]}
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    dropped = [d.name for d in storage.glob("checkpoint_*") if kept and d.is_dir() and d.name not in kept]
+    if not kept:
+        return []
+    dropped = [d.name for d in storage.glob("checkpoint_*") if d.is_dir() and d.name not in kept]
     for name in dropped:
         shutil.rmtree(storage / name, ignore_errors=True)
     return dropped
