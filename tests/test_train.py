@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,7 +141,7 @@ def rank0(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_run_outlives_a_second_train_a_killed_worker_and_sigterm_and_ends_as_if_uninterrupted(tmp_path):
+def test_a_run_outlives_a_second_train_a_killed_worker_and_sigterm_and_ends_as_if_uninterrupted(tmp_path, request):
     """One run, three interruptions, then the same run never interrupted, compared bit for bit.
 
     1. A second `train` on the live folder is refused in one line naming the first; it starts no Ray
@@ -152,6 +153,7 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_sigterm_and_ends_as_i
     Ray start-up on 2 cores.)
     """
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))  # also when an assertion fails
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     out = tmp_path / "again"
     args = (*TINY, "--steps", "150", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "30",
@@ -191,10 +193,7 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_sigterm_and_ends_as_i
     assert proc.returncode == 130 and "interrupted" in output and "SIGTERM received" not in output, output[-2000:]
     assert not (out / "summary.json").exists()
     resumed_from = last_checkpoint(out)
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    finally:
-        subprocess.run(["rm", "-rf", str(ray_tmp)])
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming (last checkpoint written: step {resumed_from})" in result.stdout
     start = rank0(out)
