@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, tmp: Path) -> int:
     from cifarray.train import dcgan, densenet
-    from cifarray.train.common import resolve_precision
+    from cifarray.train.common import channels_last, resolve_precision
     from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -195,10 +195,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     sampler = state.worker.sampler
     raw = data.train.images[:args.batch_size]
     bulk = data.train.images[:chunk * args.batch_size]
-    x = state.aug(raw, state.worker.gen)
+    x = channels_last(state.aug(raw, state.worker.gen))
     y = data.train.labels[:args.batch_size]
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
 
     def model_step(model=state.train_model):
         with state.worker.autocast():

@@ -29,7 +29,7 @@ from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError
 from cifarray.eval.classifier import evaluate
-from cifarray.train.common import autocast
+from cifarray.train.common import autocast, channels_last
 from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.densenet import build_model, make_optimizer
 
@@ -60,9 +60,7 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, 
         if step == warmup:
             t0 = time.perf_counter()
         idx = sampler.next()
-        x = aug(data.train.images[idx], gen)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(aug(data.train.images[idx], gen))
         with autocast(device, precision):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), data.train.labels[idx], label_smoothing=cfg.label_smoothing)

@@ -22,9 +22,8 @@ def evaluate(model: torch.nn.Module, split: DeviceSplit, augment: DeviceAugment,
     model.eval()
     outs = []
     for start in range(0, len(split), batch):
-        x = augment.normalize(split.images[start:start + batch])
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        # The trainers' layout (cifarray.train.common.channels_last), whichever layout the model is in.
+        x = augment.normalize(split.images[start:start + batch]).contiguous(memory_format=torch.channels_last)
         outs.append(model(x).float())
     model.train(was_training)
     logits = torch.cat(outs) if outs else torch.zeros(0, 100, device=device)

@@ -23,6 +23,7 @@ from cifarray.metrics import stats_fd
 from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.dcgan import Discriminator, Generator, discriminator_params, generator_params
 from cifarray.rundir import RunDir, read_metrics
+from cifarray.train.common import channels_last
 from cifarray.train.config import DCGANTrainConfig
 from cifarray.train.engine import Family, Objective, RunContext, Worker
 from cifarray.train.graphs import GraphedStep, describe
@@ -105,7 +106,7 @@ class State:
 
 def build(cfg: DCGANTrainConfig, w: Worker) -> State:
     mc = cfg.model_config()
-    g, d = Generator(mc).to(w.device), Discriminator(mc).to(w.device)
+    g, d = channels_last(Generator(mc).to(w.device)), channels_last(Discriminator(mc).to(w.device))
     use_graphs, off_because = cfg.graphs(cuda=w.device.type == "cuda", workers=w.world)
     # capturable: Adam keeps its step counts on the device, so a captured graph can advance them.
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, 0.999), capturable=use_graphs)
@@ -138,7 +139,7 @@ def inputs(s: State, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     outside `update` so that a captured graph replays none of them."""
     w, cfg = s.worker, s.worker.cfg
     n = len(batch)
-    real = w.data.train.images[batch].float().div_(127.5).sub_(1.0)
+    real = channels_last(w.data.train.images[batch].float().div_(127.5).sub_(1.0))
     if cfg.flip:
         flip = torch.rand(n, device=w.device, generator=w.gen) < 0.5
         real = torch.where(flip.view(-1, 1, 1, 1), real.flip(-1), real)

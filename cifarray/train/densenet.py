@@ -28,6 +28,7 @@ from cifarray.models.densenet import DenseNet, param_count
 from cifarray.errors import UserError
 from cifarray.rundir import RunDir, read_metrics
 from cifarray.train import graphs
+from cifarray.train.common import channels_last
 from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.engine import Family, Objective, Worker
 from cifarray.train.graphs import GraphedStep
@@ -51,9 +52,8 @@ def make_optimizer(cfg: DenseNetTrainConfig, model: torch.nn.Module):
 
 
 def build_model(cfg: DenseNetTrainConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The untrained model in its training memory format (channels_last on CUDA)."""
-    model = DenseNet(cfg.model_config()).to(device)
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+    """The untrained model in its training memory format (channels_last)."""
+    return channels_last(DenseNet(cfg.model_config()).to(device))
 
 
 @dataclass
@@ -118,9 +118,7 @@ def update(s: State, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
 
 def step(s: State, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     w = s.worker
-    x = s.batches(batch)
-    if w.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = channels_last(s.batches(batch))
     y = w.data.train.labels[batch]
     if s.graphed is None:
         loss, acc = update(s, x, y)
