@@ -182,9 +182,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def channels_last(x):
     """A module or a 4-d batch in the layout every family trains in, on every device.
 
-    CUDA's tensor cores want it; on CPU, oneDNN's convolutions and batch norm ran a DenseNet step
-    1.2-1.5x and a DCGAN step 1.2x faster in it than in contiguous NCHW (fp32, 2-core AMD EPYC; level
-    within noise on the AMX Xeon in bf16): docs/BENCHMARKS.md "Memory format".
+    CUDA's tensor cores want it; on CPU, oneDNN's convolutions and batch norm ran DenseNet and DCGAN
+    steps 1.2-1.4x faster in it than in contiguous NCHW (fp32, 2-core AMD EPYC; level within noise on
+    the AMX Xeon in bf16): docs/BENCHMARKS.md "Memory format".
     """
     if isinstance(x, torch.nn.Module):
         return x.to(memory_format=torch.channels_last)
