@@ -8,6 +8,7 @@ import torch
 from cifarray.data.augment import AugmentConfig, DeviceAugment
 from cifarray.data.loader import DeviceSplit, load_data, prepare
 from cifarray.rundir import RunDir
+from cifarray.train.common import channels_last
 
 
 @torch.no_grad()
@@ -22,8 +23,7 @@ def evaluate(model: torch.nn.Module, split: DeviceSplit, augment: DeviceAugment,
     model.eval()
     outs = []
     for start in range(0, len(split), batch):
-        # The trainers' layout (cifarray.train.common.channels_last), whichever layout the model is in.
-        x = augment.normalize(split.images[start:start + batch]).contiguous(memory_format=torch.channels_last)
+        x = channels_last(augment.normalize(split.images[start:start + batch]))  # the trainers' layout
         outs.append(model(x).float())
     model.train(was_training)
     logits = torch.cat(outs) if outs else torch.zeros(0, 100, device=device)
