@@ -41,6 +41,11 @@ HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
 WORKER_STEP = "ray-workers"
 INTERRUPTED = 130  # exit status when SIGTERM/SIGINT stopped the cluster (scancel, requeue, preemption)
 STOP_GRACE_S = 30  # `ray start --block` drains (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) before it stops its processes
+# A port picked free (free_ports) can be taken by another process before Ray binds it; `ray start` then
+# exits during start-up (in 1 s for the dashboard's port, ~35 s for the raylet's), and a new set of ports
+# almost surely works.
+START_ATTEMPTS = 3
+STARTED = "Ray runtime started"  # what `ray start` prints once its node is up
 
 
 def log(msg: str) -> None:
@@ -134,6 +139,34 @@ def start_node(*, head: str | None, dashboard: str | None, ip: str, node: str, c
     return proc, {flag.strip("-"): port for flag, port in ports.items()}
 
 
+class NodeExited(UserError):
+    """A Ray node (or the srun step of the workers) exited while the cluster was starting or waiting."""
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def log_since(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def failure_line(text: str) -> str:
+    """The line of a failed `ray start`'s output that says why (its last error), shortened for a log line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "Exception" in ln or "failed" in ln.lower()]
+    line = (errors or lines or ["no output"])[-1]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
 def stop(proc: subprocess.Popen | None, grace: float, what: str) -> int | None:
     if proc is None or proc.poll() is not None:
         return None if proc is None else proc.returncode
@@ -187,11 +220,21 @@ class Cluster:
         head_log = self.job_dir / "ray-head.log"
         log(f"job {self.alloc.job_id}: starting the Ray head on {self.alloc.this_node} ({ip}): {cpus} CPUs, "
             f"{gpus} GPUs; logs in {self.job_dir}")
-        self.head, ports = start_node(head=None, dashboard=None, ip=ip, node=self.alloc.this_node, cpus=cpus,
-                                      gpus=gpus, tmp=self.tmp, log_file=head_log, env=self.env)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            offset = log_size(head_log)
+            self.head, ports = start_node(head=None, dashboard=None, ip=ip, node=self.alloc.this_node, cpus=cpus,
+                                          gpus=gpus, tmp=self.tmp, log_file=head_log, env=self.env)
+            self.dashboard = Dashboard(f"http://{ip}:{ports['dashboard-port']}", token_file.read_text().strip())
+            try:
+                self._wait(lambda: STARTED in log_since(head_log, offset) and self._dashboard_up(), 120,
+                           "the Ray head", head_log)
+                break
+            except NodeExited:
+                if attempt == START_ATTEMPTS:
+                    raise
+                log(f"the Ray head failed to start ({failure_line(log_since(head_log, offset))}); retrying with "
+                    f"new ports (attempt {attempt + 1} of {START_ATTEMPTS})")
         address = f"{ip}:{ports['port']}"
-        self.dashboard = Dashboard(f"http://{ip}:{ports['dashboard-port']}", token_file.read_text().strip())
-        self._wait(self._dashboard_up, 120, "the Ray head", head_log)
         self.info = {"job_id": self.alloc.job_id, "restart_count": self.alloc.restart_count, "state": "starting",
                      "head_node": self.alloc.this_node, "head_ip": ip, "address": address,
                      "dashboard_url": self.dashboard.url, "token_file": str(token_file), "ports": ports,
@@ -234,7 +277,7 @@ class Cluster:
         while True:
             for name, proc in (("Ray head", self.head), ("Ray worker step", self.workers)):
                 if proc is not None and proc.poll() is not None:
-                    raise UserError(f"{name} exited ({proc.returncode}) while waiting for {what}; see {logs}")
+                    raise NodeExited(f"{name} exited ({proc.returncode}) while waiting for {what}; see {logs}")
             try:
                 if cond():
                     return
@@ -319,21 +362,29 @@ def join_cluster(job_dir: Path, head: str | None, dashboard: str | None, timeout
                             f"within {timeout:.0f} s")
         time.sleep(0.5)
     tmp = temp_dir(alloc.job_id, alloc.this_node)
+    log_file = job_dir / f"ray-worker-{alloc.this_node}.log"
     proc = None
     try:
-        proc, _ = start_node(head=head, dashboard=dashboard, ip=node_ip(alloc.this_node), node=alloc.this_node,
-                             cpus=cpus_on_node(), gpus=gpus_on_node(), tmp=tmp, env=ray_env(job_dir / TOKEN_FILE),
-                             log_file=job_dir / f"ray-worker-{alloc.this_node}.log")
-        while True:
-            try:
-                code = proc.wait(2)
-            except subprocess.TimeoutExpired:
-                code = None
-            # Under submitit nobody signals this task: it leaves when the head announces the end.
-            if _head_stopping(job_dir, alloc.restart_count):
-                return 0
-            if code is not None:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            offset = log_size(log_file)
+            proc, _ = start_node(head=head, dashboard=dashboard, ip=node_ip(alloc.this_node), node=alloc.this_node,
+                                 cpus=cpus_on_node(), gpus=gpus_on_node(), tmp=tmp,
+                                 env=ray_env(job_dir / TOKEN_FILE), log_file=log_file)
+            while True:
+                try:
+                    code = proc.wait(2)
+                except subprocess.TimeoutExpired:
+                    code = None
+                # Under submitit nobody signals this task: it leaves when the head announces the end.
+                if _head_stopping(job_dir, alloc.restart_count):
+                    return 0
+                if code is not None:
+                    break
+            output = log_since(log_file, offset)
+            if code == 0 or STARTED in output or attempt == START_ATTEMPTS:
                 return code
+            log(f"the Ray worker on {alloc.this_node} failed to start ({failure_line(output)}); retrying with new "
+                f"ports (attempt {attempt + 1} of {START_ATTEMPTS})")
     except KeyboardInterrupt:
         return INTERRUPTED
     finally:

@@ -75,6 +75,71 @@ def test_local_executor_runs_a_trainer_sized_by_workers_auto_on_its_own_cluster(
     assert info["state"] == "ended" and oct(Path(info["token_file"]).stat().st_mode & 0o777) == "0o600"
 
 
+# A port that free_ports picked can be bound by another process before Ray binds it (CI saw a job's head
+# die so). Here the head's first dashboard port is held by this script: `ray start` fails on it, and the
+# launcher must start the head again on new ports.
+TAKEN_DASHBOARD_PORT = """
+import socket, sys
+from hpc import ray_cluster
+taken = socket.socket()
+taken.bind(("", 0))
+taken.listen()
+real, calls = ray_cluster.free_ports, []
+def free_ports(n):
+    ports = real(n)
+    names = ray_cluster.NODE_PORTS + ray_cluster.HEAD_PORTS
+    if not calls and n == len(names):
+        ports[names.index("--dashboard-port")] = taken.getsockname()[1]
+    calls.append(n)
+    return ports
+ray_cluster.free_ports = free_ports
+ray_cluster.run_cli(ray_cluster.main, sys.argv[1:])
+"""
+
+
+def test_a_ray_head_whose_port_was_taken_meanwhile_starts_again_on_new_ports(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="local-retry", SLURM_JOB_NODELIST="localhost", SLURM_CPUS_ON_NODE="1",
+               HPC_JOBS_DIR=str(tmp_path))
+    proc = subprocess.run([PY, "-c", TAKEN_DASHBOARD_PORT, "--", PY, "-c", "print('DRIVER RAN')"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DRIVER RAN" in proc.stdout and "Ray cluster up" in proc.stdout
+    assert "the Ray head failed to start (ValueError: Failed to bind to" in proc.stdout, proc.stdout[-3000:]
+    assert "retrying with new ports (attempt 2 of 3)" in proc.stdout and "attempt 3" not in proc.stdout
+    assert json.loads((tmp_path / "local-retry" / ray_cluster.CLUSTER_FILE).read_text())["state"] == "ended"
+
+
+def test_a_worker_whose_ray_start_fails_before_joining_tries_again_then_gives_up(tmp_path, monkeypatch, capsys):
+    # join_cluster's loop without Ray: each "ray start" writes its output to the node's log and exits.
+    for name, value in dict(SLURM_JOB_ID=f"test{os.getpid()}", SLURM_JOB_NODELIST="node2", SLURMD_NODENAME="node2",
+                            SLURM_CPUS_ON_NODE="1", HPC_RAY_TMP="/tmp").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ray_cluster, "_ignore_stop_signals", lambda: None)  # not in pytest's own process
+    monkeypatch.setattr(ray_cluster, "node_ip", lambda node: "127.0.0.1")
+    outcomes: list[tuple[str, int]] = []
+
+    def start_node(*, log_file, **kwargs):
+        output, code = outcomes[len(starts)]
+        starts.append(kwargs)
+        with open(log_file, "a") as fh:
+            fh.write(f"Usage stats collection is disabled.\n{output}\n")
+        return subprocess.Popen([PY, "-c", f"raise SystemExit({code})"]), {}
+
+    monkeypatch.setattr(ray_cluster, "start_node", start_node)
+    busy = ("RuntimeError: Failed to start GCS. Address already in use", 1)
+    for script, expected_code, expected_starts in (
+            ([busy, (f"{ray_cluster.STARTED}.", 3)], 3, 2),  # up, then died later: that is not retried
+            ([busy, busy, busy], 1, 3)):
+        starts: list[dict] = []
+        outcomes[:] = script
+        assert ray_cluster.join_cluster(tmp_path, "127.0.0.1:1", "http://127.0.0.1:2", 5) == expected_code
+        assert len(starts) == expected_starts
+        out = capsys.readouterr().out
+        assert f"the Ray worker on node2 failed to start ({busy[0]}); retrying with new ports (attempt 2 of 3)" in out
+        assert ("attempt 3 of 3" in out) == (expected_starts == 3)
+
+
 # ---- a real Slurm ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
@@ -117,11 +182,25 @@ def cluster_info(slurm: Slurm, job: str) -> dict | None:
         return None
 
 
+def job_logs(slurm: Slurm, job: str, chars: int = 3000) -> str:
+    """The ends of a job's own output and of its Ray nodes' logs: what a failed assertion should show."""
+    out = slurm.run(["scontrol", "show", "job", job], check=False).stdout
+    files = [Path(f.split("=", 1)[1]) for f in out.split() if f.startswith("StdOut=")]
+    files += sorted((slurm.jobs_dir / job).glob("ray-*.log"))
+    parts = []
+    for path in files:
+        try:
+            parts.append(f"==> {path} <==\n{path.read_text(errors='replace')[-chars:]}")
+        except OSError as exc:
+            parts.append(f"==> {path} <== {exc}")
+    return "\n".join(parts)
+
+
 def running_cluster(slurm: Slurm, job: str, timeout: float = 120) -> dict:
     def up():
         info = cluster_info(slurm, job)
         if slurm.job_state(job) in ("FAILED", "COMPLETED", "CANCELLED"):
-            raise AssertionError(f"job {job} ended before its Ray cluster ran")
+            raise AssertionError(f"job {job} ended before its Ray cluster ran\n{job_logs(slurm, job)}")
         return info if info and info.get("state") == "running" else None
     return wait_for(up, timeout, f"the Ray cluster of job {job}")
 
