@@ -327,3 +327,34 @@ def test_trials_per_gpu_follow_gpus_over_the_share(cluster, share, expected):
 
     assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=None, trials=8) == expected
     assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=1, trials=8)[0] == 1
+
+
+# The tuner's local cluster gets a dashboard on a port picked free; here the first pick is one this script
+# holds, as if another process had taken it meanwhile: Ray refuses it, and init_ray starts again on another.
+TAKEN_DASHBOARD_PORT = """
+import os, socket, types
+import ray
+from cifarray.train import launch
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+picks = []
+class Picker(socket.socket):
+    def getsockname(self):
+        name = super().getsockname()
+        picks.append(name[1])
+        return (name[0], taken.getsockname()[1]) if len(picks) == 1 else name
+launch.socket = types.SimpleNamespace(socket=Picker)
+launch.init_ray(None, dashboard=True)
+print("PICKS", len(picks), "CPU", ray.cluster_resources()["CPU"],
+      "API", os.environ["RAY_API_SERVER_ADDRESS"].endswith(f":{picks[-1]}"))
+ray.shutdown()
+"""
+
+
+def test_the_tuners_ray_starts_again_when_its_dashboard_port_was_taken_meanwhile():
+    proc = subprocess.run([sys.executable, "-c", TAKEN_DASHBOARD_PORT], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the Ray dashboard's port" in proc.stdout and "was taken meanwhile" in proc.stdout, proc.stdout
+    assert "PICKS 2 CPU" in proc.stdout and "API True" in proc.stdout, proc.stdout

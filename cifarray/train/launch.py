@@ -115,6 +115,9 @@ def prepare_run(cfg, family: "Family") -> tuple[RunDir, dict, bool]:
     return run, resolved, False
 
 
+DASHBOARD_ATTEMPTS = 3
+
+
 def init_ray(cfg, dashboard: bool = False) -> None:
     """Join $RAY_ADDRESS, or start a local cluster (with the dashboard when asked: the tuner needs it)."""
     import ray
@@ -130,11 +133,22 @@ def init_ray(cfg, dashboard: bool = False) -> None:
         # Ray's state API (Ray Train's placement-group cleaner uses it from inside the cluster) otherwise
         # looks for "the" Ray cluster on this machine, and fails when another job runs one here too; the
         # Ray processes started below inherit this variable.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(include_dashboard=True, dashboard_port=port, **kwargs)
+        # The port is picked free, then bound by Ray's dashboard a moment later; another process can take it
+        # in between, and ray.init then fails at once ("already occupied"): a new port almost surely works.
+        for attempt in range(1, DASHBOARD_ATTEMPTS + 1):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            try:
+                ray.init(include_dashboard=True, dashboard_port=port, **kwargs)
+                break
+            except ValueError as exc:
+                if "already occupied" not in str(exc) or attempt == DASHBOARD_ATTEMPTS:
+                    raise
+                ray.shutdown()
+                print(f"the Ray dashboard's port {port} was taken meanwhile; starting Ray again on another",
+                      flush=True)
     else:
         ray.init(include_dashboard=False, **kwargs)
     if threading.current_thread() is threading.main_thread():
