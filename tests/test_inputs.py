@@ -183,6 +183,40 @@ def test_sweeps_whose_trials_cannot_fit_the_data_are_refused_before_the_first_tr
     assert not ray_tmp.exists() and not out.exists()
 
 
+@pytest.mark.parametrize("gpu, workers, cpus, nodes, expected", [
+    (True, 8, 4, [{"CPU": 16, "GPU": 4}] * 2, None),  # two 4-GPU nodes hold 8 one-GPU workers
+    (True, 9, 4, [{"CPU": 16, "GPU": 4}] * 2, "room for 8); lower --workers to 8 or less, or run on more nodes"),
+    (True, 2, 8, [{"CPU": 8, "GPU": 2}, {"CPU": 8}], "room for 1)"),  # 8 CPUs and a GPU fit once per node
+    (True, 1, 2, [{"CPU": 2}], "(1 node(s) with 2 CPU(s) and no GPU in all; room for 0); drop --gpu"),
+    (False, 3, 1, [{"CPU": 2}], "3 worker(s) with 1 CPU(s) each do not fit"),
+    (False, 2, 3, [{"CPU": 4}, {"CPU": 4}], None),
+    (False, 1, 3, [{"CPU": 2}, {"CPU": 2}], "room for 0); lower --cpus-per-worker"),  # a worker is on one node
+])
+def test_workers_that_the_ray_cluster_can_never_hold_are_refused(gpu, workers, cpus, nodes, expected):
+    from cifarray.train.config import DenseNetTrainConfig
+    from cifarray.train.launch import check_cluster_fits
+
+    cfg = DenseNetTrainConfig(synthetic=True, gpu=gpu, workers=workers, batch_size=36 * workers)
+    if expected is None:
+        check_cluster_fits(cfg, cpus, nodes)
+    else:
+        with pytest.raises(UserError) as exc:
+            check_cluster_fits(cfg, cpus, nodes)
+        assert expected in str(exc.value)
+
+
+def test_a_run_that_would_wait_for_ever_on_ray_is_refused_and_its_folder_left_for_a_rerun(tmp_path):
+    """Ray Train waits silently for resources the cluster lacks: before this check `--workers 4` on 2 CPUs hung."""
+    env = dict(os.environ)  # Ray's own temporary folder: a pytest path is too long for its sockets
+    out = tmp_path / "out"
+    workers = 2 * (os.cpu_count() or 1)  # the local Ray has os.cpu_count() CPUs
+    result = _cli(env, "cifarray.train", "densenet", "--synthetic", "--out", str(out), *TINY, "--val-size", "1000",
+                  "--workers", str(workers), "--batch-size", str(8 * workers), "--steps", "2")
+    assert_one_line_error(result, f"{workers} worker(s) with 1 CPU(s) each do not fit this Ray cluster",
+                          "lower --workers")
+    assert not (out / "config.json").exists()  # so the same --out takes the corrected command
+
+
 def test_a_python2_folder_that_is_not_the_official_release_is_refused_without_no_verify(tmp_path, py2_folder):
     # With --no-verify the DDP test trains on such a folder (test_train.py).
     out = tmp_path / "run"

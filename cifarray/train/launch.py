@@ -100,12 +100,22 @@ def training_images(synthetic: bool, per_class: int, data_dir, no_verify: bool) 
 
 def prepare_run(cfg, family: "Family") -> tuple[RunDir, dict, bool]:
     """The run folder: resume check, then procedural data and config.json (data already checked by the caller)."""
+    run, resolved, done = resume_state(cfg, family)
+    if not done:
+        write_run(run, resolved, cfg)
+    return run, resolved, done
+
+
+def resume_state(cfg, family: "Family") -> tuple[RunDir, dict, bool]:
+    """(run folder, resolved config, finished already?), writing nothing: a refused run leaves --out as it was."""
     family.enforce_budget(cfg)
     run = RunDir(cfg.out)
     resolved = to_dict(cfg) | {"out": str(run.path)}
-    done = _check_resumable(run, resolved, cfg)
-    if done:
-        return run, resolved, True
+    return run, resolved, _check_resumable(run, resolved, cfg)
+
+
+def write_run(run: RunDir, resolved: dict, cfg) -> None:
+    """Procedural data (when asked for) and config.json: what a rerun resumes against."""
     if cfg.synthetic:
         synthetic_for_run(run.data, train_per_class=cfg.synthetic_train_per_class,
                           test_per_class=cfg.synthetic_test_per_class, seed=cfg.seed,
@@ -169,11 +179,39 @@ def scale_to_cluster(cfg):
     return dataclasses.replace(cfg, workers=workers, gpu=bool(gpus))
 
 
+def check_cluster_fits(cfg, cpus: int, nodes: list[dict]) -> None:
+    """Refuse workers that this Ray cluster can never hold (`nodes`: each alive node's total resources).
+
+    Ray Train waits for its workers' CPUs and GPUs without end, silently (an autoscaler might add nodes);
+    on a fixed cluster (a Slurm job's, or the local one) such a run would hang until killed. A worker is
+    one bundle of `cpus` CPUs (and one GPU with --gpu) on a single node."""
+    def room(res: dict) -> int:
+        n = int(res.get("CPU", 0) // cpus)
+        return min(n, int(res.get("GPU", 0))) if cfg.gpu else n
+
+    fits = sum(room(r) for r in nodes)
+    if fits >= cfg.workers:
+        return
+    cpu_total = sum(r.get("CPU", 0) for r in nodes)
+    gpu_total = sum(r.get("GPU", 0) for r in nodes)
+    cluster = (f"{len(nodes)} node(s) with {cpu_total:g} CPU(s) and "
+               f"{f'{gpu_total:g} GPU(s)' if gpu_total else 'no GPU'} in all")
+    each = f"{cpus} CPU(s){' and 1 GPU' if cfg.gpu else ''} each"
+    if cfg.gpu and not gpu_total:
+        fix = "drop --gpu, or run where Ray sees a GPU (a GPU node; check CUDA_VISIBLE_DEVICES)"
+    elif fits:
+        fix = f"lower --workers to {fits} or less{'' if cfg.gpu else ' (or --cpus-per-worker)'}, or run on more nodes"
+    else:
+        fix = "lower --cpus-per-worker, or run on bigger nodes"
+    raise UserError(f"{cfg.workers} worker(s) with {each} do not fit this Ray cluster ({cluster}; room for "
+                    f"{fits}); {fix}")
+
+
 def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | None = None) -> dict:
     """Run training to completion (or resume it) and return summary.json.
 
     `context`: what the workers get besides the config (default: the family's driver_context(cfg))."""
-    run, resolved, done = prepare_run(cfg, family)
+    run, resolved, done = resume_state(cfg, family)
     if done:
         print(f"{run.path}: run already complete; nothing to do (summary.json)")
         return run.read_json("summary.json")
@@ -181,6 +219,9 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
 
     init_ray(cfg)
     cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
+    # Before config.json is written: a run refused here can be rerun on the same --out with other --workers.
+    check_cluster_fits(cfg, cpus, [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")])
+    write_run(run, resolved, cfg)
     if context is None:
         context = family.driver_context(cfg)
     trainer = build_trainer(cfg, run, family.train_fn(context), resolved, cpus)
