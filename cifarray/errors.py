@@ -7,8 +7,10 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 
@@ -37,6 +39,27 @@ def handle_sigterm() -> None:
     signal.signal(signal.SIGTERM, _terminate)
 
 
+SHUTDOWN_GRACE_S = 10.0
+
+
+def _exit_if_shutdown_hangs(code: int, grace: float = SHUTDOWN_GRACE_S) -> None:
+    """End the process with `code` if its exit hooks still run after `grace` seconds.
+
+    SIGTERM sent to a whole process group (`timeout`, `kill -- -PGID`, a service manager) stops the local
+    Ray cluster that the driver started along with the driver; Ray's and Tune's exit hooks then wait 60 s
+    for the gone cluster and end in a fatal log. A normal exit (shutting a live local Ray down) takes ~2 s.
+    Exit hooks run while daemon threads still do, so this timer can end the wait."""
+    def end() -> None:
+        print(f"(Ray's shutdown was still waiting after {grace:g} s: its cluster is gone; exiting)", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(grace, end)
+    timer.daemon = True
+    timer.start()
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run `main(argv)` and exit; a `UserError` becomes `error: ...` on stderr and exit 2.
 
@@ -53,5 +76,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        if "ray" in sys.modules:
+            _exit_if_shutdown_hangs(130)
         sys.exit(130)
     sys.exit(code or 0)

@@ -172,6 +172,18 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    # What a sweep stopped early reports (Tune returns from fit so after Ctrl-C): interrupted, the best trial
+    # so far, and no test evaluation yet; the resume below rewrites it.
+    from cifarray.tune import results
+    from cifarray.tune.sweep import load
+
+    sweep = load(out / "sweep.toml")
+    goal = sweep.family.objective(sweep.family.driver_context(sweep.base))
+    stopped = results.finish(out, sweep, goal.metric, goal.mode, goal.label, data_dir=out / "data", synthetic=True,
+                             seconds=1.0, requested=4)
+    ended = sum(n for s, n in stopped["by_status"].items() if s in results.DONE)
+    assert stopped["status"] == "interrupted" and stopped["unfinished_trials"] == 4 - ended > 0, stopped
+    assert stopped["best"]["trial_id"] in before and "test_acc" not in stopped["best"]
     result = run_module("cifarray.tune", "--out", str(out), "--resume", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # The killed sweep left its lock behind; its process is provably gone, so the resume took it over.
@@ -194,6 +206,7 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
         assert int(t["steps"]) == metric_steps(out / "trials" / t["trial_id"])
     assert all(int(t["steps"]) == 60 for t in by["complete"])
     assert all(int(t["steps"]) < 60 for t in by["early-stopped"])  # ASHA stopped them at a rung
+    assert summary["status"] == "complete" and summary["unfinished_trials"] == 0
     assert summary["infeasible_steps"] == 0 and summary["infeasible_trials"] == len(by["infeasible"])
     assert summary["total_steps"] == sum(int(t["steps"]) for t in trials)
     # Selection on validation; test evaluated once, for the best trial only (trial runs never touch it).
@@ -358,3 +371,36 @@ def test_the_tuners_ray_starts_again_when_its_dashboard_port_was_taken_meanwhile
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the Ray dashboard's port" in proc.stdout and "was taken meanwhile" in proc.stdout, proc.stdout
     assert "PICKS 2 CPU" in proc.stdout and "API True" in proc.stdout, proc.stdout
+
+
+RAY_STOPPED_WITH_THE_DRIVER = """
+import sys, time
+from cifarray.errors import run_cli
+def main(argv):
+    from cifarray.train import launch
+    from ray import tune
+    launch.init_ray(None)
+    tune.register_trainable("noop", lambda config: None)  # Tune's exit hook then talks to Ray's GCS
+    print("up", flush=True)
+    time.sleep(600)
+run_cli(main)
+"""
+
+
+def test_sigterm_to_the_whole_process_group_ends_a_local_ray_run_at_once():
+    """`timeout`, `kill -- -PGID` and service managers signal the driver and the local Ray it started alike. With
+    Ray's GCS gone, Ray's and Tune's exit hooks waited 60 s for it and ended in a fatal log (measured: a sweep
+    took 60 s to exit); now the driver says "interrupted" and exits 130 after at most errors.SHUTDOWN_GRACE_S."""
+    proc = subprocess.Popen([sys.executable, "-c", RAY_STOPPED_WITH_THE_DRIVER], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "up", proc.stderr.read()[-3000:]
+        t = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=45)
+        took = time.time() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "interrupted" in err.splitlines(), err[-3000:]
+    assert took < 30 and "Failed to connect to GCS" not in err, (took, err[-3000:])

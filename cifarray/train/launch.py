@@ -233,7 +233,7 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
         from ray.train import TrainingFailedError
 
         try:
-            trainer.fit()
+            fit_off_the_main_thread(trainer)
         except TrainingFailedError as exc:
             raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {exc}") from exc
     diverged = run.read_json("diverged.json")
@@ -249,6 +249,30 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
         raise RuntimeError(f"training ended without writing {run.summary}")
     drop_unregistered_checkpoints(run)
     return summary
+
+
+def fit_off_the_main_thread(trainer) -> object:
+    """trainer.fit() in a thread, the main thread waiting on it: Ctrl-C then ends a run as SIGTERM does.
+
+    Called from the main thread, Ray Train V2's fit installs its own SIGINT handler, which aborts the controller
+    and then exits with status 1 and no message (its own comment: "for some reason the process still exits
+    with 1"); from another thread (as in Tune) it installs none. The main thread gets the KeyboardInterrupt,
+    the CLI says "interrupted" and exits 130, and the run resumes from its last checkpoint."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread, which raises it
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
 
 
 def drop_unregistered_checkpoints(run: RunDir) -> list[str]:

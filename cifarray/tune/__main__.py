@@ -274,9 +274,9 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
             search_alg=search, scheduler=scheduler, num_samples=trials, max_concurrent_trials=concurrent))
     tuner.fit()
     summary = results.finish(out, sweep, metric, mode, label, data_dir=data_dir, synthetic=bool(args.synthetic),
-                             seconds=time.time() - started)
+                             seconds=time.time() - started, requested=trials)
     results.print_summary(summary)
-    return 0
+    return 130 if summary["status"] == "interrupted" else 0  # Ctrl-C: Tune stops the sweep and returns
 
 
 if __name__ == "__main__":

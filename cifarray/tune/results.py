@@ -172,13 +172,18 @@ def load_trials(out: Path) -> list:
 
 
 def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: Path, synthetic: bool,
-           seconds: float) -> dict[str, Any]:
+           seconds: float, requested: int) -> dict[str, Any]:
+    """summary.json, trials.csv and the plots; the best trial's one test evaluation once all `requested` trials
+    have ended. Tune returns early, with trials unstarted or unfinished, when Ctrl-C stopped it: then the
+    summary says "interrupted" and the test split stays unused, so that the resumed sweep's choice is the one
+    evaluated."""
     trials = load_trials(out)
     write_trials(out, sweep, trials, metric, mode, exact=True)
     records = trial_records(out, sweep, trials, metric, mode, exact=True)
     by_status: dict[str, int] = {}
     for r in records:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    unfinished = requested - sum(n for s, n in by_status.items() if s in DONE)
     # Selection uses validation only; the final weights (model.pt) exist for trials that ran to the end.
     finals = []
     for r in records:
@@ -192,9 +197,11 @@ def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: 
         value, rec = (max if mode == "max" else min)(finals, key=lambda vr: vr[0])
         best = {"trial_id": rec["trial_id"], "params": rec["params"], metric: value,
                 "config": json.loads((trial_dir(out, rec["trial_id"]) / "config.json").read_text())}
-        best.update(evaluate_best_on_test(out, sweep, rec["trial_id"]))
+        if not unfinished:
+            best.update(evaluate_best_on_test(out, sweep, rec["trial_id"]))
     figures = plots(out, sweep, records, metric, mode, label)
     summary = {
+        "status": "interrupted" if unfinished > 0 else "complete", "unfinished_trials": max(0, unfinished),
         "model": sweep.model, "sweep": str(out / "sweep.toml"), "objective": metric, "objective_label": label,
         "mode": mode, "budget": sweep.budget, "trials": len(records), "by_status": by_status,
         "best": best, "total_steps": sum(r["steps"] for r in records),
@@ -211,13 +218,20 @@ def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: 
 def print_summary(summary: dict[str, Any]) -> None:
     best = summary["best"]
     counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["by_status"].items()))
-    print(f"sweep done: {summary['trials']} trials ({counts}); {summary['total_steps']:,} training steps, "
-          f"{summary['infeasible_steps']} on infeasible configs; {summary['seconds']:.0f} s")
+    stopped = summary.get("status") == "interrupted"
+    print(f"sweep {'interrupted' if stopped else 'done'}: {summary['trials']} trials ({counts}); "
+          f"{summary['total_steps']:,} training steps, {summary['infeasible_steps']} on infeasible configs; "
+          f"{summary['seconds']:.0f} s")
+    if stopped:
+        print(f"{summary['unfinished_trials']} trial(s) unfinished; rerun with --resume to continue (finished trials "
+              "are kept; the test split is evaluated when the sweep ends)")
     if best is None:
-        print("no trial ran to the end; nothing to evaluate on test")
+        if not stopped:
+            print("no trial ran to the end; nothing to evaluate on test")
         return
     obj = summary["objective"]
-    line = f"best trial {best['trial_id']}: {best['params']:,} params, {obj} {best[obj]:.4f}"
+    line = (f"best {'trial so far' if stopped else 'trial'} {best['trial_id']}: {best['params']:,} params, "
+            f"{obj} {best[obj]:.4f}")
     tested = {k: v for k, v in best.items() if k.startswith("test_") and isinstance(v, (int, float))}
     if tested:
         line += ", " + ", ".join(f"{k} {v:.4f}" for k, v in tested.items()) + " (evaluated once, after selection)"
