@@ -205,6 +205,16 @@ def test_workers_that_the_ray_cluster_can_never_hold_are_refused(gpu, workers, c
         assert expected in str(exc.value)
 
 
+def test_workers_that_fit_count_per_node_with_gpu_shares():
+    from cifarray.train.launch import workers_that_fit
+
+    nodes = [{"CPU": 8, "GPU": 2}, {"CPU": 2, "GPU": 1}]
+    assert workers_that_fit(nodes, 1, 0.25) == 8 + 2  # a quarter GPU each; the small node runs out of CPUs
+    assert workers_that_fit(nodes, 2, 0) == 4 + 1
+    assert workers_that_fit([{"CPU": 2}, {"CPU": 2}], 4, 0) == 0  # 4 CPUs in all, but on no single node
+    assert workers_that_fit([{"CPU": 3}], 1, 1) == 0
+
+
 def test_a_run_that_would_wait_for_ever_on_ray_is_refused_and_its_folder_left_for_a_rerun(tmp_path):
     """Ray Train waits silently for resources the cluster lacks: before this check `--workers 4` on 2 CPUs hung."""
     env = dict(os.environ)  # Ray's own temporary folder: a pytest path is too long for its sockets

@@ -179,23 +179,34 @@ def scale_to_cluster(cfg):
     return dataclasses.replace(cfg, workers=workers, gpu=bool(gpus))
 
 
+def workers_that_fit(nodes: list[dict], cpus: float, gpus: float) -> int:
+    """How many workers of `cpus` CPUs and `gpus` GPUs the nodes hold at most (each on one node, as a Ray
+    placement-group bundle is); `nodes`: each alive node's total resources."""
+    def room(res: dict) -> int:
+        n = int(res.get("CPU", 0) / cpus + 1e-9)
+        return min(n, int(res.get("GPU", 0) / gpus + 1e-9)) if gpus else n
+
+    return sum(room(r) for r in nodes)
+
+
+def describe_cluster(nodes: list[dict]) -> str:
+    cpu_total = sum(r.get("CPU", 0) for r in nodes)
+    gpu_total = sum(r.get("GPU", 0) for r in nodes)
+    return (f"{len(nodes)} node(s) with {cpu_total:g} CPU(s) and "
+            f"{f'{gpu_total:g} GPU(s)' if gpu_total else 'no GPU'} in all")
+
+
 def check_cluster_fits(cfg, cpus: int, nodes: list[dict]) -> None:
     """Refuse workers that this Ray cluster can never hold (`nodes`: each alive node's total resources).
 
     Ray Train waits for its workers' CPUs and GPUs without end, silently (an autoscaler might add nodes);
     on a fixed cluster (a Slurm job's, or the local one) such a run would hang until killed. A worker is
     one bundle of `cpus` CPUs (and one GPU with --gpu) on a single node."""
-    def room(res: dict) -> int:
-        n = int(res.get("CPU", 0) // cpus)
-        return min(n, int(res.get("GPU", 0))) if cfg.gpu else n
-
-    fits = sum(room(r) for r in nodes)
+    fits = workers_that_fit(nodes, cpus, 1 if cfg.gpu else 0)
     if fits >= cfg.workers:
         return
-    cpu_total = sum(r.get("CPU", 0) for r in nodes)
     gpu_total = sum(r.get("GPU", 0) for r in nodes)
-    cluster = (f"{len(nodes)} node(s) with {cpu_total:g} CPU(s) and "
-               f"{f'{gpu_total:g} GPU(s)' if gpu_total else 'no GPU'} in all")
+    cluster = describe_cluster(nodes)
     each = f"{cpus} CPU(s){' and 1 GPU' if cfg.gpu else ''} each"
     if cfg.gpu and not gpu_total:
         fix = "drop --gpu, or run where Ray sees a GPU (a GPU node; check CUDA_VISIBLE_DEVICES)"

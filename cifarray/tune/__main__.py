@@ -238,6 +238,13 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
         args.gpus_per_trial = 1
     concurrent, cpus_per_worker = plan(cpus, gpus, args.gpus_per_trial, workers, args.cpus_per_trial,
                                        args.max_concurrent, trials)
+    # Totals can hold a trial whose workers no single node holds; Tune would wait for it without end.
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if launch.workers_that_fit(nodes, cpus_per_worker, args.gpus_per_trial / workers) < workers:
+        gpu = f" and {args.gpus_per_trial / workers:g} GPU" if args.gpus_per_trial else ""
+        raise UserError(f"a trial's {workers} worker(s) with {cpus_per_worker} CPU(s){gpu} each do not fit this Ray "
+                        f"cluster's nodes ({launch.describe_cluster(nodes)}): a worker runs on one node; lower "
+                        "--cpus-per-trial, or raise --workers-per-trial to spread a trial over nodes")
 
     base = {**sweep.train, "data_dir": str(data_dir), "synthetic": False,
             "no_verify": True if args.synthetic else args.no_verify, "workers": workers,
