@@ -205,6 +205,27 @@ def test_workers_that_the_ray_cluster_can_never_hold_are_refused(gpu, workers, c
         assert expected in str(exc.value)
 
 
+def test_a_ray_address_that_does_not_answer_is_refused_before_anything_is_written(tmp_path):
+    """ray.init waited over 2 minutes on a closed port (Ray's warnings only); `--address auto` with no Ray
+    running ended in a traceback."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    sweep = run_cli_here("cifarray.tune", "--sweep", str(REPO / "sweeps" / "quickstart.toml"), "--synthetic",
+                         "--out", str(out), "--address", f"127.0.0.1:{port}")
+    assert_one_line_error(sweep, f"cannot reach the Ray cluster at 127.0.0.1:{port}", "unset RAY_ADDRESS")
+    train = run_cli_here("cifarray.train", "densenet", "--synthetic", "--out", str(out), *TINY, "--val-size", "1000",
+                         env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+    assert_one_line_error(train, f"cannot reach the Ray cluster at 127.0.0.1:{port}")
+    garbled = run_cli_here("cifarray.train", "densenet", "--synthetic", "--out", str(out), *TINY, "--val-size",
+                           "1000", env={**os.environ, "RAY_ADDRESS": "headnode:gcs"})
+    assert_one_line_error(garbled, "Ray address 'headnode:gcs'", "is not HOST:PORT")
+    assert not out.exists()
+
+
 def test_workers_that_fit_count_per_node_with_gpu_shares():
     from cifarray.train.launch import workers_that_fit
 

@@ -84,6 +84,8 @@ def check_inputs(cfg, family: "Family") -> int:
     family.enforce_budget(cfg)  # an over-budget model never reaches Ray
     n_train, source = training_images(cfg.synthetic, cfg.synthetic_train_per_class, cfg.data_dir, cfg.no_verify)
     check_data_fits(cfg, n_train, source)
+    if os.environ.get("RAY_ADDRESS"):
+        check_reachable(os.environ["RAY_ADDRESS"])
     return n_train
 
 
@@ -128,6 +130,23 @@ def write_run(run: RunDir, resolved: dict, cfg) -> None:
 DASHBOARD_ATTEMPTS = 3
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT Ray address must accept a connection: ray.init waits minutes on one that does not
+    (measured: over 2 minutes of Ray's own warnings for a closed port, then still waiting)."""
+    if "://" in address or address == "auto" or ":" not in address:
+        return  # Ray client / "auto": ray.init itself says what is wrong, quickly
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except ValueError:
+        raise UserError(f"Ray address {address!r} (from --address or RAY_ADDRESS) is not HOST:PORT") from None
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} (from --address or RAY_ADDRESS): "
+                        f"{exc.strerror or exc}; check the address (the head's GCS port, 6379 by default), or "
+                        "unset RAY_ADDRESS to run on a local Ray") from None
+
+
 def init_ray(cfg, dashboard: bool = False) -> None:
     """Join $RAY_ADDRESS, or start a local cluster (with the dashboard when asked: the tuner needs it)."""
     import ray
@@ -138,7 +157,13 @@ def init_ray(cfg, dashboard: bool = False) -> None:
     # Workers write metrics that the driver renders; their own stdout would interleave with it.
     kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
     if address:
-        ray.init(address=address, **kwargs)
+        check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:  # e.g. "auto" with no Ray running on this machine
+            raise UserError(f"cannot join the Ray cluster at {address!r} (from --address or RAY_ADDRESS): "
+                            f"{str(exc).splitlines()[0]} Start one, pass its HOST:PORT, or unset RAY_ADDRESS "
+                            "to run on a local Ray") from None
     elif dashboard:
         # Ray's state API (Ray Train's placement-group cleaner uses it from inside the cluster) otherwise
         # looks for "the" Ray cluster on this machine, and fails when another job runs one here too; the

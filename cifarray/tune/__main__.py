@@ -115,6 +115,10 @@ def _main(args, out: Path) -> int:
         raise UserError(f"batch size {odd[0]} is not divisible by {workers} workers per trial; "
                         "change the sweep's batch sizes or --workers-per-trial")
 
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        from cifarray.train.launch import check_reachable
+
+        check_reachable(args.address or os.environ["RAY_ADDRESS"])  # before anything is written to OUT
     data_dir = _prepare_data(args, sweep, out, workers)  # before Ray: missing, corrupt or too small data fails here
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:
