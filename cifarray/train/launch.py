@@ -132,7 +132,7 @@ DASHBOARD_ATTEMPTS = 3
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """A HOST:PORT Ray address must accept a connection: ray.init waits minutes on one that does not
-    (measured: over 2 minutes of Ray's own warnings for a closed port, then still waiting)."""
+    (measured: Ray's own warnings for 10 minutes for a closed port, until `timeout` killed it)."""
     if "://" in address or address == "auto" or ":" not in address:
         return  # Ray client / "auto": ray.init itself says what is wrong, quickly
     host, _, port = address.rpartition(":")

@@ -183,7 +183,7 @@ def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: 
     by_status: dict[str, int] = {}
     for r in records:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
-    unfinished = requested - sum(n for s, n in by_status.items() if s in DONE)
+    unfinished = max(0, requested - sum(n for s, n in by_status.items() if s in DONE))
     # Selection uses validation only; the final weights (model.pt) exist for trials that ran to the end.
     finals = []
     for r in records:
@@ -201,7 +201,7 @@ def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: 
             best.update(evaluate_best_on_test(out, sweep, rec["trial_id"]))
     figures = plots(out, sweep, records, metric, mode, label)
     summary = {
-        "status": "interrupted" if unfinished > 0 else "complete", "unfinished_trials": max(0, unfinished),
+        "status": "interrupted" if unfinished else "complete", "unfinished_trials": unfinished,
         "model": sweep.model, "sweep": str(out / "sweep.toml"), "objective": metric, "objective_label": label,
         "mode": mode, "budget": sweep.budget, "trials": len(records), "by_status": by_status,
         "best": best, "total_steps": sum(r["steps"] for r in records),
