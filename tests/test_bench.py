@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli_here, run_module
 
@@ -94,6 +95,21 @@ def test_bench_gpu_prints_its_table_on_the_cpu_with_small_sizes():
     assert "3 batches per call" in out
     assert re.search(r"^  full step, CUDA graph\s+n/a\s+needs CUDA$", out, re.M)  # said, not faked
     assert set(tmp.glob("cifarray-bench-gpu-*")) == before  # its run folders and data are removed
+    # Progress on stderr, the table alone on stdout; kineto's "profiler_start" lines are kept out of both.
+    assert "bench gpu: timing the full step (3 steps x 1) and profiling it" in result.stderr
+    assert "timing" not in out and "profiler_start" not in result.stderr + out
+    assert "the defaults on" not in result.stderr  # every size was given
+
+
+def test_bench_gpu_sizes_default_to_the_paper_on_a_gpu_and_to_small_ones_on_the_cpu():
+    from cifarray.bench import __main__ as bench, gpu
+
+    args = bench.parser().parse_args(["gpu", "--batch-size", "96"])
+    assert gpu.resolve_sizes(args, torch.device("cpu")) == ["gan_batch_size", "steps", "warmup", "chunk", "e2e_steps"]
+    assert (args.batch_size, args.gan_batch_size, args.e2e_steps) == (96, 32, 20)  # given, then the CPU's
+    args = bench.parser().parse_args(["gpu", "--steps", "7"])
+    gpu.resolve_sizes(args, torch.device("cuda"))
+    assert (args.batch_size, args.gan_batch_size, args.steps, args.chunk, args.e2e_steps) == (512, 128, 7, 0, 200)
 
 
 def test_bench_gpu_without_cuda_is_one_line_error():

@@ -9,7 +9,9 @@ training and finish itemised.
 
 Everything except the end-to-end row runs in this process, without Ray, on random uint8 images:
 step timings do not depend on the pixels. Times are medians of --repeats timed runs of --steps
-steps each, after --warmup steps, with the device synchronised around each run.
+steps each, after --warmup steps, with the device synchronised around each run. Sizes default to the
+paper recipe on a GPU (batch 512, DCGAN batch 128) and to small ones on the CPU, where the paper sizes
+take a quarter of an hour; the model is the paper's on both. Progress goes to stderr, the table to stdout.
 """
 
 from __future__ import annotations
@@ -33,24 +35,47 @@ from cifarray.data.loader import DeviceSplit, PreparedData, ShardedBatches
 from cifarray.errors import UserError
 
 
+# The paper recipe on a GPU (about 4 minutes on an H100, by the issue's count); on the CPU the same rows at
+# sizes that finish in about a minute on 2 cores: the paper sizes took 14 min 52 s there (bf16 EPYC VM).
+GPU_SIZES = dict(batch_size=512, gan_batch_size=128, steps=20, warmup=5, chunk=0, e2e_steps=200)
+CPU_SIZES = dict(batch_size=64, gan_batch_size=32, steps=4, warmup=2, chunk=4, e2e_steps=20)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gpu", help="where a training step's time goes (GPU, or CPU with small sizes)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--batch-size", type=int, default=512, help="DenseNet batch (the paper's 512)")
-    p.add_argument("--gan-batch-size", type=int, default=128, help="DCGAN batch (the paper's 128)")
+    def sized(key: str) -> str:
+        return f"(default {GPU_SIZES[key]} on a GPU, {CPU_SIZES[key]} on the CPU)"
+
+    p.add_argument("--batch-size", type=int, help=f"DenseNet batch, the paper's 512 {sized('batch_size')}")
+    p.add_argument("--gan-batch-size", type=int, help=f"DCGAN batch, the paper's 128 {sized('gan_batch_size')}")
     p.add_argument("--growth-rate", type=int, default=8)
     p.add_argument("--blocks", default="5,5,5,5", help="the paper model by default")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp32 (auto: bf16 where native)")
-    p.add_argument("--steps", type=int, default=20, help="steps per timed run")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, cuDNN autotune)")
+    p.add_argument("--steps", type=int, help=f"steps per timed run {sized('steps')}")
+    p.add_argument("--warmup", type=int, help=f"untimed steps first (allocator, cuDNN autotune) {sized('warmup')}")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is reported")
-    p.add_argument("--chunk", type=int, default=0,
-                   help="batches per bulk augmentation call (default: what --augment-chunk 0 picks, 1 GiB)")
+    p.add_argument("--chunk", type=int, help="batches per bulk augmentation call (0: what --augment-chunk 0 "
+                   f"picks, 1 GiB) {sized('chunk')}")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd model step")
-    p.add_argument("--e2e-steps", type=int, default=200,
-                   help="steps of the end-to-end cifarray.train run (0: skip that row)")
+    p.add_argument("--e2e-steps", type=int,
+                   help=f"steps of the end-to-end cifarray.train run (0: skip that row) {sized('e2e_steps')}")
     p.set_defaults(func=run)
+
+
+def resolve_sizes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Fill the sizes not given from this device's defaults; returns the names it filled."""
+    sizes = GPU_SIZES if device.type == "cuda" else CPU_SIZES
+    filled = [k for k, v in sizes.items() if getattr(args, k) is None]
+    for k in filled:
+        setattr(args, k, sizes[k])
+    return filled
+
+
+def _say(msg: str) -> None:
+    """Progress on stderr, so that stdout holds the table alone."""
+    print(f"bench gpu: {msg}", file=sys.stderr, flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -75,6 +100,10 @@ def _ms(fn, device: torch.device, steps: int, warmup: int, repeats: int) -> floa
 def _profile(fn, device: torch.device, steps: int) -> tuple[float, float | None]:
     """(device kernels, or CPU operators, per step; GPU busy fraction or None on the CPU)."""
     from torch.profiler import ProfilerActivity, profile
+
+    # Kineto's own lines ("profiler_start", and on a CPU "gpuGetDeviceCount failed") would break up the
+    # table's progress; it reads this when the profiler first starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
@@ -144,6 +173,7 @@ def _graph_rows(cfg, device: torch.device, data: PreparedData, precision: str, t
         torch.manual_seed(0)
         return densenet.build(c, _worker(c, device, data, precision, tmp))
 
+    _say("timing the full step with --cuda-graphs on, and its loss curve against eager's")
     state = fresh("on")
     step = lambda: densenet.step(state, state.worker.sampler.next())  # noqa: E731
     ms = _ms(step, **{**timing, "warmup": max(timing["warmup"], state.graphed.warmup + 1)})
@@ -178,6 +208,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; pass --device cpu")
+    defaulted = resolve_sizes(args, device)
     if min(args.steps, args.repeats, args.batch_size, args.gan_batch_size) < 1 or min(args.warmup, args.e2e_steps,
                                                                                      args.chunk) < 0:
         raise UserError("--steps, --repeats and the batch sizes must be at least 1; --warmup, --e2e-steps, "
@@ -208,11 +239,16 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     def full_step():
         densenet.step(state, sampler.next())
 
+    if defaulted:
+        shown = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in defaulted)
+        _say(f"{shown}: the defaults on {'a GPU' if device.type == 'cuda' else 'the CPU'} (pass them to change)")
+
     timing = dict(device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
     bulk_timing = dict(device=device, steps=1, warmup=1, repeats=args.repeats)
     # The full step's timed runs hold whole chunks (one bulk call each), after one whole chunk of warm-up.
     step_timing = dict(device=device, steps=-(-args.steps // chunk) * chunk,
                        warmup=chunk * max(1, -(-args.warmup // chunk)), repeats=args.repeats)
+    _say("timing AugMix (one batch, in bulk) and the model step")
     rows = [("AugMix + crop + flip, one batch", f"{_ms(lambda: state.aug(raw, state.worker.gen), **timing):.2f}",
              f"{args.batch_size} images, per batch"),
             ("AugMix + crop + flip, bulk, per batch",
@@ -220,11 +256,13 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
              f"{chunk} batches per call (--augment-chunk), time / {chunk}"),
             ("model step, eager", f"{_ms(model_step, **timing):.2f}", f"{precision}, forward + backward + SGD")]
     if args.compile:
+        _say("compiling the model step (torch.compile; a minute or more)")
         t = time.perf_counter()
         compiled = torch.compile(state.model)
         model_step(compiled)
         rows.append(("model step, torch.compile", f"{_ms(lambda: model_step(compiled), **timing):.2f}",
                      f"compiling took {time.perf_counter() - t:.0f} s"))
+    _say(f"timing the full step ({step_timing['steps']} steps x {args.repeats}) and profiling it")
     full = _ms(full_step, **step_timing)
     launches, busy = _profile(full_step, device, chunk)
     kernels = "kernels per full step" if device.type == "cuda" else "aten operators per full step"
@@ -238,6 +276,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
         ("full step, CUDA graph", "n/a", "needs CUDA")]
 
     for mode in ("off", "on") if device.type == "cuda" else ("off",):
+        _say(f"timing the DCGAN step{', CUDA graph' if mode == 'on' else ''}")
         gcfg = DCGANTrainConfig(synthetic=True, batch_size=args.gan_batch_size, gpu=device.type == "cuda",
                                 precision=precision, cuda_graphs=mode)
         torch.manual_seed(0)
@@ -253,6 +292,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     if device.type != "cuda":
         rows.append(("DCGAN D+G step, CUDA graph", "n/a", "needs CUDA"))
     if args.e2e_steps:
+        _say(f"running python -m cifarray.train densenet for {args.e2e_steps} steps (Ray start-up included)")
         rows.append(("end-to-end python -m cifarray.train", "", _e2e(args, device, tmp)))
 
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
