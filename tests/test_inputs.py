@@ -248,6 +248,35 @@ def test_a_run_that_would_wait_for_ever_on_ray_is_refused_and_its_folder_left_fo
     assert not (out / "config.json").exists()  # so the same --out takes the corrected command
 
 
+@pytest.mark.parametrize("cli, expected", [
+    (["cifarray.train", "densenet", "--synthetic", "--gpu", "--workers", "2"],
+     ["--gpu with 2 worker(s) needs 2 GPU(s) but this machine has no GPU", "drop --gpu, or lower --workers"]),
+    (["cifarray.tune", "--sweep", str(REPO / "sweeps" / "quickstart.toml"), "--synthetic", "--gpus-per-trial", "0.25"],
+     ["--gpus-per-trial 0.25 but this machine has no GPU", "pass --gpus-per-trial 0 (or auto)"]),
+])
+def test_gpu_work_without_a_gpu_or_a_ray_cluster_is_refused_before_ray(tmp_path, cli, expected):
+    """Both waited for Ray's start (~10 s) to be refused; the tuner had written its data and settings by then."""
+    if __import__("torch").cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    env, ray_tmp = _no_ray_env(tmp_path)
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "out"
+    result = run_cli_here(*cli, "--out", str(out), env=env)
+    assert_one_line_error(result, *expected)
+    assert not ray_tmp.exists() and not out.exists()
+
+
+def test_a_sweep_the_ray_cluster_cannot_hold_leaves_its_folder_as_it_found_it(tmp_path):
+    """Refused once Ray has started (the cluster's CPUs are known only then): before, OUT kept the procedural
+    data, sweep.toml and tune_args.json of a sweep that never began."""
+    out = tmp_path / "out"
+    cpus = 2 * (os.cpu_count() or 1)  # the local Ray has os.cpu_count() CPUs
+    result = _cli(dict(os.environ), "cifarray.tune", "--sweep", str(REPO / "sweeps" / "quickstart.toml"),
+                  "--synthetic", "--out", str(out), "--cpus-per-trial", str(cpus))
+    assert_one_line_error(result, f"one trial needs {cpus} CPUs but the Ray cluster has", "lower")
+    assert not out.exists()
+
+
 def test_a_python2_folder_that_is_not_the_official_release_is_refused_without_no_verify(tmp_path, py2_folder):
     # With --no-verify the DDP test trains on such a folder (test_train.py).
     out = tmp_path / "run"

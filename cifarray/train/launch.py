@@ -86,7 +86,28 @@ def check_inputs(cfg, family: "Family") -> int:
     check_data_fits(cfg, n_train, source)
     if os.environ.get("RAY_ADDRESS"):
         check_reachable(os.environ["RAY_ADDRESS"])
+    if cfg.gpu and cfg.workers:  # --workers auto decides on GPUs once the cluster is joined
+        check_local_gpus(cfg.workers, None, f"--gpu with {cfg.workers} worker(s) needs {cfg.workers} GPU(s)",
+                         "drop --gpu" + (", or lower --workers" if cfg.workers > 1 else "")
+                         + ", or set RAY_ADDRESS to a Ray cluster with GPUs")
     return n_train
+
+
+def check_local_gpus(needed: float, address: str | None, asked: str, fix: str) -> None:
+    """With no Ray cluster named, Ray starts on this machine and counts its GPUs: too few is said here, before
+    Ray starts (~10 s) and before anything is written. Counted as torch counts them (CUDA_VISIBLE_DEVICES
+    honoured): a GPU that torch cannot use would fail in the worker anyway."""
+    if not needed or address or os.environ.get("RAY_ADDRESS"):
+        return
+    import math
+
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < math.ceil(needed - 1e-9):
+        gpus = f"{have} GPU(s)" if have else "no GPU"
+        raise UserError(f"{asked} but this machine has {gpus} that torch can use (and no Ray cluster is named: "
+                        f"--address / RAY_ADDRESS); {fix}")
 
 
 def training_images(synthetic: bool, per_class: int, data_dir, no_verify: bool) -> tuple[int, str]:

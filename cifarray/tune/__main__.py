@@ -22,7 +22,9 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
 from cifarray.tune.sweep import Sweep, default_sweep, load
@@ -115,17 +117,28 @@ def _main(args, out: Path) -> int:
         raise UserError(f"batch size {odd[0]} is not divisible by {workers} workers per trial; "
                         "change the sweep's batch sizes or --workers-per-trial")
 
-    if args.address or os.environ.get("RAY_ADDRESS"):
-        from cifarray.train.launch import check_reachable
+    from cifarray.train.launch import check_local_gpus, check_reachable
 
+    if args.address or os.environ.get("RAY_ADDRESS"):
         check_reachable(args.address or os.environ["RAY_ADDRESS"])  # before anything is written to OUT
-    data_dir = _prepare_data(args, sweep, out, workers)  # before Ray: missing, corrupt or too small data fails here
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        shutil.copyfile(sweep.source, out / SWEEP_COPY)
-        (out / ARGS_FILE).write_text(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS},
-                                                 "sweep": str(Path(sweep.source).resolve())}, indent=2))
-    return run(args, sweep, out, data_dir, workers, trials)
+    check_local_gpus(args.gpus_per_trial, args.address, f"--gpus-per-trial {args.gpus_per_trial:g}",
+                     "pass --gpus-per-trial 0 (or auto), or --address of a Ray cluster with GPUs")
+    data_dir = _check_data(args, sweep, out, workers)  # before Ray: missing, corrupt or too small data fails here
+
+    def save() -> None:
+        """What the experiment is made of, written once the Ray cluster is known to hold its trials: a sweep
+        refused for resources leaves OUT as it found it."""
+        if args.synthetic and not (data_dir / "cifar-100-python" / "meta").exists():
+            base = sweep.base
+            synthetic_for_run(data_dir, train_per_class=base.synthetic_train_per_class,
+                              test_per_class=base.synthetic_test_per_class, seed=sweep.seed,
+                              difficulty=base.synthetic_difficulty)
+        if not args.resume:
+            shutil.copyfile(sweep.source, out / SWEEP_COPY)
+            (out / ARGS_FILE).write_text(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS},
+                                                     "sweep": str(Path(sweep.source).resolve())}, indent=2))
+
+    return run(args, sweep, out, data_dir, workers, trials, save)
 
 
 def trial_workers(gpus_per_trial: float, workers_per_trial: int | None) -> int:
@@ -189,11 +202,11 @@ def _largest(sweep: Sweep, key: str) -> int:
     return max(p.values) if p.kind == "choice" else p.values[1]
 
 
-def _prepare_data(args, sweep: Sweep, out: Path, workers: int) -> Path:
-    """Check the data, and that every trial config the sweep can sample fits it; write procedural data once."""
+def _check_data(args, sweep: Sweep, out: Path, workers: int) -> Path:
+    """Check the data, and that every trial config the sweep can sample fits it; returns where it is (procedural
+    data: where it is written, by `save` in _main)."""
     from types import SimpleNamespace
 
-    from cifarray.data.synth import synthetic_for_run
     from cifarray.train.launch import check_data_fits, training_images
 
     base = sweep.base
@@ -203,14 +216,11 @@ def _prepare_data(args, sweep: Sweep, out: Path, workers: int) -> Path:
                             workers=workers)
     check_data_fits(worst, n_train, source,
                     flag=lambda key: f"the sweep's {'largest ' if key in sweep.space else ''}{key}")
-    if args.synthetic and not (data / "cifar-100-python" / "meta").exists():
-        synthetic_for_run(data, train_per_class=base.synthetic_train_per_class,
-                          test_per_class=base.synthetic_test_per_class, seed=sweep.seed,
-                          difficulty=base.synthetic_difficulty)
     return data
 
 
-def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int) -> int:
+def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int,
+        save: Callable[[], None]) -> int:
     # Tune snapshots the experiment at most this often; a killed sweep loses at most these seconds of bookkeeping.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -249,6 +259,7 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
         raise UserError(f"a trial's {workers} worker(s) with {cpus_per_worker} CPU(s){gpu} each do not fit this Ray "
                         f"cluster's nodes ({launch.describe_cluster(nodes)}): a worker runs on one node; lower "
                         "--cpus-per-trial, or raise --workers-per-trial to spread a trial over nodes")
+    save()
 
     base = {**sweep.train, "data_dir": str(data_dir), "synthetic": False,
             "no_verify": True if args.synthetic else args.no_verify, "workers": workers,
