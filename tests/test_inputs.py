@@ -251,6 +251,8 @@ def test_a_run_that_would_wait_for_ever_on_ray_is_refused_and_its_folder_left_fo
 @pytest.mark.parametrize("cli, expected", [
     (["cifarray.train", "densenet", "--synthetic", "--gpu", "--workers", "2"],
      ["--gpu with 2 worker(s) needs 2 GPU(s) but this machine has no GPU", "drop --gpu, or lower --workers"]),
+    (["cifarray.train", "dcgan", "--synthetic", "--gpu", "--workers", "auto"],
+     ["--gpu with --workers auto needs a GPU but this machine has no GPU", "drop --gpu"]),
     (["cifarray.tune", "--sweep", str(REPO / "sweeps" / "quickstart.toml"), "--synthetic", "--gpus-per-trial", "0.25"],
      ["--gpus-per-trial 0.25 but this machine has no GPU", "pass --gpus-per-trial 0 (or auto)"]),
 ])
@@ -264,6 +266,29 @@ def test_gpu_work_without_a_gpu_or_a_ray_cluster_is_refused_before_ray(tmp_path,
     result = run_cli_here(*cli, "--out", str(out), env=env)
     assert_one_line_error(result, *expected)
     assert not ray_tmp.exists() and not out.exists()
+
+
+def test_workers_auto_sizes_to_the_cluster_and_refuses_gpu_on_a_cluster_without_one(monkeypatch):
+    """--workers auto used to drop --gpu without a word on a cluster without GPUs and train on its CPUs."""
+    import ray
+
+    from cifarray.train import launch
+    from cifarray.train.config import DenseNetTrainConfig
+
+    monkeypatch.setattr(launch, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    cfg = DenseNetTrainConfig(synthetic=True)
+    assert (launch.scale_to_cluster(cfg).workers, launch.scale_to_cluster(cfg).gpu) == (2, False)  # one per node
+    with pytest.raises(UserError, match="--gpu with --workers auto, but the Ray cluster has no GPU; drop --gpu"):
+        launch.scale_to_cluster(DenseNetTrainConfig(synthetic=True, gpu=True))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 3.0})
+    for gpu in (False, True):  # GPUs in the cluster: one worker each, on GPU
+        scaled = launch.scale_to_cluster(DenseNetTrainConfig(synthetic=True, gpu=gpu, batch_size=384))
+        assert (scaled.workers, scaled.gpu) == (3, True)
+    with pytest.raises(UserError, match=r"--workers auto: 3 worker\(s\) \(one per GPU\) do not divide --batch-size "
+                       "512; pass --workers 2, or a --batch-size divisible by 3"):
+        launch.scale_to_cluster(DenseNetTrainConfig(synthetic=True))
 
 
 def test_a_sweep_the_ray_cluster_cannot_hold_leaves_its_folder_as_it_found_it(tmp_path):

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cifarray.train import launch
 
     family = registry.get(job)
-    n_train = launch.check_inputs(cfg, family)  # every input error before Ray and the lock
+    n_train = launch.check_inputs(cfg, family, auto)  # every input error before Ray and the lock
     with RunLock(cfg.out, f"python -m cifarray.train {job}", force=force):
         if auto:
             cfg = launch.scale_to_cluster(cfg)

@@ -75,7 +75,7 @@ def check_data_fits(cfg, n_train: int, source: str, flag=lambda key: "--" + key.
                         f"or {val}")
 
 
-def check_inputs(cfg, family: "Family") -> int:
+def check_inputs(cfg, family: "Family", auto: bool = False) -> int:
     """Everything the config and the data can be wrong about, before Ray starts and before --out is touched
     (an --out that is a file is refused by the run lock, which comes next).
 
@@ -86,7 +86,10 @@ def check_inputs(cfg, family: "Family") -> int:
     check_data_fits(cfg, n_train, source)
     if os.environ.get("RAY_ADDRESS"):
         check_reachable(os.environ["RAY_ADDRESS"])
-    if cfg.gpu and cfg.workers:  # --workers auto decides on GPUs once the cluster is joined
+    if cfg.gpu and auto:  # `auto`: as many workers as GPUs, so one is enough
+        check_local_gpus(1, None, "--gpu with --workers auto needs a GPU",
+                         "drop --gpu, or set RAY_ADDRESS to a Ray cluster with GPUs")
+    elif cfg.gpu:
         check_local_gpus(cfg.workers, None, f"--gpu with {cfg.workers} worker(s) needs {cfg.workers} GPU(s)",
                          "drop --gpu" + (", or lower --workers" if cfg.workers > 1 else "")
                          + ", or set RAY_ADDRESS to a Ray cluster with GPUs")
@@ -220,7 +223,15 @@ def scale_to_cluster(cfg):
     init_ray(cfg)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if cfg.gpu and not gpus:  # --gpu is an order: training on the CPU instead would be a silent surprise
+        raise UserError("--gpu with --workers auto, but the Ray cluster has no GPU; drop --gpu to train on "
+                        "its CPUs (one worker per node), or join a cluster with GPU nodes")
     workers = gpus or nodes
+    if cfg.batch_size % workers:  # the config would say "--workers 3", a flag the user never gave
+        fits = max(w for w in range(1, workers + 1) if cfg.batch_size % w == 0)
+        raise UserError(f"--workers auto: {workers} worker(s) ({'one per GPU' if gpus else 'one per node'}) do "
+                        f"not divide --batch-size {cfg.batch_size}; pass --workers {fits}, or a --batch-size "
+                        f"divisible by {workers}")
     print(f"--workers auto: {workers} worker(s), {'one per GPU' if gpus else 'one per node, on CPU'}", flush=True)
     return dataclasses.replace(cfg, workers=workers, gpu=bool(gpus))
 
