@@ -86,13 +86,12 @@ def check_inputs(cfg, family: "Family", auto: bool = False) -> int:
     check_data_fits(cfg, n_train, source)
     if os.environ.get("RAY_ADDRESS"):
         check_reachable(os.environ["RAY_ADDRESS"])
-    if cfg.gpu and auto:  # `auto`: as many workers as GPUs, so one is enough
-        check_local_gpus(1, None, "--gpu with --workers auto needs a GPU",
-                         "drop --gpu, or set RAY_ADDRESS to a Ray cluster with GPUs")
-    elif cfg.gpu:
-        check_local_gpus(cfg.workers, None, f"--gpu with {cfg.workers} worker(s) needs {cfg.workers} GPU(s)",
-                         "drop --gpu" + (", or lower --workers" if cfg.workers > 1 else "")
-                         + ", or set RAY_ADDRESS to a Ray cluster with GPUs")
+    if cfg.gpu:  # `auto`: as many workers as GPUs, so one is enough
+        workers = 1 if auto else cfg.workers
+        check_local_gpus(workers, None, "--gpu with --workers auto needs a GPU" if auto else
+                         f"--gpu with {workers} worker(s) needs {workers} GPU(s)",
+                         f"drop --gpu{', or lower --workers' if workers > 1 else ''}, or set RAY_ADDRESS to a Ray "
+                         "cluster with GPUs")
     return n_train
 
 
