@@ -203,17 +203,17 @@ def _squares_and_mirrored_ells(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _probe_accuracy(args: list[str], tmp_path, steps: int = 200) -> tuple[float, float]:
     """A linear classifier trained on the DenseNet trainer's own augmented batches (the CLI's flags, the
     family's BulkAugment): its accuracy on further such batches, within the square pair and the L pair."""
-    from cifarray.bench.gpu import _worker
     from cifarray.data.loader import DeviceSplit, PreparedData
     from cifarray.train import densenet
     from cifarray.train.__main__ import parse
+    from cifarray.train.engine import Worker
 
     cfg = parse(["densenet", "--synthetic", "--batch-size", "128", "--steps", str(steps + 20), *args]).cfg
     x, y = _squares_and_mirrored_ells(2048)
     split = DeviceSplit(x, y)
     data = PreparedData(train=split, val=split, test=split, mean=(0.3,) * 3, std=(0.25,) * 3,
                         class_names=[str(i) for i in range(100)])
-    state = densenet.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32", tmp_path))
+    state = densenet.build(cfg, Worker.local(cfg, data, tmp_path, torch.device("cpu"), "fp32"))
     torch.manual_seed(0)
     probe = torch.nn.Linear(3 * 32 * 32, 4)
     opt = torch.optim.Adam(probe.parameters(), lr=3e-3)

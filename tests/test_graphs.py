@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifarray.bench.gpu import _data, _worker
 from cifarray.data.cifar import load_cifar100
-from cifarray.data.loader import prepare
+from cifarray.data.loader import prepare, random_data
 from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError
 from cifarray.train import densenet, graphs
 from cifarray.train.config import DenseNetTrainConfig
+from cifarray.train.engine import Worker
 from conftest import run_cli_here
 
 
@@ -49,9 +49,9 @@ def test_sgd_step_with_a_device_learning_rate_equals_torch_sgd(nesterov):
 
 
 def _state(cfg: DenseNetTrainConfig, graphed: bool, tmp):
-    data = _data(torch.device("cpu"), 512)
+    data = random_data(512)
     torch.manual_seed(0)
-    state = densenet.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32", tmp))
+    state = densenet.build(cfg, Worker.local(cfg, data, tmp, torch.device("cpu"), "fp32"))
     if graphed:
         densenet.enable_graphs(state, capture=False)
     return state
@@ -124,7 +124,7 @@ def test_captured_step_trains_like_eager_on_a_gpu(tmp_path):
         cfg = DenseNetTrainConfig(synthetic=True, batch_size=128, growth_rate=8, blocks=(2, 2, 2), steps=300,
                                   gpu=True, augment="basic", cuda_graphs=mode)
         torch.manual_seed(0)
-        state = densenet.build(cfg, _worker(cfg, device, data, "bf16", tmp_path))
+        state = densenet.build(cfg, Worker.local(cfg, data, tmp_path, device, "bf16"))
         assert (state.graphed is not None) == (mode == "on")
         curves[mode] = torch.stack([densenet.step(state, state.worker.sampler.next())["loss"].clone()
                                     for _ in range(cfg.steps)]).cpu()
@@ -145,9 +145,9 @@ def test_dcgan_graphed_path_trains_like_eager(tmp_path):
                            ema=0.9, label_noise=0.05, cuda_graphs="off")
     runs = {}
     for graphed in (False, True):
-        data = _data(torch.device("cpu"), 256)
+        data = random_data(256)
         torch.manual_seed(0)
-        state = dcgan.build(cfg, _worker(cfg, torch.device("cpu"), data, "fp32", tmp_path))
+        state = dcgan.build(cfg, Worker.local(cfg, data, tmp_path, torch.device("cpu"), "fp32"))
         if graphed:
             dcgan.enable_graphs(state, capture=False)
         runs[graphed] = [[float(v) for v in dcgan.step(state, state.worker.sampler.next()).values()]

@@ -404,3 +404,71 @@ def test_sigterm_to_the_whole_process_group_ends_a_local_ray_run_at_once():
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "interrupted" in err.splitlines(), err[-3000:]
     assert took < 30 and "Failed to connect to GCS" not in err, (took, err[-3000:])
+
+
+SAME_TRIAL_THREE_WAYS = """
+import json, sys
+from pathlib import Path
+import ray
+from ray import tune
+from cifarray.data.synth import write_synthetic
+from cifarray.train.engine import RunContext
+from cifarray.tune.__main__ import trial_resources
+from cifarray.tune.sweep import load
+from cifarray.tune.trial import run_trial
+
+root = Path(sys.argv[1])
+sweep = load(sys.argv[2])
+data = write_synthetic(root / "data", train_per_class=30, test_per_class=5, seed=1, difficulty="hard")
+base = {**sweep.train, "data_dir": str(data), "synthetic": False, "no_verify": True, "workers": 1, "gpu": False,
+        "cpus_per_worker": 1, "checkpoint_every": sweep.eval_every}
+layout = {"batch_size": 32, "growth_rate": 4, "num_blocks": 2, "layers_0": 1, "layers_1": 2, "params": 0,
+          "infeasible": ""}
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+def sweep_of(name, runner, lrs):
+    trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(root / name), metric="val_acc",
+                                     mode="max", context=RunContext(), runner=runner)
+    tuner = tune.Tuner(tune.with_resources(trainable, trial_resources(runner, 1, 0)),
+                       param_space={**layout, "lr": tune.grid_search(lrs)},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=runner == "tune"),
+                       run_config=tune.RunConfig(name="tune", storage_path=str(root / name), verbose=0))
+    grid = tuner.fit()
+    assert not grid.errors, grid.errors
+    # In the order Tune ran them (one at a time, as the grid lists them).
+    return sorted((root / name / "trials").iterdir(), key=lambda d: json.loads((d / "trial.json").read_text())["entered"])
+
+runs = {"reused": sweep_of("reused", "tune", [0.3, 0.05, 0.2])[-1], "fresh": sweep_of("fresh", "tune", [0.2])[0],
+        "trainer": sweep_of("trainer", "train", [0.2])[0]}
+print("RUNS", json.dumps({k: str(v) for k, v in runs.items()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_trains_bit_identically_in_a_fresh_actor_a_reused_one_and_through_torchtrainer(tmp_path):
+    """The same trial config three ways: alone in a fresh Tune actor; third in an actor that two other trials
+    (other learning rates) used first, with its data set cached; and through a TorchTrainer. The losses,
+    accuracies and final weights are identical bit for bit: a trial's result does not depend on what ran before
+    it in the actor, nor on the runner."""
+    proc = subprocess.run([sys.executable, "-c", SAME_TRIAL_THREE_WAYS, str(tmp_path), str(CI_SWEEP)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    runs = {k: Path(v) for k, v in json.loads(proc.stdout.split("RUNS ", 1)[1]).items()}
+    trial = {k: json.loads((v / "trial.json").read_text()) for k, v in runs.items()}
+    assert {t["runner"] for k, t in trial.items()} == {"tune", "train"}
+    reused_actor = {json.loads((d / "trial.json").read_text())["pid"] for d in (tmp_path / "reused" / "trials").iterdir()}
+    assert reused_actor == {trial["reused"]["pid"]}  # all three trials ran in one actor
+    assert trial["fresh"]["pid"] != trial["reused"]["pid"]
+    info = {k: json.loads((v / "workers" / "rank0.json").read_text()) for k, v in runs.items()}
+    assert info["reused"]["data_cached"] and not info["fresh"]["data_cached"]  # the actor kept its data set
+    columns = ("step", "loss", "train_acc", "val_acc", "lr")
+    curves = {k: [tuple(r[c] for c in columns) for r in rows(v / "metrics.csv")] for k, v in runs.items()}
+    assert len(curves["fresh"]) == 3 and curves["fresh"][-1][0] == "60"
+    assert curves["reused"] == curves["fresh"] == curves["trainer"], curves
+    weights = {k: i["params_sha256"] for k, i in info.items()}
+    assert len(set(weights.values())) == 1, weights
+    finals = {k: {m: json.loads((v / "summary.json").read_text())[m] for m in ("train_acc", "val_acc", "runner")}
+              for k, v in runs.items()}
+    assert finals["reused"] == finals["fresh"] and finals["trainer"]["runner"] == "ray-train"
+    assert {m: finals["trainer"][m] for m in ("train_acc", "val_acc")} == \
+        {m: finals["fresh"][m] for m in ("train_acc", "val_acc")}

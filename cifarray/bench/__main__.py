@@ -1,4 +1,4 @@
-"""python -m cifarray.bench {augment,train,gpu} [options]"""
+"""python -m cifarray.bench {augment,train,gpu,sweep} [options]"""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from cifarray.errors import run_cli
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifarray.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from cifarray.bench import augment, gpu, train
+    from cifarray.bench import augment, gpu, sweep, train
 
     augment.add_parser(sub)
     train.add_parser(sub)
     gpu.add_parser(sub)
+    sweep.add_parser(sub)
     return parser
 
 

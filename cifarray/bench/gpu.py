@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cifarray.data.augment import AugmentConfig, chunk_batches
-from cifarray.data.loader import DeviceSplit, PreparedData, ShardedBatches
+from cifarray.data.loader import PreparedData, random_data
 from cifarray.errors import UserError
 
 
@@ -121,29 +121,10 @@ def _profile(fn, device: torch.device, steps: int) -> tuple[float, float | None]
     return sum(1 for e in events if e.name.startswith("aten::")) / steps, None
 
 
-def _data(device: torch.device, n: int) -> PreparedData:
-    g = torch.Generator().manual_seed(0)
-
-    def split(k: int) -> DeviceSplit:
-        return DeviceSplit(torch.randint(0, 256, (k, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
-                           torch.randint(0, 100, (k,), generator=g).to(device))
-
-    return PreparedData(train=split(n), val=split(256), test=split(256), mean=(0.5,) * 3, std=(0.25,) * 3,
-                        class_names=[str(i) for i in range(100)])
-
-
 def _worker(cfg, device: torch.device, data: PreparedData, precision: str, tmp: Path):
-    from cifarray.rundir import RunDir
-    from cifarray.train.engine import RunContext, Worker
+    from cifarray.train.engine import Worker
 
-    class LocalWorker(Worker):
-        def wrap(self, model):  # no Ray Train session here: no DDP
-            return torch.compile(model) if self.cfg.compile else model
-
-    return LocalWorker(cfg=cfg, run=RunDir(tempfile.mkdtemp(dir=tmp)), device=device, rank=0, world=1,
-                       precision=precision, data=data, gen=torch.Generator(device=device).manual_seed(0),
-                       context=RunContext(sweep_trial=True),
-                       sampler=ShardedBatches(len(data.train), cfg.batch_size, device=device))
+    return Worker.local(cfg, data, tempfile.mkdtemp(dir=tmp), device, precision)
 
 
 def _e2e(args, device: torch.device, out: Path) -> str:
@@ -220,7 +201,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     cfg = DenseNetTrainConfig(synthetic=True, batch_size=args.batch_size, growth_rate=args.growth_rate,
                               blocks=blocks, steps=10_000, gpu=device.type == "cuda", precision=precision,
                               augment_chunk=chunk)
-    data = _data(device, max(chunk * args.batch_size, 2048))
+    data = random_data(max(chunk * args.batch_size, 2048), device)
     torch.manual_seed(0)
     state = densenet.build(cfg, _worker(cfg, device, data, precision, tmp))
     sampler = state.worker.sampler

@@ -10,6 +10,7 @@ resumable from `state_dict()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,8 +114,45 @@ class ShardedBatches:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
 
 
+def data_identity(folder: Path) -> tuple:
+    """What a data folder's content is known by without reading it: its path and, per file, inode, size and
+    mtime (a set rewritten in place, or another set at the same path, has another identity)."""
+    folder = Path(folder).resolve()
+    names = ("train", "test", "meta")
+    # Every place `cifar.locate` looks: the folder itself, its cifar-100-python/, the tarball beside it, or a tarball.
+    files = [folder, folder / "cifar-100-python.tar.gz", *(folder / n for n in names),
+             *(folder / "cifar-100-python" / n for n in names)]
+    seen = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        if f.is_file():
+            seen.append((str(f.relative_to(folder)) if f != folder else "", st.st_ino, st.st_size, st.st_mtime_ns))
+    return (str(folder), tuple(seen))
+
+
+def load_prepared(cfg, device: torch.device | str) -> PreparedData:
+    """A run's splits on `device`: its data, the seeded validation split carved out, normalisation stats."""
+    return prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
+
+
 def load_data(cfg) -> Cifar100:
     """A run's data: its own procedural copy (RUN_DIR/data) or the user's --data-dir."""
     if cfg.synthetic:
         return load_cifar100(RunDir(cfg.out).data, verify=False)
     return load_cifar100(cfg.data_dir, verify=not cfg.no_verify)
+
+
+def random_data(n: int, device: torch.device | str = "cpu", seed: int = 0) -> PreparedData:
+    """`n` random uint8 training images (256 each for val and test) in the splits' layout, on `device`: for timings
+    (a step's cost does not depend on the pixels) and for tests of a family's pieces."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(k: int) -> DeviceSplit:
+        return DeviceSplit(torch.randint(0, 256, (k, 3, 32, 32), dtype=torch.uint8, generator=g).to(device),
+                           torch.randint(0, 100, (k,), generator=g).to(device))
+
+    return PreparedData(train=split(n), val=split(256), test=split(256), mean=(0.5,) * 3, std=(0.25,) * 3,
+                        class_names=[str(i) for i in range(100)])

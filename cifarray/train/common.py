@@ -2,8 +2,8 @@
 
 The run folder and metrics.csv live in `cifarray.rundir`, the run's data in `cifarray.data.loader`.
 
-Inside a Ray Train worker, `rank == 0` is the one process that writes files; every
-rank takes part in collectives and in `ray.train.report`.
+Whatever runs the engine (`cifarray.train.session`), `rank == 0` is the one process that writes files;
+every rank takes part in collectives and in the session's reports.
 """
 
 from __future__ import annotations
@@ -48,15 +48,16 @@ def git_commit(root: Path = PROJECT_ROOT) -> str | None:
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
+    from importlib.metadata import version
+
     import numpy
-    import ray
     import torchvision
 
     return {
         # Only training workers call this, and their optimizer has already loaded torch._dynamo, the costly
         # part of importing torchvision; its __version__ names the build (e.g. +cu130), its metadata does not.
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "ray": ray.__version__, "numpy": numpy.__version__},
+                     "torchvision": torchvision.__version__, "ray": version("ray"), "numpy": numpy.__version__},
         "git_commit": git_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "host": socket.gethostname(),
@@ -93,47 +94,80 @@ def next_attempt(run: RunDir) -> int:
     return seen["attempts"]
 
 
-def report(run: RunDir, metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
-    """Report to Ray Train (all ranks must call); rank 0 attaches the checkpoint and records its step.
+def report(session, run: RunDir, metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
+    """Report to the session's runner (all ranks must call); rank 0 attaches the checkpoint and records its step.
 
     Metrics that are not yet measured (NaN) are left out. last_checkpoint.json is written after the
-    report returned, i.e. once the checkpoint is persisted; Ray registers it when its controller next
-    polls, so a crash within that window resumes from the one before.
+    report returned, i.e. once the runner has persisted the checkpoint; Ray Train registers it when its
+    controller next polls, so a crash within that window resumes from the one before.
     """
-    import ray.train
-
     metrics = {k: v for k, v in metrics.items() if v == v}
     if state is None or rank != 0:
-        ray.train.report(metrics)
+        session.report(metrics, None)
         return
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        session.report(metrics, tmp)
     run.write_json("last_checkpoint.json", {"step": state["step"]})
 
 
-def latest_state() -> dict[str, Any] | None:
-    import ray.train
+def _unreadable(path: Path) -> str | None:
+    """Why a checkpoint file does not load (None: it does), in a few words."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return f"no {CHECKPOINT_FILE} in it"
+    except Exception as exc:  # truncated zip, bad pickle, refused global: all mean "this file cannot be resumed from"
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if not isinstance(state, dict) or "step" not in state:
+        return "not a cifarray checkpoint (no step)"
+    return None
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+
+def checkpoint_candidates(latest: Path | None) -> list[Path]:
+    """The runner's newest checkpoint folder first, then the others beside it, newest first."""
+    if latest is None:
+        return []
+    others = [d for d in latest.parent.glob("checkpoint_*") if d.is_dir() and d != latest]
+    return [latest, *sorted(others, key=lambda d: d.stat().st_mtime, reverse=True)]
+
+
+def load_resume_point(latest: Path | None, say=None) -> dict[str, Any] | None:
+    """The state of the newest checkpoint that loads, skipping (and naming, through `say`) those that do not.
+
+    A truncated or corrupt checkpoint (a full disk, a flaky network file system) costs the steps since the one
+    before it, not the run; when none loads, a UserError says so with the fix."""
+    from cifarray.errors import UserError
+
+    candidates = checkpoint_candidates(latest)
+    why = ""
+    for folder in candidates:
+        why = _unreadable(folder / CHECKPOINT_FILE)
+        if why is None:
+            return torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        if say is not None:
+            say(f"note: checkpoint {folder} does not load ({why}); skipped, resuming from the one before it")
+    if not candidates:
         return None
-    with ckpt.as_directory() as d:
-        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    raise UserError(f"no checkpoint of this run loads ({len(candidates)} in {candidates[0].parent}; the newest: "
+                    f"{why}); move {candidates[0].parent} aside to train the run again from step 0, or pass another "
+                    "--out")
 
 
-def stop_diverged(run: RunDir, step: int, loss: float, rank: int) -> None:
+def stop_diverged(session, run: RunDir, step: int, loss: float, rank: int) -> None:
     """Record a NaN/inf loss for the driver to report, and end this rank's loop cleanly (all ranks call)."""
     if rank == 0:
         last = run.read_json("last_checkpoint.json")
         run.write_json("diverged.json", {"step": step, "loss": str(loss),
                                          "last_checkpoint_step": last and last["step"]})
-    report(run, {"step": step, "diverged": 1}, None, rank)
+    report(session, run, {"step": step, "diverged": 1}, None, rank)
 
 
-def restore(components: dict[str, Any]) -> int:
-    """Load the latest Ray Train checkpoint into named stateful components; returns its step (0: none)."""
-    state = latest_state()
+def restore(components: dict[str, Any], session) -> int:
+    """Load the newest loadable checkpoint into named stateful components; returns its step (0: none)."""
+    import sys
+
+    state = load_resume_point(session.latest_checkpoint(), say=lambda line: print(line, file=sys.stderr, flush=True))
     if state is None:
         return 0
     for name, component in components.items():
@@ -151,16 +185,24 @@ def augment_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
-def setup_worker(cfg) -> tuple[torch.device, int, int]:
-    import ray.train
-    import ray.train.torch
+def reset_global_state(cfg) -> None:
+    """Every piece of process-wide state a run depends on, set at its start: a run's numbers then do not depend
+    on what ran before it in the same process (a Tune actor runs trial after trial)."""
+    import random
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    threads = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers)
-    torch.set_num_threads(threads)
-    return device, rank, world
+    import numpy
+
+    random.seed(cfg.seed)
+    numpy.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)  # every device's default generator: identical initial weights on every rank
+    torch.set_num_threads(cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers))
+    torch.set_grad_enabled(True)
+    torch.clear_autocast_cache()
+    if cfg.compile:
+        # Dynamo caches compiled frames per code object, 8 at most: trial after trial would fall back to eager.
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

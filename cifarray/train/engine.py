@@ -13,9 +13,11 @@ pieces; this module owns everything around them, once:
 - `finish(state, run) -> {summary fields}`: rank 0, after the last step: final weights and the
   family's part of summary.json.
 
-The engine does device/rank set-up, restore and snapshot, the cadence (log, NaN check, evaluation,
+The engine does the run's set-up, restore and snapshot, the cadence (log, NaN check, evaluation,
 checkpoint, report; final files before the final report), reseeding `worker.gen` at checkpoints,
 worker info, provenance and the common summary fields. `Worker` and `RunContext` are what the pieces get.
+Who runs it (a Ray Train worker, a Tune trial's own actor, or this process) is the `Session` it is given
+(`cifarray.train.session`): rank, world, device, data, reports and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from typing import Any, Callable
 
 import torch
 
-from cifarray.data.loader import PreparedData, ShardedBatches, load_data, prepare
+from cifarray.data.loader import PreparedData, ShardedBatches
 from cifarray.rundir import MetricsLog, RunDir, read_metrics
 from cifarray.train import common
+from cifarray.train.session import LocalSession, Session
 
 
 @dataclass(frozen=True)
@@ -57,14 +60,23 @@ class Worker:
     gen: torch.Generator  # a family's random draws (DCGAN: flips, noise); the engine reseeds it at checkpoints
     context: RunContext
     sampler: ShardedBatches  # this rank's batch order: `step` gets the batch its next() returned
+    session: Session  # who runs the loop (DDP, reports, resume)
     attempt: int = 0
     start: int = 0  # the step training resumes after (0: a fresh run); set after restore
 
+    @classmethod
+    def local(cls, cfg: Any, data: PreparedData, run_dir: str | Path, device: torch.device, precision: str,
+              context: RunContext = RunContext(sweep_trial=True)) -> "Worker":
+        """A worker in this process with no Ray and no loop around it: for benches and tests that build a
+        family's state and call its pieces directly (seeded: gen 0)."""
+        return cls(cfg=cfg, run=RunDir(run_dir), device=device, rank=0, world=1, precision=precision, data=data,
+                   gen=torch.Generator(device=device).manual_seed(0), context=context,
+                   sampler=ShardedBatches(len(data.train), cfg.batch_size, device=device),
+                   session=LocalSession(run_dir, device))
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module to train with: DDP when world > 1, then torch.compile when asked."""
-        import ray.train.torch
-
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
+        model = self.session.prepare_model(model)
         return torch.compile(model) if self.cfg.compile else model
 
     def autocast(self, cache: bool = True):
@@ -118,7 +130,7 @@ class Family:
         return ["step", *self.metric_fields, "images_per_s", "seconds", "attempt"]
 
     def train_fn(self, context: RunContext) -> Callable[[dict], None]:
-        """The Ray Train per-worker function of this family."""
+        """The Ray Train per-worker function of this family (a `TorchTrainer`'s train_loop_per_worker)."""
         return _TrainLoop(self, context)
 
     def evaluates_at(self, state: Any, step: int) -> bool:
@@ -132,35 +144,40 @@ class _TrainLoop:
         self.family, self.context = family, context
 
     def __call__(self, config: dict) -> None:
-        train(self.family, config, self.context)
+        from cifarray.train.session import RayTrainSession
+
+        train(self.family, config, RayTrainSession(), self.context)
 
 
-def train(family: Family, config: dict, context: RunContext = RunContext()) -> None:
-    """The one training loop: run in every Ray Train worker (1 CPU process or N GPU ranks alike)."""
+def train(family: Family, config: dict, session: Session, context: RunContext = RunContext()) -> None:
+    """The one training loop, whoever runs it: a Ray Train worker (1 CPU process or N GPU ranks alike), a Tune
+    trial's actor, or this process (`session`)."""
     from cifarray.config import from_dict
 
     entered = time.perf_counter()
     cfg = from_dict(family.config, config)
     run = RunDir(cfg.out)
-    device, rank, world = common.setup_worker(cfg)
-    data = prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
+    device, rank, world = session.device, session.rank, session.world
+    common.reset_global_state(cfg)
+    data = session.data(cfg)
     sampler = ShardedBatches(len(data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed, device=device)
     worker = Worker(cfg=cfg, run=run, device=device, rank=rank, world=world,
                     precision=common.resolve_precision(cfg.precision, device), data=data,
-                    gen=torch.Generator(device=device), context=context, sampler=sampler,
+                    gen=torch.Generator(device=device), context=context, sampler=sampler, session=session,
                     attempt=common.next_attempt(run) if rank == 0 else 0)
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank, whatever loading the data drew
     state = family.build(cfg, worker)
     stateful = {**state.stateful, "sampler": sampler}
-    start = worker.start = common.restore(stateful)
+    start = worker.start = common.restore(stateful, session)
     worker.gen.manual_seed(common.augment_seed(cfg.seed, rank, start))
     log = MetricsLog(run.metrics, family.metrics_columns)
     if rank == 0:
         log.truncate_after(start)
         family.begin(state)
     common.write_worker_info(run, rank, pid=os.getpid(), host=socket.gethostname(), start_step=start,
-                             attempt=worker.attempt)
+                             attempt=worker.attempt, runner=session.name,
+                             data_cached=bool(getattr(session, "data_cached", False)))
 
     keys: list[str] = []
     sums = torch.zeros(0, device=device)
@@ -186,7 +203,7 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
         means = {k: v / (window_steps * world) for k, v in zip(keys, totals)}
         bad = [v for v in means.values() if not math.isfinite(v)]
         if bad:
-            common.stop_diverged(run, step, bad[0], rank)
+            common.stop_diverged(session, run, step, bad[0], rank)
             return
         row = {"step": step, **means, **family.log_fields(state),
                "images_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9), "seconds": elapsed,
@@ -202,7 +219,7 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
         if is_last:
             break  # the final report comes after the final files (below)
         if ckpt_now or eval_now:  # a report is a round trip to the controller
-            common.report(run, row, checkpoint, rank)
+            common.report(session, run, row, checkpoint, rank)
         sums.zero_()
         window_steps, window_start = 0, time.perf_counter()
 
@@ -220,10 +237,11 @@ def train(family: Family, config: dict, context: RunContext = RunContext()) -> N
             # checkpoints included); final evaluation and files. Ray's own start-up is the driver's.
             "startup_s": round(started - entered, 2), "train_s": round(trained - started, 2),
             "finish_s": round(time.perf_counter() - trained, 2),
-            "seed": cfg.seed, "precision": worker.precision, **fields, **common.provenance(device),
+            "seed": cfg.seed, "precision": worker.precision, "runner": session.name, "finished_at": time.time(),
+            **fields, **common.provenance(device),
         })
     if start < cfg.steps:
         # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
         # the final weights and summary.json already written.
-        common.report(run, row, checkpoint, rank)
+        common.report(session, run, row, checkpoint, rank)
 

@@ -4,8 +4,10 @@
     python -m cifarray.tune --sweep sweeps/quickstart.toml --synthetic --out runs/quick
     python -m cifarray.tune --out runs/tune --resume          # after an interruption or a requeue
 
-Each trial is a Tune driver function that builds a TorchTrainer (1..N DDP workers)
-in OUT/trials/<trial id>. Configs over the parameter budget get no training step:
+A one-worker trial trains inside its own Tune actor, which Tune reuses for the next
+trial (--trial-runner auto|tune); a trial of several DDP workers is a Tune driver that
+builds a TorchTrainer (--trial-runner train). Each trains in OUT/trials/<trial id>.
+Configs over the parameter budget get no training step:
 they are reported infeasible and Optuna's constraint API teaches TPE the boundary.
 ASHA stops weak trials on validation accuracy (or FID). The test split is used once,
 after the sweep, on the best trial. Outputs: OUT/trials.csv, OUT/summary.json,
@@ -27,14 +29,14 @@ from typing import Callable
 from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
-from cifarray.tune.sweep import Sweep, default_sweep, load
+from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
 from cifarray.tune.trial import DRIVER_CPU
 
 EXPERIMENT = "tune"  # Tune's experiment folder inside OUT; a stable name lets --resume find it
 SWEEP_COPY = "sweep.toml"
 ARGS_FILE = "tune_args.json"
 RESUME_KEYS = ("data_dir", "synthetic", "no_verify", "workers_per_trial", "gpus_per_trial", "cpus_per_trial",
-               "max_concurrent", "trials")  # what --resume reads back from OUT when not given again
+               "max_concurrent", "trials", "trial_runner")  # what --resume reads back from OUT when not given again
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=int, help="CPUs per trial, split across its workers (default: 1 per "
                    "worker on CPU; the node's CPUs shared out on GPU)")
     p.add_argument("--trials", type=int, help="override the sweep file's number of trials")
+    p.add_argument("--trial-runner", choices=TRIAL_RUNNERS,
+                   help="where a trial trains: tune (inside its own Tune actor, reused across trials: no per-trial "
+                   "start-up; one worker), train (a TorchTrainer per trial: DDP workers), or auto (tune for "
+                   "one-worker trials, train for --workers-per-trial > 1); default: the sweep file's trial_runner, "
+                   "else auto")
     p.add_argument("--force-unlock", action="store_true",
                    help="take over --out's lock although its holder, on another host, may still run")
     return p
@@ -94,6 +101,12 @@ def _main(args, out: Path) -> int:
         sweep = load(out / SWEEP_COPY)
         if args.trials is not None and args.trials != (saved.get("trials") or sweep.trials):
             raise UserError("--trials cannot change when resuming: the experiment keeps its own count")
+        # Experiments from before --trial-runner existed ran every trial through a TorchTrainer.
+        was = saved.get("trial_runner") or "train"
+        if args.trial_runner is not None and args.trial_runner != was:
+            raise UserError(f"--trial-runner cannot change when resuming: {out} runs its trials with {was} "
+                            "(unfinished trials continue from that runner's checkpoints); drop --trial-runner")
+        args.trial_runner = was
         for key in RESUME_KEYS:  # the experiment's own settings, unless given again
             if getattr(args, key) in (None, False, 0) and saved.get(key) not in (None, False):
                 setattr(args, key, saved[key])
@@ -108,6 +121,7 @@ def _main(args, out: Path) -> int:
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     workers = trial_workers(args.gpus_per_trial, args.workers_per_trial)
+    args.trial_runner = trial_runner(args.trial_runner or sweep.trial_runner, workers)
     trials = args.trials or sweep.trials
     batches = [sweep.base.batch_size]
     if "batch_size" in sweep.space and sweep.space["batch_size"].kind == "choice":
@@ -159,6 +173,16 @@ def trial_workers(gpus_per_trial: float, workers_per_trial: int | None) -> int:
     return workers
 
 
+def trial_runner(asked: str, workers: int) -> str:
+    """auto: a one-worker trial trains in its own Tune actor; a DDP trial needs a TorchTrainer's workers."""
+    if asked == "auto":
+        return "tune" if workers == 1 else "train"
+    if asked == "tune" and workers > 1:
+        raise UserError(f"--trial-runner tune trains one worker inside each trial's actor, but a trial has {workers} "
+                        "workers; pass --trial-runner train (or auto) for DDP trials, or --workers-per-trial 1")
+    return asked
+
+
 def plan(cpus: int, gpus: float, gpus_per_trial: float, workers: int, cpus_per_trial: int | None,
          max_concurrent: int | None, trials: int) -> tuple[int, int]:
     """(trials at once, CPUs per worker) on a cluster of `cpus` and `gpus`.
@@ -180,6 +204,17 @@ def plan(cpus: int, gpus: float, gpus_per_trial: float, workers: int, cpus_per_t
         raise UserError(f"one trial needs {workers * cpus_per_worker} CPUs but the Ray cluster has {cpus}; "
                         "lower --workers-per-trial or --cpus-per-trial")
     return min(fit_by, max_concurrent or fit_by, trials), cpus_per_worker
+
+
+def trial_resources(runner: str, cpus_per_worker: int, gpus_per_trial: float) -> dict[str, float]:
+    """What Tune reserves for one trial's actor.
+
+    In-actor trials hold their own CPUs and GPU share. A TorchTrainer trial's driver only waits on its trainer;
+    Tune cannot place a trial that asks for nothing, so it holds a sliver of a CPU that its workers give up (see
+    run_trial): a trial then takes exactly workers x cpus_per_worker CPUs, and 2 one-CPU trials fit on 2 CPUs."""
+    if runner == "tune":
+        return {"CPU": cpus_per_worker, **({"GPU": gpus_per_trial} if gpus_per_trial else {})}
+    return {"CPU": DRIVER_CPU}
 
 
 def _json(path: Path) -> dict | None:
@@ -265,21 +300,23 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
             "no_verify": True if args.synthetic else args.no_verify, "workers": workers,
             "gpu": bool(args.gpus_per_trial), "cpus_per_worker": cpus_per_worker,
             "checkpoint_every": sweep.eval_every}  # every report carries a checkpoint and the objective
+    runner = args.trial_runner
     trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), metric=metric, mode=mode,
-                                     context=context, gpus_per_worker=args.gpus_per_trial / workers)
-    # The driver only waits on its TorchTrainer; Tune cannot place a trial that asks for nothing, so the
-    # driver holds a sliver of a CPU that its workers give up (see run_trial): a trial takes exactly
-    # workers x cpus_per_worker CPUs, and 2 one-CPU trials fit on 2 CPUs.
-    trainable = tune.with_resources(trainable, {"CPU": DRIVER_CPU})
+                                     context=context, runner=runner, gpus_per_worker=args.gpus_per_trial / workers)
+    trainable = tune.with_resources(trainable, trial_resources(runner, cpus_per_worker, args.gpus_per_trial))
 
     console = SweepConsole(str(out), sweep, metric, mode, label, trials, concurrent=concurrent)
+    # In-actor trials checkpoint through Tune (OUT/tune/<trial>/checkpoint_*): the two newest are kept, as Ray
+    # Train keeps them for TorchTrainer trials (their checkpoints live in OUT/trials/<id>/ray).
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[console],
-                                failure_config=tune.FailureConfig(max_failures=1))
+                                failure_config=tune.FailureConfig(max_failures=1),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     print(f"sweep {Path(sweep.source).name}: {sweep.model}, {trials} trials, objective {label} ({mode}), "
           f"budget {sweep.budget:,} params; ASHA grace {sweep.grace_period} steps, reduction x{sweep.reduction_factor}, "
           f"max {sweep.steps} steps; {concurrent} trial(s) at once, {workers} worker(s) x "
           f"{f'{args.gpus_per_trial / workers:g} GPU' if args.gpus_per_trial else f'{cpus_per_worker} CPU'} each; "
-          f"out {out}", flush=True)
+          f"trials {'in their own Tune actors (reused)' if runner == 'tune' else 'through TorchTrainer'}; out {out}",
+          flush=True)
     started = time.time()
     if args.resume:
         # The saved RunConfig comes back with it, console callback included (see SweepConsole.__getstate__).
@@ -292,8 +329,11 @@ def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int
         search = OptunaSearch(space=SpaceSampler(sweep), metric=metric, mode=mode, sampler=sampler)
         scheduler = ResumableASHA(out=str(out), time_attr="step", metric=metric, mode=mode, max_t=sweep.steps,
                                   grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+        # reuse_actors: Tune 2.60 reuses a function trainable's actor only when asked (measured: 8 processes for 8
+        # trials without it, 2 with it); then imports, the CUDA context and the data set are paid once per actor.
         tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-            search_alg=search, scheduler=scheduler, num_samples=trials, max_concurrent_trials=concurrent))
+            search_alg=search, scheduler=scheduler, num_samples=trials, max_concurrent_trials=concurrent,
+            reuse_actors=runner == "tune"))
     tuner.fit()
     summary = results.finish(out, sweep, metric, mode, label, data_dir=data_dir, synthetic=bool(args.synthetic),
                              seconds=time.time() - started, requested=trials)

@@ -25,6 +25,9 @@ ASHA schedule and the space::
 Distributions: `choice = [...]`, `uniform = [lo, hi]`, `loguniform = [lo, hi]`,
 `int = [lo, hi]` (add `log = true` for a log scale). DCGAN spaces may use
 `g_width`/`d_width`: the narrowest generator/discriminator width, doubled per layer.
+`trial_runner = "auto" | "tune" | "train"` (top level, default auto) says where trials train:
+inside their own reused Tune actor (one worker) or through a TorchTrainer (DDP); auto picks the
+first for one-worker trials (`--trial-runner` overrides it).
 
 Everything is checked here, before Ray starts: unknown keys, empty or inverted
 ranges, values of the wrong type, and whether any config in the space fits the
@@ -47,7 +50,10 @@ from cifarray.tune.rules import SweepRules
 # Keys the tuner sets per trial or per experiment: a sweep file may not set them.
 RESERVED = {"data_dir", "synthetic", "no_verify", "out", "workers", "gpu", "cpus_per_worker", "checkpoint_every"}
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
-TOP_KEYS = {"model", "trials", "seed", "train", "asha", "space", "description"}
+TOP_KEYS = {"model", "trials", "seed", "train", "asha", "space", "description", "trial_runner"}
+# Where a trial trains: `tune`, inside its own (reused) Tune actor, one worker; `train`, through a TorchTrainer
+# (DDP workers, several actors started per trial); `auto`, tune for one-worker trials, train for DDP ones.
+TRIAL_RUNNERS = ("auto", "tune", "train")
 ASHA_KEYS = {"grace_period", "reduction_factor"}
 
 
@@ -83,6 +89,7 @@ class Sweep:
     reduction_factor: int
     source: str = ""
     description: str = ""
+    trial_runner: str = "auto"  # see TRIAL_RUNNERS; --trial-runner overrides it
 
     @property
     def model(self) -> str:
@@ -206,6 +213,9 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
         raise UserError(f"{source}: trials must be a positive integer, got {trials!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UserError(f"{source}: seed must be an integer, got {seed!r}")
+    runner = values.get("trial_runner", "auto")
+    if runner not in TRIAL_RUNNERS:
+        raise UserError(f"{source}: trial_runner must be one of {', '.join(TRIAL_RUNNERS)}, got {runner!r}")
     for table in ("train", "asha", "space"):
         if not isinstance(values.get(table, {}), dict):
             raise UserError(f"{source}: [{table}] must be a table")
@@ -244,7 +254,8 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
     if unknown:
         raise UserError(f"{source}: [asha] unknown key '{unknown[0]}'; known keys: {', '.join(sorted(ASHA_KEYS))}")
     sweep = Sweep(family=family, trials=trials, seed=seed, train=train, space=space, source=source,
-                  grace_period=0, reduction_factor=0, description=str(values.get("description", "")))
+                  grace_period=0, reduction_factor=0, description=str(values.get("description", "")),
+                  trial_runner=runner)
     grace = asha.get("grace_period", max(sweep.eval_every, sweep.steps // 10))
     rf = asha.get("reduction_factor", 3)
     if not isinstance(grace, int) or not 1 <= grace < sweep.steps:

@@ -1,14 +1,16 @@
-"""One Tune trial: the Ray 2.60 pattern of a Tune driver function that builds a TorchTrainer.
+"""One Tune trial: a one-worker trial trains inside its own Tune actor; a DDP trial is a Tune driver function
+that builds a TorchTrainer (the Ray 2.60 Train + Tune pattern).
 
-The driver checks the sampled config against the parameter budget first. An
-over-budget config is reported to Tune as infeasible at step 0 and never reaches a
-trainer; Optuna learns the boundary from the constraint the sampler recorded. A
-feasible config trains in OUT/trials/<trial id> with the same trainer code as
-`python -m cifarray.train`, so a restarted trial resumes from its own checkpoints.
+The trial checks the sampled config against the parameter budget first. An over-budget config is reported
+to Tune as infeasible at step 0 and never trains; Optuna learns the boundary from the constraint the sampler
+recorded. A feasible config trains in OUT/trials/<trial id> with the same engine as `python -m cifarray.train`,
+so a restarted trial resumes from its own checkpoints (Tune's, in OUT/tune/<trial>/, for in-actor trials;
+Ray Train's, in OUT/trials/<trial id>/ray/, for TorchTrainer trials).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,10 +49,16 @@ class SpaceSampler:
 
 
 def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: str, metric: str, mode: str,
-              context: RunContext, gpus_per_worker: float = 1.0) -> None:
-    """The Tune trainable: a driver that builds and fits the trial's TorchTrainer (or refuses it)."""
+              context: RunContext, runner: str = "train", gpus_per_worker: float = 1.0) -> None:
+    """The Tune trainable: train the sampled config (or refuse it), in this actor or through a TorchTrainer.
+
+    runner `tune`: the engine runs here, in the trial's own actor (one worker), which Tune reuses for the next
+    trial; `train`: this function is a driver that builds and fits the trial's TorchTrainer (DDP workers)."""
+    import time
+
     from ray import tune
 
+    entered = time.time()
     trial_id = tune.get_context().get_trial_id()
     if config.get(INFEASIBLE):
         # No trainer, no worker, no step: the result Optuna and ASHA see is the worst value at step 0.
@@ -58,7 +66,6 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
         return
     from cifarray.config import from_dict
     from cifarray.train import launch
-    from cifarray.rundir import RunDir
 
     sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
     cfg = from_dict(sweep.cls, {**base, **sweep.overrides(sampled), "out": str(Path(out) / "trials" / trial_id)})
@@ -66,20 +73,43 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
     if done:  # finished before the driver was killed, but Tune never heard: tell it now
         tune.report(final_result(run, metric, mode))
         return
-    from ray.tune.integration.ray_train import TuneReportCallback
+    # The trial's own timestamps (bench sweep: its wall against its training seconds), and where it ran.
+    run.write_json("trial.json", {"entered": entered, "runner": runner, "pid": os.getpid(),
+                                  "process_started": _process_started()})
+    trial_context = replace(context, sweep_trial=True)
+    if runner == "tune":
+        from cifarray.train.engine import train
+        from cifarray.train.session import TuneSession
 
-    cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU / cfg.workers
-    train_fn = sweep.family.train_fn(replace(context, sweep_trial=True))
-    trainer = launch.build_trainer(cfg, run, train_fn, resolved, cpus, callbacks=[TuneReportCallback()],
-                                   gpus=gpus_per_worker)
-    trainer.fit()
-    if not RunDir(cfg.out).read_json("summary.json"):
+        try:
+            train(sweep.family, resolved, TuneSession(cfg.gpu), trial_context)
+        finally:  # also when Tune ends the thread after the final report (SystemExit)
+            TuneSession.release()
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU / cfg.workers
+        trainer = launch.build_trainer(cfg, run, sweep.family.train_fn(trial_context), resolved, cpus,
+                                       callbacks=[TuneReportCallback()], gpus=gpus_per_worker)
+        trainer.fit()
+    if not run.read_json("summary.json"):
         diverged = run.read_json("diverged.json")
         if diverged:
             tune.report({"step": int(diverged["step"]), metric: worst(mode), "diverged": True})
             return
         raise RuntimeError(f"trial {trial_id} ended without a summary.json in {run.path}")
-    launch.drop_unregistered_checkpoints(run)
+    if runner != "tune":
+        launch.drop_unregistered_checkpoints(run)
+
+
+def _process_started() -> float | None:
+    """When this process (the trial's actor) started, as a Unix time: the first trial in an actor pays its start."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil comes with ray[default]; without it the bench just lacks that figure
+        return None
 
 
 def final_result(run, metric: str, mode: str) -> dict[str, Any]:

@@ -1,0 +1,194 @@
+"""Who runs the training engine: the one small object the loop asks for its rank, device, reports and resume point.
+
+`cifarray.train.engine.train` never asks who launched it (MAE's engine, STYLE.md). It gets a `Session`:
+
+- `RayTrainSession`: a Ray Train worker of a `TorchTrainer` (`python -m cifarray.train`, and sweep trials with
+  several DDP workers): rank and world from Ray Train, DDP over gloo or NCCL, reports to Ray Train's controller.
+- `TuneSession`: a Tune trial that trains inside its own actor (one worker, no trainer, no extra actors). Tune
+  reuses the actor for the next trial, so torch, the CUDA context and the device-resident data set are paid
+  once per actor (`TuneSession.data` keeps the data set per actor, keyed by what it was made from).
+- `LocalSession`: this process, no Ray at all (`bench`, tests). Checkpoints go to RUN_DIR/checkpoints.
+
+A report carries the metrics and, at checkpoint steps, a folder holding the checkpoint file; the runner persists
+it (Ray Train and Tune copy it into their storage), and `latest_checkpoint` is where the runner says the newest
+one is: its siblings are the older ones (`cifarray.train.common.load_resume_point` falls back to them).
+Only this module imports Ray for the engine, the families and the benches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifarray.data.loader import PreparedData, data_identity, load_prepared
+
+
+class Session:
+    """What the engine needs from whatever runs it. The base is one process, rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    name: str = "session"
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to train with: DDP where there are several ranks."""
+        return model
+
+    def data(self, cfg: Any) -> PreparedData:
+        """The run's splits on this session's device."""
+        return load_prepared(cfg, self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Hand one result (and, when given, the folder holding a checkpoint) to the runner. Every rank calls."""
+        raise NotImplementedError
+
+    def latest_checkpoint(self) -> Path | None:
+        """The folder of the newest checkpoint the runner knows of (None: a fresh run)."""
+        raise NotImplementedError
+
+
+class RayTrainSession(Session):
+    """A worker of a Ray Train `TorchTrainer`: one of `world` DDP ranks."""
+
+    name = "ray-train"
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        return _local(ray.train.get_checkpoint())
+
+
+class TuneSession(Session):
+    """A one-worker Tune trial computing in its own (reused) actor: `tune.report`, `tune.get_checkpoint`.
+
+    On a GPU trial Ray leaves the actor its GPU (or its share of one) as the only visible device."""
+
+    name = "tune"
+
+    def __init__(self, gpu: bool) -> None:
+        if gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError("a GPU trial's actor sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                                   f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            self.device = torch.device("cuda", 0)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+
+    data_cached = False  # whether this trial found its data set already on the device (a reused actor)
+
+    def data(self, cfg: Any) -> PreparedData:
+        hits = ACTOR_DATA.hits
+        value = ACTOR_DATA.get(cfg, self.device)
+        self.data_cached = ACTOR_DATA.hits > hits
+        return value
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    def latest_checkpoint(self) -> Path | None:
+        from ray import tune
+
+        return _local(tune.get_checkpoint())
+
+    @staticmethod
+    def release() -> None:
+        """After a trial: what it allocated on the GPU goes back (the actor's data set stays)."""
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+class LocalSession(Session):
+    """In this process, without Ray: checkpoints in RUN_DIR/checkpoints (the newest `keep`), reports recorded.
+
+    `reports` lists every report in order: (metrics, checkpoint step or None, summary.json written yet)."""
+
+    name = "local"
+    keep = 2
+
+    def __init__(self, run_dir: str | Path, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.folder = Path(run_dir) / "checkpoints"
+        self.summary = Path(run_dir) / "summary.json"
+        self.reports: list[tuple[dict[str, Any], int | None, bool]] = []
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        step = None
+        if checkpoint_dir:
+            step = int(metrics.get("step", 0))
+            target = self.folder / f"checkpoint_{step:07d}"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, target)
+            for old in sorted(self.folder.glob("checkpoint_*"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.reports.append((dict(metrics), step, self.summary.is_file()))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.folder.glob("checkpoint_*")) if self.folder.is_dir() else []
+        return found[-1] if found else None
+
+
+def _local(checkpoint: Any) -> Path | None:
+    # This project's storage is a local or shared file system (RUN_DIR/ray, OUT/tune): the path is the folder.
+    return None if checkpoint is None else Path(checkpoint.path)
+
+
+class ActorData:
+    """The data set of one actor, kept across the trials Tune runs in it.
+
+    Keyed by the data's folder and its files' identity (inode, size, mtime), the validation split and the seed
+    (which pick the split), and the device: a trial whose key differs drops the old set and loads its own. A
+    cached set is never written to (batches are gathered copies), so a trial sees what a fresh load gives."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: PreparedData | None = None
+        self.hits = 0
+        self._lock = threading.Lock()
+
+    def get(self, cfg: Any, device: torch.device) -> PreparedData:
+        from cifarray.rundir import RunDir
+
+        folder = RunDir(cfg.out).data if cfg.synthetic else Path(cfg.data_dir).expanduser()
+        key = (data_identity(folder), bool(cfg.no_verify), cfg.val_size, cfg.seed, str(device))
+        with self._lock:
+            if key != self.key:
+                self.key = self.value = None  # dropped before the new one is made: one set on the device at a time
+                TuneSession.release()
+                self.value, self.key = load_prepared(cfg, device), key
+            else:
+                self.hits += 1
+            return self.value
+
+
+ACTOR_DATA = ActorData()
