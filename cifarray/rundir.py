@@ -1,7 +1,7 @@
 """The run folder and its metrics file: what training writes and the report, tuner and bench read.
 
-Standard library only, so that everything above it (training, tuning, reports, benchmarks) can
-read a run folder without importing torch, Ray or each other.
+Standard library only at import, so that everything above it (training, tuning, reports, benchmarks) can
+read a run folder without importing torch, Ray or each other; `load_torch` imports torch when called.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+
+# What fixes a run's weights or predictions file that does not load.
+RETRAIN = "retrain the run (its training command, with another --out) or restore the file from a copy"
 
 
 class RunDir:
@@ -59,6 +63,52 @@ class MetricsLog:
             if new:
                 w.writeheader()
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def torch_load_problem(path: Path) -> tuple[object, str | None]:
+    """(what `torch.load(path, weights_only=True)` gives, or None; why it fails in a few words, or None).
+
+    torch's own messages are not shown: for a refused global they advise weights_only=False, which would run
+    whatever the file holds."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except FileNotFoundError:
+        return None, "no such file"
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():  # torch's restricted unpickler refused to look one up
+            return None, ("it holds objects other than tensors and plain values (crafted, or not written by "
+                          "cifarray); refused unread")
+        return None, "corrupt: not a torch file"  # e.g. "Unsupported operand": bytes that are no pickle
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        return None, f"truncated or corrupt: {first}"
+
+
+def load_torch(path: Path, what: str, fix: str) -> object:
+    """A tensor file a run wrote (weights, predictions), loaded safely; a UserError naming it when it does not load."""
+    from cifarray.errors import UserError
+
+    value, problem = torch_load_problem(path)
+    if problem is not None:
+        raise UserError(f"{path}: cannot load {what}: {problem}; {fix}")
+    return value
+
+
+def load_state_into(module, path: Path, what: str, fix: str) -> None:
+    """`module.load_state_dict` from a run's weights file; a UserError when the file does not load or does not fit."""
+    from cifarray.errors import UserError
+
+    state = load_torch(path, what, fix)
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(f"{path}: {what} does not fit this run's model (config.json): {first}; {fix}") from None
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

@@ -112,3 +112,35 @@ def test_report_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli_here("cifarray.report", str(tmp_path / "empty"))
     assert result.returncode == 2 and "no config.json" in result.stderr
+
+
+class Payload:
+    """What a crafted weights file would run on a plain torch.load(weights_only=False)."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "crafted", "another model"])
+def test_weights_that_do_not_load_are_one_line_errors_for_report_and_eval(tmp_path, densenet_run, dcgan_run, damage):
+    for run, name, cli in ((densenet_run, "model.pt", ("cifarray.report",)),
+                           (dcgan_run, "generator.pt", ("cifarray.report",)),
+                           (dcgan_run, "generator.pt", ("cifarray.eval", "fid"))):
+        path = run / name
+        if damage == "truncated":  # a full disk, a copy cut short
+            path.write_bytes(path.read_bytes()[:1000])
+        elif damage == "crafted":
+            torch.save({"weight": Payload()}, path)
+        else:  # a valid file of another shape
+            torch.save(torch.nn.Linear(3, 2).state_dict(), path)
+        args = [*cli, str(run)] + (["--inception-weights", str(tmp_path / "inception.pth")] if "eval" in cli else [])
+        if "eval" in cli:  # eval checks the run's weights before it needs Inception's
+            (tmp_path / "inception.pth").write_bytes(b"")
+        result = run_cli_here(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert lines[0].startswith(f"error: {path}:") and "retrain the run" in lines[0], lines[0]
+        assert "weights_only=False" not in lines[0] and "payload ran" not in result.stdout + result.stderr
+        expected = {"truncated": "truncated or corrupt", "crafted": "refused unread",
+                    "another model": "does not fit this run's model"}[damage]
+        assert expected in lines[0], lines[0]

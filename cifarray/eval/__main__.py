@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-import torch
-
 from cifarray.errors import UserError, run_cli
 
 
@@ -15,7 +13,7 @@ def fid_command(args: argparse.Namespace) -> int:
     from cifarray.eval import fid
     from cifarray.models.dcgan import Generator
     from cifarray.data.loader import load_data
-    from cifarray.rundir import RunDir
+    from cifarray.rundir import RETRAIN, RunDir, load_state_into
     from cifarray.train.config import DCGANTrainConfig
 
     run = RunDir(args.run_dir)
@@ -26,11 +24,11 @@ def fid_command(args: argparse.Namespace) -> int:
     cfg = from_dict(DCGANTrainConfig, config)
     if args.samples < 2:
         raise UserError("--samples must be at least 2")
+    g = Generator(cfg.model_config())
+    load_state_into(g, run.path / "generator.pt", "the generator's weights", RETRAIN)
     weights = fid.resolve_weights(args.inception_weights)  # before any sampling: missing weights fail fast
     data = load_data(cfg)
     reference = (data.test if args.reference == "test" else data.train).images
-    g = Generator(cfg.model_config())
-    g.load_state_dict(torch.load(run.path / "generator.pt", map_location="cpu", weights_only=True))
     samples = fid.sample_generator(g, args.samples, cfg.z_dim, seed=args.seed)
     result = fid.compute(samples, reference, split=args.reference, weights=weights,
                          isc=args.isc, kid=args.kid)

@@ -7,7 +7,7 @@ import torch
 
 from cifarray.data.augment import AugmentConfig, DeviceAugment
 from cifarray.data.loader import DeviceSplit, load_data, prepare
-from cifarray.rundir import RunDir
+from cifarray.rundir import RETRAIN, RunDir, load_state_into
 from cifarray.train.common import channels_last
 
 
@@ -37,5 +37,5 @@ def load_finished(run: RunDir, cfg, build_model) -> tuple[torch.nn.Module, objec
     `build_model(cfg)` makes the untrained module of the run's family."""
     data = prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed)
     model = build_model(cfg)
-    model.load_state_dict(torch.load(run.path / "model.pt", map_location="cpu", weights_only=True))
+    load_state_into(model, run.path / "model.pt", "the model's weights", RETRAIN)
     return model, data, DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std)

@@ -111,19 +111,6 @@ def report(session, run: RunDir, metrics: dict[str, Any], state: dict[str, Any] 
     run.write_json("last_checkpoint.json", {"step": state["step"]})
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why a checkpoint file does not load (None: it does), in a few words."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        return f"no {CHECKPOINT_FILE} in it"
-    except Exception as exc:  # truncated zip, bad pickle, refused global: all mean "this file cannot be resumed from"
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-    if not isinstance(state, dict) or "step" not in state:
-        return "not a cifarray checkpoint (no step)"
-    return None
-
-
 def checkpoint_candidates(latest: Path | None) -> list[Path]:
     """The runner's newest checkpoint folder first, then the others beside it, newest first."""
     if latest is None:
@@ -138,15 +125,18 @@ def load_resume_point(latest: Path | None, say=None) -> dict[str, Any] | None:
     A truncated or corrupt checkpoint (a full disk, a flaky network file system) costs the steps since the one
     before it, not the run; when none loads, a UserError says so with the fix."""
     from cifarray.errors import UserError
+    from cifarray.rundir import torch_load_problem
 
     candidates = checkpoint_candidates(latest)
     why = ""
     for folder in candidates:
-        why = _unreadable(folder / CHECKPOINT_FILE)
+        state, why = torch_load_problem(folder / CHECKPOINT_FILE)
+        if why is None and not (isinstance(state, dict) and "step" in state):
+            why = "not a cifarray checkpoint (no step)"
         if why is None:
-            return torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            return state
         if say is not None:
-            say(f"note: checkpoint {folder} does not load ({why}); skipped, resuming from the one before it")
+            say(f"note: checkpoint {folder} does not load ({why}); skipped")
     if not candidates:
         return None
     raise UserError(f"no checkpoint of this run loads ({len(candidates)} in {candidates[0].parent}; the newest: "

@@ -22,7 +22,7 @@ from cifarray.errors import UserError
 from cifarray.metrics import stats_fd
 from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.dcgan import Discriminator, Generator, discriminator_params, generator_params
-from cifarray.rundir import RunDir, read_metrics
+from cifarray.rundir import RETRAIN, RunDir, load_state_into, read_metrics
 from cifarray.train.common import channels_last
 from cifarray.train.config import DCGANTrainConfig
 from cifarray.train.engine import Family, Objective, RunContext, Worker
@@ -284,7 +284,7 @@ def report(run: RunDir, cfg: DCGANTrainConfig) -> list[Path]:
         panels.append(("FID", ["fid"]))
     out = [figures.curves(run, rows, panels, "DCGAN" + (" (procedural data)" if cfg.synthetic else ""))]
     g = Generator(cfg.model_config())
-    g.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    load_state_into(g, weights, "the generator's weights", RETRAIN)
     g.eval()
     rng = torch.Generator().manual_seed(0)
     with torch.no_grad():

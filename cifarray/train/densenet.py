@@ -26,7 +26,7 @@ from cifarray.eval.classifier import evaluate, load_finished
 from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.densenet import DenseNet, param_count
 from cifarray.errors import UserError
-from cifarray.rundir import RunDir, read_metrics
+from cifarray.rundir import RETRAIN, RunDir, load_torch, read_metrics
 from cifarray.train import graphs
 from cifarray.train.common import channels_last
 from cifarray.train.config import DenseNetTrainConfig
@@ -229,7 +229,7 @@ def report(run: RunDir, cfg: DenseNetTrainConfig) -> list[Path]:
                           f"DenseNet k={cfg.growth_rate} blocks={','.join(map(str, cfg.blocks))}{tag}")]
     model, data, aug = load_finished(run, cfg, build_model)
     saved = run.path / PREDICTIONS
-    saved = torch.load(saved, map_location="cpu", weights_only=True) if saved.is_file() else None
+    saved = load_torch(saved, "the test predictions", RETRAIN) if saved.is_file() else None
     if saved is None or len(saved["pred"]) != len(data.test):  # a sweep trial's run never saw the test split
         saved = predictions(evaluate(model, data.test, aug, torch.device("cpu"))[1])
     pred, labels, names = saved["pred"], data.test.labels, data.class_names

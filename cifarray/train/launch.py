@@ -282,6 +282,7 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
     if done:
         print(f"{run.path}: run already complete; nothing to do (summary.json)")
         return run.read_json("summary.json")
+    check_checkpoints(run)  # before Ray: a run none of whose checkpoints loads would fail in every worker restart
     import ray
 
     init_ray(cfg)
@@ -316,6 +317,17 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
         raise RuntimeError(f"training ended without writing {run.summary}")
     drop_unregistered_checkpoints(run)
     return summary
+
+
+def check_checkpoints(run: RunDir) -> None:
+    """Name each of the run's checkpoints that does not load (the workers skip it and resume from the one before);
+    when none loads, a one-line error with the fix, before Ray starts."""
+    from cifarray.train.common import load_resume_point
+
+    found = sorted((d for d in (run.path / RAY_RUN_NAME).glob("checkpoint_*") if d.is_dir()),
+                   key=lambda d: d.stat().st_mtime, reverse=True)
+    if found:
+        load_resume_point(found[0], say=lambda line: print(line, flush=True))
 
 
 def fit_off_the_main_thread(trainer) -> object:
