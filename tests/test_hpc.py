@@ -221,7 +221,9 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
     log = tmp_path / "job.out"
     # The script's own header asks for a GPU per node (fake ones here: tests/slurmctl.py); the trials train
     # on CPU (GPUS_PER_TRIAL=0) because this machine's GPUs are only device files.
+    # Two DDP workers per trial, one on each node (a node has one CPU): TorchTrainer trials, gloo across nodes.
     job = sbatch(slurm, "--nodes=2", "--cpus-per-task=1", f"--output={log}", "slurm/tune_densenet.sh",
+                 "--workers-per-trial", "2",
                  env={"SWEEP": "sweeps/ci_cluster.toml", "SYNTHETIC": "1", "OUT": str(out), "GPUS_PER_TRIAL": "0"})
     info = running_cluster(slurm, job)
     assert info["nodes"] == ["node1", "node2"] and info["cpus"] == 2 and info["gpus"] == 2
@@ -266,8 +268,11 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"]["test_acc"] is not None
     finished = sorted(p.parent for p in (out / "trials").glob("*/summary.json"))
-    nodes = {json.loads((d / "summary.json").read_text())["slurm_node"] for d in finished}
-    assert nodes == {"node1", "node2"}, nodes  # trials trained on both Ray nodes
+    for d in finished:  # each trial's two ranks trained on the two Ray nodes
+        summary_of = json.loads((d / "summary.json").read_text())
+        assert summary_of["workers"] == 2 and summary_of["runner"] == "ray-train", summary_of
+        nodes = {json.loads((d / "workers" / f"rank{r}.json").read_text())["slurm_node"] for r in (0, 1)}
+        assert nodes == {"node1", "node2"}, (d, nodes)
     assert not list(Path("/tmp").glob(f"ray-{job}-*")), "Ray temp dirs left behind"
     # The requeued run took the folder's lock (the old run had released it, or was provably gone)
     # and released it when it ended.

@@ -124,13 +124,13 @@ def descendants(pid: int) -> set[int]:
 
 @pytest.mark.slow
 def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_weak_and_tests_only_the_best(tmp_path):
-    """One sweep, SIGKILLed once its first trial has completed, then resumed (one test, not two: each
-    trained trial costs ~30 s of Ray start-up on 2 cores).
+    """One sweep, SIGKILLed once its first trial has completed, then resumed; its one-worker trials train in
+    their own reused Tune actors (--trial-runner auto).
 
     With seed 1 and one trial at a time the trials run: complete, infeasible, early-stopped,
-    infeasible (measured). The kill lands while the third starts, so ASHA judges it after the resume,
-    against the first trial's rung records that the resumed scheduler replayed (cifarray/tune/asha.py;
-    Tune's own ASHA comes back with empty rungs and would let it complete).
+    infeasible (measured). The kill lands while the third trains (in the actor the first one used), so ASHA
+    judges it after the resume, against the first trial's rung records that the resumed scheduler replayed
+    (cifarray/tune/asha.py; Tune's own ASHA comes back with empty rungs and would let it complete).
     """
     out = tmp_path / "sweep"
     # One trial at a time: ASHA's decisions then depend only on the (seeded) results, not on timing.
@@ -155,11 +155,12 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
             started |= descendants(first.pid)
             if (out / "trials.csv").exists():
                 finished = [t for t in rows(out / "trials.csv") if t["status"] == "complete"]
-                if finished:
+                # Killed while the next trained trial runs (in its reused actor it takes a second or two).
+                others = {d.name for d in (out / "trials").iterdir()} - {t["trial_id"] for t in finished}
+                if finished and others:
                     break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert finished and first.poll() is None, "no trial completed while the sweep ran"
-        time.sleep(3)  # past Tune's 2 s experiment snapshot period
         started |= descendants(first.pid)
         before = {t["trial_id"]: digest(out / "trials" / t["trial_id"] / "metrics.csv") for t in finished}
         os.kill(first.pid, signal.SIGKILL)
@@ -472,3 +473,66 @@ def test_a_trial_trains_bit_identically_in_a_fresh_actor_a_reused_one_and_throug
     assert finals["reused"] == finals["fresh"] and finals["trainer"]["runner"] == "ray-train"
     assert {m: finals["trainer"][m] for m in ("train_acc", "val_acc")} == \
         {m: finals["fresh"][m] for m in ("train_acc", "val_acc")}
+
+
+ONE_LONG_TRIAL = """
+model = "densenet"
+trials = 1
+[train]
+steps = 200
+eval_every = 20
+log_every = 20
+batch_size = 32
+growth_rate = 4
+blocks = [1, 1]
+init_channels = 8
+augment = "basic"
+val_size = 500
+synthetic_train_per_class = 30
+synthetic_test_per_class = 5
+synthetic_difficulty = "easy"
+[asha]
+grace_period = 180
+[space]
+lr = { choice = [0.1] }
+"""
+
+
+@pytest.mark.slow
+def test_an_in_actor_trial_whose_actor_is_killed_restarts_from_its_checkpoint_and_ends_as_if_uninterrupted(tmp_path):
+    """Tune's FailureConfig on the in-actor path: the trial's actor process is SIGKILLed mid-trial; Tune starts a
+    new actor, which resumes from the trial's newest checkpoint (Tune's own, in OUT/tune) and finishes with the
+    weights and curve of a run that was never interrupted."""
+    sweep = write_sweep(tmp_path / "long.toml", ONE_LONG_TRIAL)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out",
+                             str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            folders = list((out / "trials").glob("*/last_checkpoint.json")) if (out / "trials").is_dir() else []
+            if folders and json.loads(folders[0].read_text())["step"] >= 40:
+                break
+            assert proc.poll() is None and time.time() < deadline, "the trial ended before it could be killed"
+            time.sleep(0.1)
+        trial = folders[0].parent
+        actor = json.loads((trial / "workers" / "rank0.json").read_text())
+        assert actor["runner"] == "tune" and actor["attempt"] == 0
+        os.kill(actor["pid"], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    restarted = json.loads((trial / "workers" / "rank0.json").read_text())
+    assert restarted["pid"] != actor["pid"] and restarted["attempt"] == 1
+    assert restarted["start_step"] >= 40 and restarted["start_step"] % 20 == 0, restarted
+    assert json.loads((trial / "summary.json").read_text())["status"] == "complete"
+    assert rows(out / "trials.csv")[0]["status"] == "complete"
+    whole = run_module("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (other,) = (tmp_path / "whole" / "trials").iterdir()
+    curve = {d: [(r["step"], r["loss"], r["val_acc"]) for r in rows(d / "metrics.csv")] for d in (trial, other)}
+    assert curve[trial] == curve[other] and [int(s) for s, _, _ in curve[trial]] == list(range(20, 201, 20))
+    sha = {d: json.loads((d / "workers" / "rank0.json").read_text())["params_sha256"] for d in (trial, other)}
+    assert sha[trial] == sha[other]

@@ -176,7 +176,7 @@ def train(family: Family, config: dict, session: Session, context: RunContext = 
         log.truncate_after(start)
         family.begin(state)
     common.write_worker_info(run, rank, pid=os.getpid(), host=socket.gethostname(), start_step=start,
-                             attempt=worker.attempt, runner=session.name,
+                             attempt=worker.attempt, runner=session.name, slurm_node=os.environ.get("SLURMD_NODENAME"),
                              data_cached=bool(getattr(session, "data_cached", False)))
 
     keys: list[str] = []

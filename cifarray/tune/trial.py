@@ -20,7 +20,7 @@ from cifarray.tune.sweep import Sweep
 
 INFEASIBLE = "infeasible"
 CONSTRAINT = "params_over_budget"
-DRIVER_CPU = 0.01  # what a trial's driver holds; its workers ask for that much less between them
+DRIVER_CPU = 0.01  # what a TorchTrainer trial's driver holds; each of its workers asks for that much less
 
 
 def worst(mode: str) -> float:
@@ -88,7 +88,9 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU / cfg.workers
+        # Each worker gives up the driver's whole sliver: a worker may share a node with the driver, and on nodes of
+        # one CPU (a worker each) a share of it would leave the driver's node short (measured: the trial waited).
+        cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU
         trainer = launch.build_trainer(cfg, run, sweep.family.train_fn(trial_context), resolved, cpus,
                                        callbacks=[TuneReportCallback()], gpus=gpus_per_worker)
         trainer.fit()
