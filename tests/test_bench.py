@@ -117,3 +117,30 @@ def test_bench_gpu_without_cuda_is_one_line_error():
         pytest.skip("this machine has CUDA")
     result = run_cli_here("cifarray.bench", "gpu", "--device", "cuda")
     assert result.returncode == 2 and result.stderr.strip() == "error: --device cuda: no CUDA device here; pass --device cpu"
+
+
+@pytest.mark.slow
+def test_bench_sweep_runs_the_same_sweep_with_each_runner_and_prints_overhead_and_ratio():
+    result = run_module("cifarray.bench", "sweep", "--trials", "2", "--steps", "10")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^bench sweep: .+, \d+ cores; 2 one-worker trials x 10 steps .* precision (bf16|fp32)", out, re.M)
+    table = {m.group(1): [float(v) for v in m.groups()[1:]] for m in re.finditer(
+        r"^  (tune|train)\s+([\d.]+) s\s+([\d.]+) s\s+([\d.]+) s\s+([\d.]+) s\s+(\d+)", out, re.M)}
+    assert set(table) == {"tune", "train"}, out
+    for wall, train_s, median, worst, actors in table.values():
+        assert wall > train_s > 0 and 0 <= median <= worst
+    assert table["train"][4] == 2  # a driver actor per trial
+    assert table["tune"][4] <= 2  # at most one actor per concurrent trial, reused
+    overhead = float(re.search(r"^in-actor overhead per trial: (\d+\.\d) s$", out, re.M).group(1))
+    ratio = float(re.search(r"^ratio \(train / tune runner overhead\): (\d+\.\d\d)$", out, re.M).group(1))
+    assert overhead == table["tune"][2]
+    # Printed to one decimal: the ratio of the unrounded medians lies within what the rounding allows.
+    lo, hi = (table["train"][2] - 0.05) / (overhead + 0.05), (table["train"][2] + 0.05) / max(overhead - 0.05, 1e-9)
+    assert lo - 0.005 <= ratio <= hi + 0.005, out
+
+
+def test_bench_sweep_bad_input_is_one_line_error():
+    for args, text in ((["--runners", "tune,nope"], "--runners 'tune,nope'"), (["--steps", "3"], "--steps even")):
+        result = run_cli_here("cifarray.bench", "sweep", *args)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and text in result.stderr, result.stderr

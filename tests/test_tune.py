@@ -52,12 +52,17 @@ eval_every = 20
     (BASE + "num_blocks = { int = [2, 3] }", "num_blocks and layers_per_block go together"),
     (BASE.replace("[space]", "[asha]\ngrace_period = 10\n[space]") + "lr = { loguniform = [0.01, 0.1] }",
      "grace_period 10 is shorter than train.eval_every"),
+    ('trial_runner = "fast"\n' + BASE + "lr = { loguniform = [0.01, 0.1] }",
+     "trial_runner must be one of auto, tune, train, got 'fast'"),
+    ('trial_runner = "tune"\n' + BASE + "lr = { loguniform = [0.01, 0.1] }\n#workers",
+     "--trial-runner tune trains one worker inside each trial's actor, but a trial has 2 workers"),
 ])
 def test_bad_sweep_files_are_refused_in_one_line_before_ray(tmp_path, text, expected):
     sweep = write_sweep(tmp_path / "bad.toml", text)
     out = tmp_path / "out"
     t = time.perf_counter()
-    result = run_cli_here("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out))
+    extra = ["--workers-per-trial", "2"] if text.endswith("#workers") else []
+    result = run_cli_here("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out), *extra)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], result.stderr
@@ -337,10 +342,35 @@ def test_gpu_shares_that_cannot_work_are_refused_before_ray(tmp_path, gpus_per_t
     ((2, 0.0), 0.0, (2, 1)),  # CPU only: one CPU per trial
 ])
 def test_trials_per_gpu_follow_gpus_over_the_share(cluster, share, expected):
-    from cifarray.tune.__main__ import plan
+    from cifarray.tune.__main__ import plan, trial_resources
 
     assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=None, trials=8) == expected
     assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=1, trials=8)[0] == 1
+    # An in-actor trial holds its own CPUs and GPU share (no driver sliver); a TorchTrainer trial's driver holds
+    # a sliver of a CPU, and its workers the rest.
+    cpus = expected[1]
+    assert trial_resources("tune", cpus, share) == {"CPU": cpus, **({"GPU": share} if share else {})}
+    assert trial_resources("train", cpus, share) == {"CPU": 0.01}
+
+
+def test_the_trial_runner_follows_the_workers_per_trial_and_cannot_change_on_resume(tmp_path):
+    import shutil
+
+    from cifarray.tune.__main__ import trial_runner
+
+    assert (trial_runner("auto", 1), trial_runner("auto", 2), trial_runner("train", 1)) == ("tune", "train", "train")
+    out = tmp_path / "sweep"
+    (out / "tune").mkdir(parents=True)
+    shutil.copyfile(CI_SWEEP, out / "sweep.toml")
+    (out / "tune_args.json").write_text(json.dumps({"synthetic": True, "trial_runner": "tune"}))
+    result = run_cli_here("cifarray.tune", "--out", str(out), "--resume", "--trial-runner", "train")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: --trial-runner cannot change when resuming: {out} runs its trials with tune (unfinished trials "
+        "continue from that runner's checkpoints); drop --trial-runner"), result.stderr
+    # An experiment from before --trial-runner existed ran its trials through TorchTrainer, and resumes so.
+    (out / "tune_args.json").write_text(json.dumps({"synthetic": True}))
+    result = run_cli_here("cifarray.tune", "--out", str(out), "--resume", "--trial-runner", "tune")
+    assert result.returncode == 2 and "runs its trials with train" in result.stderr, result.stderr
 
 
 # The tuner's local cluster gets a dashboard on a port picked free; here the first pick is one this script
