@@ -216,15 +216,23 @@ def http_status(url: str, token: str | None = None) -> tuple[int, str]:
         return exc.code, ""
 
 
-def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_path):
+@pytest.mark.parametrize("runner", ["train", "tune"])
+def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_path, runner):
+    """`train`: two DDP workers per trial, one on each node (a node has one CPU): TorchTrainer trials, gloo
+    across the nodes. `tune`: one-worker trials inside their own Tune actors, on both nodes; their 60 steps
+    take a second or two there, so this variant trains 300 (one rung, at the end) to be requeued mid-sweep."""
     out = tmp_path / "tune"
     log = tmp_path / "job.out"
+    sweep, workers = "sweeps/ci_cluster.toml", "2"
+    if runner == "tune":
+        sweep, workers = str(tmp_path / "ci_cluster_300.toml"), "1"
+        text = (REPO / "sweeps" / "ci_cluster.toml").read_text()
+        Path(sweep).write_text(text.replace("steps = 60", "steps = 300").replace("grace_period = 59", "grace_period = 299"))
     # The script's own header asks for a GPU per node (fake ones here: tests/slurmctl.py); the trials train
     # on CPU (GPUS_PER_TRIAL=0) because this machine's GPUs are only device files.
-    # Two DDP workers per trial, one on each node (a node has one CPU): TorchTrainer trials, gloo across nodes.
     job = sbatch(slurm, "--nodes=2", "--cpus-per-task=1", f"--output={log}", "slurm/tune_densenet.sh",
-                 "--workers-per-trial", "2",
-                 env={"SWEEP": "sweeps/ci_cluster.toml", "SYNTHETIC": "1", "OUT": str(out), "GPUS_PER_TRIAL": "0"})
+                 "--workers-per-trial", workers,
+                 env={"SWEEP": sweep, "SYNTHETIC": "1", "OUT": str(out), "GPUS_PER_TRIAL": "0"})
     info = running_cluster(slurm, job)
     assert info["nodes"] == ["node1", "node2"] and info["cpus"] == 2 and info["gpus"] == 2
 
@@ -268,11 +276,15 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"]["test_acc"] is not None
     finished = sorted(p.parent for p in (out / "trials").glob("*/summary.json"))
-    for d in finished:  # each trial's two ranks trained on the two Ray nodes
-        summary_of = json.loads((d / "summary.json").read_text())
-        assert summary_of["workers"] == 2 and summary_of["runner"] == "ray-train", summary_of
-        nodes = {json.loads((d / "workers" / f"rank{r}.json").read_text())["slurm_node"] for r in (0, 1)}
-        assert nodes == {"node1", "node2"}, (d, nodes)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in finished]
+    assert {(s["workers"], s["runner"]) for s in summaries} == {(int(workers), "ray-train" if runner == "train"
+                                                                 else "tune")}
+    if runner == "train":
+        for d in finished:  # each trial's two ranks trained on the two Ray nodes
+            nodes = {json.loads((d / "workers" / f"rank{r}.json").read_text())["slurm_node"] for r in (0, 1)}
+            assert nodes == {"node1", "node2"}, (d, nodes)
+    else:  # the trials' actors ran on both Ray nodes
+        assert {s["slurm_node"] for s in summaries} == {"node1", "node2"}, summaries
     assert not list(Path("/tmp").glob(f"ray-{job}-*")), "Ray temp dirs left behind"
     # The requeued run took the folder's lock (the old run had released it, or was provably gone)
     # and released it when it ended.

@@ -566,3 +566,20 @@ def test_an_in_actor_trial_whose_actor_is_killed_restarts_from_its_checkpoint_an
     assert curve[trial] == curve[other] and [int(s) for s, _, _ in curve[trial]] == list(range(20, 201, 20))
     sha = {d: json.loads((d / "workers" / "rank0.json").read_text())["params_sha256"] for d in (trial, other)}
     assert sha[trial] == sha[other]
+
+
+@pytest.mark.slow
+def test_a_trial_that_diverges_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_path):
+    """Its NaN loss is reported with the objective at its worst: Tune refuses a result without the metric, and
+    the whole sweep used to end with that ValueError (on both runners) at the first diverging trial."""
+    sweep = write_sweep(tmp_path / "div.toml", ONE_LONG_TRIAL.replace("trials = 1", "trials = 2").replace(
+        "steps = 200", "steps = 60").replace("grace_period = 180", "grace_period = 20").replace(
+        "log_every = 20", "log_every = 5").replace("lr = { choice = [0.1] }", "lr = { choice = [1e6, 0.1] }"))
+    result = run_module("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(tmp_path / "out"),
+                        "--max-concurrent", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    by = {float(t["lr"]): t for t in rows(tmp_path / "out" / "trials.csv")}
+    assert by[1e6]["status"] == "diverged" and by[0.1]["status"] == "complete", by
+    assert "diverged at step 5" in result.stdout and "1 complete, 1 diverged" in result.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["best"]["trial_id"] == by[0.1]["trial_id"]

@@ -144,13 +144,16 @@ def load_resume_point(latest: Path | None, say=None) -> dict[str, Any] | None:
                     "--out")
 
 
-def stop_diverged(session, run: RunDir, step: int, loss: float, rank: int) -> None:
-    """Record a NaN/inf loss for the driver to report, and end this rank's loop cleanly (all ranks call)."""
+def stop_diverged(session, run: RunDir, step: int, loss: float, rank: int, scored: dict[str, float]) -> None:
+    """Record a NaN/inf loss for the driver to report, and end this rank's loop cleanly (all ranks call).
+
+    `scored`: the objective at its worst, reported with it (Tune refuses a result without its metric, and a
+    sweep would end with that error)."""
     if rank == 0:
         last = run.read_json("last_checkpoint.json")
         run.write_json("diverged.json", {"step": step, "loss": str(loss),
                                          "last_checkpoint_step": last and last["step"]})
-    report(session, run, {"step": step, "diverged": 1}, None, rank)
+    report(session, run, {"step": step, "diverged": 1, **scored}, None, rank)
 
 
 def restore(components: dict[str, Any], session) -> int:

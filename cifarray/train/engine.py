@@ -89,6 +89,15 @@ class Objective:
     mode: str  # max | min
     label: str
 
+    @property
+    def worst(self) -> float:
+        """What a trial that has no score scores (infeasible, diverged): a sweep must still hear the metric."""
+        return worst(self.mode)
+
+
+def worst(mode: str) -> float:
+    return 0.0 if mode == "max" else 1e9
+
 
 def _nothing(*args: Any) -> dict:
     return {}
@@ -203,7 +212,9 @@ def train(family: Family, config: dict, session: Session, context: RunContext = 
         means = {k: v / (window_steps * world) for k, v in zip(keys, totals)}
         bad = [v for v in means.values() if not math.isfinite(v)]
         if bad:
-            common.stop_diverged(session, run, step, bad[0], rank)
+            # The objective at its worst: a sweep's scheduler and searcher need it in every result.
+            goal = family.objective(context)
+            common.stop_diverged(session, run, step, bad[0], rank, {goal.metric: goal.worst})
             return
         row = {"step": step, **means, **family.log_fields(state),
                "images_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9), "seconds": elapsed,

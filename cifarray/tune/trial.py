@@ -15,16 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cifarray.train.engine import RunContext
+from cifarray.train.engine import RunContext, worst
 from cifarray.tune.sweep import Sweep
 
 INFEASIBLE = "infeasible"
 CONSTRAINT = "params_over_budget"
 DRIVER_CPU = 0.01  # what a TorchTrainer trial's driver holds; each of its workers asks for that much less
-
-
-def worst(mode: str) -> float:
-    return 0.0 if mode == "max" else 1e9
 
 
 class SpaceSampler:
