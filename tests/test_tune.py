@@ -505,27 +505,12 @@ def test_a_trial_trains_bit_identically_in_a_fresh_actor_a_reused_one_and_throug
         {m: finals["fresh"][m] for m in ("train_acc", "val_acc")}
 
 
-ONE_LONG_TRIAL = """
-model = "densenet"
-trials = 1
-[train]
-steps = 200
-eval_every = 20
-log_every = 20
-batch_size = 32
-growth_rate = 4
-blocks = [1, 1]
-init_channels = 8
-augment = "basic"
-val_size = 500
-synthetic_train_per_class = 30
-synthetic_test_per_class = 5
-synthetic_difficulty = "easy"
-[asha]
-grace_period = 180
-[space]
-lr = { choice = [0.1] }
-"""
+# One tiny one-worker trial of 200 steps (the bench's sweep, cifarray/bench/sweep.py), evaluated every 20 steps,
+# one ASHA rung near the end.
+def one_long_trial() -> str:
+    from cifarray.bench.sweep import SWEEP
+
+    return SWEEP.format(trials=1, steps=200, half=20, grace=180)
 
 
 @pytest.mark.slow
@@ -533,7 +518,7 @@ def test_an_in_actor_trial_whose_actor_is_killed_restarts_from_its_checkpoint_an
     """Tune's FailureConfig on the in-actor path: the trial's actor process is SIGKILLed mid-trial; Tune starts a
     new actor, which resumes from the trial's newest checkpoint (Tune's own, in OUT/tune) and finishes with the
     weights and curve of a run that was never interrupted."""
-    sweep = write_sweep(tmp_path / "long.toml", ONE_LONG_TRIAL)
+    sweep = write_sweep(tmp_path / "long.toml", one_long_trial())
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out",
                              str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -572,9 +557,11 @@ def test_an_in_actor_trial_whose_actor_is_killed_restarts_from_its_checkpoint_an
 def test_a_trial_that_diverges_is_recorded_as_diverged_and_the_sweep_goes_on(tmp_path):
     """Its NaN loss is reported with the objective at its worst: Tune refuses a result without the metric, and
     the whole sweep used to end with that ValueError (on both runners) at the first diverging trial."""
-    sweep = write_sweep(tmp_path / "div.toml", ONE_LONG_TRIAL.replace("trials = 1", "trials = 2").replace(
-        "steps = 200", "steps = 60").replace("grace_period = 180", "grace_period = 20").replace(
-        "log_every = 20", "log_every = 5").replace("lr = { choice = [0.1] }", "lr = { choice = [1e6, 0.1] }"))
+    from cifarray.bench.sweep import SWEEP
+
+    text = SWEEP.format(trials=2, steps=60, half=20, grace=20).replace("log_every = 20", "log_every = 5")
+    sweep = write_sweep(tmp_path / "div.toml", text.replace("lr = { loguniform = [0.05, 0.5] }",
+                                                            "lr = { choice = [1e6, 0.1] }"))
     result = run_module("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(tmp_path / "out"),
                         "--max-concurrent", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
