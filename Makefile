@@ -18,7 +18,7 @@ venv: $(STAMP)
 RUN    ?= runs/quickstart
 
 ## The main job on the embedded default: a real Ray Tune + Optuna sweep of small DenseNets on procedural
-## CIFAR-format data (sweeps/quickstart.toml; ~6 minutes on 2 CPU cores). Rerun: resumes, or reports.
+## CIFAR-format data (sweeps/quickstart.toml; 2-6 minutes on 2 CPU cores). Rerun: resumes, or reports.
 run: $(STAMP)
 	$(PY) -m cifarray.tune --sweep sweeps/quickstart.toml --synthetic --out $(RUN) \
 		$(if $(wildcard $(RUN)/tune),--resume,)
@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m cifarray.bench augment
 	$(PY) -m cifarray.bench train
+	$(PY) -m cifarray.bench sweep
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
