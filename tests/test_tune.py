@@ -108,6 +108,30 @@ def metric_steps(trial_dir: Path) -> int:
         return max(int(r["step"]) for r in csv.DictReader(fh))
 
 
+def wait_until(predicate, timeout: float):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+def snapshot_status(out: Path, trial_id: str) -> str | None:
+    """A trial's status in Tune's newest experiment snapshot (OUT/tune/experiment_state-*.json)."""
+    for state in sorted((out / "tune").glob("experiment_state-*.json"), reverse=True):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue  # being replaced
+        for data in trials:
+            info = json.loads(data[0])
+            if info.get("trial_id") == trial_id:
+                return info.get("status")
+    return None
+
+
 def descendants(pid: int) -> set[int]:
     """PIDs started (transitively) by `pid`, read from /proc while it still lives."""
     children: dict[int, list[int]] = {}
@@ -167,6 +191,13 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
             time.sleep(0.1)
         assert finished and first.poll() is None, "no trial completed while the sweep ran"
         started |= descendants(first.pid)
+        # The next trial trains in seconds: freeze its actor (SIGSTOP) until Tune's experiment snapshot (every 2 s)
+        # holds the finished trials, so that the kill lands mid-sweep whatever the machine's speed.
+        running = out / "trials" / sorted(others)[0] / "trial.json"
+        pid = wait_until(lambda: running.is_file() and json.loads(running.read_text())["pid"], 30)
+        os.kill(pid, signal.SIGSTOP)
+        started.add(pid)
+        wait_until(lambda: all(snapshot_status(out, t["trial_id"]) == "TERMINATED" for t in finished), 30)
         before = {t["trial_id"]: digest(out / "trials" / t["trial_id"] / "metrics.csv") for t in finished}
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
