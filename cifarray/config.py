@@ -32,7 +32,7 @@ def embed(cls: type, name: str, help: str | None = None) -> Any:
     return opt(f.default, help or f.metadata["help"])
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
+def base_type(tp: Any) -> tuple[Any, bool]:
     """(type without Optional, is_optional)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -40,8 +40,8 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    base, optional = _base_type(tp)
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    base, optional = base_type(tp)
     if value is None and optional:
         return None
     if typing.get_origin(base) is tuple:
@@ -50,7 +50,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = [v for v in value.replace(" ", "").split(",") if v]
         if not isinstance(value, (list, tuple)) or not value:
             raise UserError(f"{where}: expected a non-empty list like 5,5,5,5, got {value!r}")
-        return tuple(_coerce(v, item, where) for v in value)
+        return tuple(coerce(v, item, where) for v in value)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -76,7 +76,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {tp}")
 
 
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+def fields_of(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
@@ -104,6 +104,13 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_batch_split(batch_size: int, workers: int, problem: str, fix: str) -> None:
+    """The one divisibility check: the global batch splits evenly over the workers (each rank trains
+    batch_size / workers). The message names the settings the way the caller's user gave them."""
+    if batch_size % workers:
+        raise UserError(f"{problem}; {fix}")
+
+
 def switch_flags(name: str) -> tuple[str, str]:
     """(flag that sets the field True, flag that sets it False)."""
     on = flag_of(name)
@@ -115,10 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
 
     The help text names each default once (use a formatter that does not add defaults itself).
     """
-    for name, (f, tp) in _fields(cls).items():
+    for name, (f, tp) in fields_of(cls).items():
         if name in skip:
             continue
-        base, _ = _base_type(tp)
+        base, _ = base_type(tp)
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_text = f.metadata.get("help", "")
@@ -146,17 +153,17 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def resolve(cls: type, file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None,
             source: str = "config file") -> Any:
     """defaults -> file -> CLI; raises UserError naming an unknown key or a wrongly typed value."""
-    fields = _fields(cls)
+    fields = fields_of(cls)
     values: dict[str, Any] = {}
     for key, value in (file_values or {}).items():
         name = key.replace("-", "_")
         if name not in fields:
             raise UserError(f"{source}: unknown key '{key}'; known keys: {', '.join(sorted(fields))}")
-        values[name] = _coerce(value, fields[name][1], f"{source}: key '{key}'")
+        values[name] = coerce(value, fields[name][1], f"{source}: key '{key}'")
     for name, value in (cli_values or {}).items():
         if value is None or name not in fields:
             continue
-        values[name] = _coerce(value, fields[name][1], f"--{name.replace('_', '-')}")
+        values[name] = coerce(value, fields[name][1], flag_of(name))
     return cls(**values)
 
 
@@ -167,7 +174,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def from_dict(cls: type, values: dict[str, Any]) -> Any:
     """The inverse of `to_dict` (a saved config.json). Keys it lacks take today's defaults (a run written
     before a setting existed ran as its default); a key this version does not know is refused."""
-    unknown = sorted(set(values) - set(_fields(cls)))
+    unknown = sorted(set(values) - set(fields_of(cls)))
     if unknown:
         raise UserError(f"config has setting(s) {', '.join(unknown)} that this version of cifarray does not know; "
                         "use the version that wrote it")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cifarray.rundir import measured
+
 
 def pyplot():
     import matplotlib
@@ -17,7 +19,7 @@ def pyplot():
 
 
 def _column(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "", "nan")]
+    pts = [(float(r["step"]), float(r[key])) for r in rows if measured(r, key)]
     return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.array([]), np.array([]))
 
 

@@ -28,9 +28,9 @@ def _load(run: RunDir):
     summary = run.read_json("summary.json") or {}
     if config is None:
         raise UserError(f"{run.path}: no config.json; pass a run folder made by python -m cifarray.train")
-    # Runs written before summary.json named the model: a DCGAN config has lr_g.
-    family = registry.get(summary.get("model") or ("dcgan" if "lr_g" in config else "densenet"),
-                          where=f"{run.summary}: model")
+    # Runs written before summary.json named the model: the family whose config holds every key of config.json.
+    name = summary.get("model") or registry.family_of_config(config)
+    family = registry.get(name, where=f"{run.summary}: model")
     return family, from_dict(family.config, config), summary
 
 
@@ -39,7 +39,7 @@ def make_report(run_dir: str | Path) -> list[Path]:
     if not run.path.is_dir():
         raise UserError(f"{run.path}: no such run folder")
     family, cfg, _ = _load(run)
-    return family.report(run, cfg)
+    return family.display.figures(run, cfg)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -111,6 +111,11 @@ def load_state_into(module, path: Path, what: str, fix: str) -> None:
         raise UserError(f"{path}: {what} does not fit this run's model (config.json): {first}; {fix}") from None
 
 
+def measured(row: dict[str, Any], key: str) -> bool:
+    """Whether a metrics.csv (or trials.csv) cell holds a measured value: an unmeasured one is empty or nan."""
+    return row.get(key) not in (None, "", "nan")
+
+
 def read_metrics(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []

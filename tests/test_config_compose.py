@@ -13,7 +13,7 @@ from cifarray.data.augment import AugmentConfig
 from cifarray.errors import UserError
 from cifarray.models.dcgan import DCGANConfig
 from cifarray.models.densenet import PRESETS, DenseNetConfig, param_count
-from cifarray.train import launch
+from cifarray.train import runfolder
 from cifarray.train.__main__ import parse
 from cifarray.train.config import AUGMENT_KEYS, DCGAN_KEYS, DENSENET_KEYS, DCGANTrainConfig, DenseNetTrainConfig
 from cifarray.tune.sweep import parse as parse_sweep
@@ -79,14 +79,12 @@ def test_a_run_folder_written_before_a_setting_existed_resumes_and_a_changed_one
     old = {k: v for k, v in to_dict(cfg).items() if k not in ("crop_pad", "augmix_depth", "augmix_alpha", "flip")}
     (tmp_path / "config.json").write_text(json.dumps(old | {"out": str(tmp_path)}))
     (tmp_path / "summary.json").write_text(json.dumps({"status": "complete"}))
-    from cifarray.train.densenet import FAMILY
-
-    run, resolved, done = launch.prepare_run(cfg, FAMILY)
+    run, resolved, done = runfolder.prepare_run(cfg)
     assert done  # the old run used today's defaults for the settings it did not record
     assert from_dict(DenseNetTrainConfig, old) == dataclasses.replace(cfg, out=old["out"])
     changed = dataclasses.replace(cfg, augmix_alpha=2.0)
     with pytest.raises(UserError, match=r"holds a run with other settings \(augmix_alpha: 1.0 -> 2.0\)"):
-        launch.prepare_run(changed, FAMILY)
+        runfolder.prepare_run(changed)
 
 
 def test_a_config_with_a_setting_this_version_does_not_know_is_refused():

@@ -13,7 +13,7 @@ import pytest
 from cifarray.config import to_dict
 from cifarray.errors import UserError
 from cifarray.rundir import read_metrics
-from cifarray.train import launch
+from cifarray.train import runfolder
 from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.densenet import FAMILY
 from cifarray.train.engine import train
@@ -27,7 +27,7 @@ TINY = dict(synthetic=True, synthetic_train_per_class=12, synthetic_test_per_cla
 
 def run_locally(out: Path, keep: int = 2, family=FAMILY, **settings) -> LocalSession:
     cfg = DenseNetTrainConfig(**{**TINY, **settings, "out": str(out)})
-    launch.prepare_run(cfg, family)  # the procedural data and config.json, as the CLI writes them
+    runfolder.prepare_run(cfg)  # the procedural data and config.json, as the CLI writes them
     session = LocalSession(out)
     session.keep = keep
     train(family, to_dict(cfg) | {"out": str(out)}, session)

@@ -9,6 +9,7 @@ need travels with the family object (Ray pickles what `__main__` defines by valu
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from cifarray import registry
 from cifarray.config import opt
 from cifarray.rundir import RunDir, read_metrics
 from cifarray.train.config import CommonConfig
-from cifarray.train.engine import Family, Objective, Worker
+from cifarray.family import Display, Family, Objective, Pieces, SweepSpec
+from cifarray.train.engine import Worker
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -36,9 +38,16 @@ class ToyConfig(CommonConfig):
     lr: float = opt(0.5, "SGD learning rate")
     pool: int = opt(4, "average-pool size before the linear layer (4: 19,300 parameters, 8: 4,900)")
 
+    # The config owns its parameter count and budget (cifarray.models.budget.enforce_budget asks it).
+    def param_count(self) -> int:
+        return count(self)
+
     @property
     def budget(self) -> int:
         return 20_000 if self.param_budget is None else self.param_budget
+
+    def over_budget(self, n: int, budget: int) -> str:
+        return f"toy model has {n:,} parameters, over the budget of {budget:,}; raise --pool"
 
 
 def make_model(cfg: ToyConfig) -> torch.nn.Module:
@@ -48,15 +57,6 @@ def make_model(cfg: ToyConfig) -> torch.nn.Module:
 
 def count(cfg: ToyConfig) -> int:
     return sum(p.numel() for p in make_model(cfg).parameters())
-
-
-def check_budget(cfg: ToyConfig) -> int:
-    from cifarray.errors import BudgetError
-
-    n = count(cfg)
-    if n > cfg.budget:
-        raise BudgetError(f"toy model has {n:,} parameters, over the budget of {cfg.budget:,}; raise --pool")
-    return n
 
 
 @dataclass
@@ -69,6 +69,10 @@ class ToyState:
     @property
     def stateful(self):
         return {"model": self.model, "optimizer": self.opt}
+
+    @property
+    def primary(self):
+        return self.model
 
 
 def inputs(images: torch.Tensor) -> torch.Tensor:
@@ -127,11 +131,12 @@ def objective(ctx) -> Objective:
     return Objective("val_acc", "max", "validation accuracy")
 
 
-TOY = Family(name="toy", config=ToyConfig, description="a linear probe (test plug-in)", build=build, step=step,
-             evaluate=evaluate, finish=finish, metric_fields=("loss", "train_acc", "val_acc"),
-             objective=objective, param_count=count,
-             enforce_budget=check_budget, report=report, test_metrics=test_accuracy,
-             progress_keys=("loss", "val_acc"), summary_keys=("params", "steps", "val_acc"))
+TOY = Family(name="toy", config=ToyConfig,
+             pieces=Pieces(build=build, step=step, evaluate=evaluate, finish=finish,
+                           metric_fields=("loss", "train_acc", "val_acc")),
+             sweep=SweepSpec(objective=objective, test_metrics=test_accuracy),
+             display=Display(figures=report, description="a linear probe (test plug-in)",
+                             progress_keys=("loss", "val_acc"), summary_keys=("params", "steps", "val_acc")))
 
 DATA = ["--synthetic", "--synthetic-difficulty", "easy", "--synthetic-train-per-class", "20",
         "--synthetic-test-per-class", "5"]
@@ -172,8 +177,13 @@ def test_a_family_defined_outside_cifarray_trains_sweeps_and_reports(tmp_path):
     assert done["model"] == "toy" and done["trials"] == 2 and done["objective"] == "val_acc"
     assert done["best"] is not None and 0 <= done["best"]["test_acc"] <= 1
     # pool 2 has 76,900 parameters, over the family's own 20,000 budget: infeasible, never trained.
-    assert done["by_status"].get("infeasible", 0) + done["by_status"].get("complete", 0) \
-        + done["by_status"].get("early-stopped", 0) == 2
+    with open(tmp_path / "sweep" / "trials.csv", newline="") as fh:
+        trials = list(csv.DictReader(fh))
+    over = [t for t in trials if t["pool"] == "2"]
+    assert over and all(t["status"] == "infeasible" and t["steps"] == "0" and t["params"] == "76900" for t in over)
+    assert not any((tmp_path / "sweep" / "trials" / t["trial_id"]).exists() for t in over)
+    assert all(t["status"] in ("complete", "early-stopped") for t in trials if t["pool"] != "2")
+    assert done["by_status"].get("infeasible") == len(over) and sum(done["by_status"].values()) == 2
     assert "test_acc" in result.stdout and "lr" in result.stdout
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cifarray.bench.__main__ import parser as bench_parser
-from cifarray.config import Switch, _fields
+from cifarray.config import Switch, fields_of
 from cifarray.data.__main__ import parser as data_parser
 from cifarray.data.cifar import load_cifar100
 from cifarray.errors import UserError
@@ -89,7 +89,7 @@ def test_every_boolean_flag_of_every_cli_sets_what_its_name_says():
 def test_train_switches_resolve_both_ways_over_a_config_file(tmp_path, job):
     """--x / --no-x for every boolean config field, also against the opposite value from --config."""
     toml = tmp_path / "c.toml"
-    fields = [name for name, (_, tp) in _fields(FAMILIES[job].config).items() if tp is bool]
+    fields = [name for name, (_, tp) in fields_of(FAMILIES[job].config).items() if tp is bool]
     assert {"no_verify", "gpu", "synthetic", "compile"} <= set(fields)
     actions = {a.dest: a for a in dict(walk(train_parser()))[(job,)]._actions}
     for name in fields:
@@ -110,7 +110,7 @@ def test_train_switches_resolve_both_ways_over_a_config_file(tmp_path, job):
 @pytest.mark.parametrize("job", sorted(FAMILIES))
 def test_train_help_names_each_default_once(job):
     text = dict(walk(train_parser()))[(job,)].format_help()
-    assert " ".join(text.split()).count("default:") == len(_fields(FAMILIES[job].config)), text  # each option: once
+    assert " ".join(text.split()).count("default:") == len(fields_of(FAMILIES[job].config)), text  # each option: once
     assert "(default: None) (default" not in text and "[--no-verify | --verify]" in " ".join(text.split())
 
 
@@ -194,7 +194,7 @@ def test_sweeps_whose_trials_cannot_fit_the_data_are_refused_before_the_first_tr
 ])
 def test_workers_that_the_ray_cluster_can_never_hold_are_refused(gpu, workers, cpus, nodes, expected):
     from cifarray.train.config import DenseNetTrainConfig
-    from cifarray.train.launch import check_cluster_fits
+    from cifarray.train.cluster import check_cluster_fits
 
     cfg = DenseNetTrainConfig(synthetic=True, gpu=gpu, workers=workers, batch_size=36 * workers)
     if expected is None:
@@ -227,7 +227,7 @@ def test_a_ray_address_that_does_not_answer_is_refused_before_anything_is_writte
 
 
 def test_workers_that_fit_count_per_node_with_gpu_shares():
-    from cifarray.train.launch import workers_that_fit
+    from cifarray.train.cluster import workers_that_fit
 
     nodes = [{"CPU": 8, "GPU": 2}, {"CPU": 2, "GPU": 1}]
     assert workers_that_fit(nodes, 1, 0.25) == 8 + 2  # a quarter GPU each; the small node runs out of CPUs
@@ -272,23 +272,23 @@ def test_workers_auto_sizes_to_the_cluster_and_refuses_gpu_on_a_cluster_without_
     """--workers auto used to drop --gpu without a word on a cluster without GPUs and train on its CPUs."""
     import ray
 
-    from cifarray.train import launch
+    from cifarray.train import cluster
     from cifarray.train.config import DenseNetTrainConfig
 
-    monkeypatch.setattr(launch, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(cluster, "init_ray", lambda: None)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     cfg = DenseNetTrainConfig(synthetic=True)
-    assert (launch.scale_to_cluster(cfg).workers, launch.scale_to_cluster(cfg).gpu) == (2, False)  # one per node
+    assert (cluster.scale_to_cluster(cfg).workers, cluster.scale_to_cluster(cfg).gpu) == (2, False)  # one per node
     with pytest.raises(UserError, match="--gpu with --workers auto, but the Ray cluster has no GPU; drop --gpu"):
-        launch.scale_to_cluster(DenseNetTrainConfig(synthetic=True, gpu=True))
+        cluster.scale_to_cluster(DenseNetTrainConfig(synthetic=True, gpu=True))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 3.0})
     for gpu in (False, True):  # GPUs in the cluster: one worker each, on GPU
-        scaled = launch.scale_to_cluster(DenseNetTrainConfig(synthetic=True, gpu=gpu, batch_size=384))
+        scaled = cluster.scale_to_cluster(DenseNetTrainConfig(synthetic=True, gpu=gpu, batch_size=384))
         assert (scaled.workers, scaled.gpu) == (3, True)
     with pytest.raises(UserError, match=r"--workers auto: 3 worker\(s\) \(one per GPU\) do not divide --batch-size "
                        "512; pass --workers 2, or a --batch-size divisible by 3"):
-        launch.scale_to_cluster(DenseNetTrainConfig(synthetic=True))
+        cluster.scale_to_cluster(DenseNetTrainConfig(synthetic=True))
 
 
 def test_a_sweep_the_ray_cluster_cannot_hold_leaves_its_folder_as_it_found_it(tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cifarray.train.common import PROJECT_ROOT, git_commit
+from cifarray.provenance import PROJECT_ROOT, git_commit
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}
@@ -20,7 +20,7 @@ def git(cwd: Path, *args: str) -> str:
 
 def commit_seen_from(root: Path) -> str:
     """git_commit() as a process importing the package copy under `root` reports it."""
-    code = "from cifarray.train.common import git_commit; print(git_commit())"
+    code = "from cifarray.provenance import git_commit; print(git_commit())"
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     return out.stdout.strip()

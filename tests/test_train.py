@@ -23,7 +23,7 @@ from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
 from cifarray.metrics import stats_fd
 from cifarray.train.__main__ import parse
-from cifarray.train.common import resolve_precision
+from cifarray.device import resolve_precision
 from cifarray.runlock import LOCK_NAME
 from cifarray.train.config import DenseNetTrainConfig
 from conftest import REPO, assert_one_line_error, run_cli_here, run_module, write_py2_copy
@@ -223,7 +223,7 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
 
 def test_checkpoints_ray_never_registered_are_dropped_and_nothing_without_a_snapshot(tmp_path):
     from cifarray.rundir import RunDir
-    from cifarray.train.launch import RAY_RUN_NAME, drop_unregistered_checkpoints
+    from cifarray.train.runfolder import RAY_RUN_NAME, drop_unregistered_checkpoints
 
     storage = tmp_path / RAY_RUN_NAME
     names = ["checkpoint_2026-01-01_00-00-01.0", "checkpoint_2026-01-01_00-00-02.0", "checkpoint_2026-01-01_00-00-03.0"]
@@ -318,7 +318,7 @@ def test_config_precedence_and_errors(tmp_path):
     _, cfg, auto, _ = parse(["densenet", "--config", str(f), "--steps", "50"])
     assert (cfg.steps, cfg.lr, cfg.growth_rate, cfg.blocks) == (50, 0.05, 4, (2, 2))  # CLI beats file
     assert not auto
-    f.write_text('synthetic = true\nworkers = "auto"\n')  # sized once Ray is joined (launch.scale_to_cluster)
+    f.write_text('synthetic = true\nworkers = "auto"\n')  # sized once Ray is joined (cluster.scale_to_cluster)
     assert parse(["densenet", "--config", str(f)])[2] and parse(["densenet", "--synthetic", "--workers", "auto"])[2]
     assert cfg.batch_size == DenseNetTrainConfig.__dataclass_fields__["batch_size"].default
     f.write_text("synthetic = true\nlearning_rate = 0.1\n")

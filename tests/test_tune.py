@@ -215,8 +215,8 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
     from cifarray.tune.sweep import load
 
     sweep = load(out / "sweep.toml")
-    goal = sweep.family.objective(sweep.family.driver_context(sweep.base))
-    stopped = results.finish(out, sweep, goal.metric, goal.mode, goal.label, data_dir=out / "data", synthetic=True,
+    goal = sweep.family.sweep.objective(sweep.family.driver_context(sweep.base))
+    stopped = results.conclude(out, sweep, goal.metric, goal.mode, goal.label, data_dir=out / "data", synthetic=True,
                              seconds=1.0, requested=4)
     ended = sum(n for s, n in stopped["by_status"].items() if s in results.DONE)
     assert stopped["status"] == "interrupted" and stopped["unfinished_trials"] == 4 - ended > 0, stopped
@@ -409,7 +409,7 @@ def test_the_trial_runner_follows_the_workers_per_trial_and_cannot_change_on_res
 TAKEN_DASHBOARD_PORT = """
 import os, socket, types
 import ray
-from cifarray.train import launch
+from cifarray.train import cluster
 taken = socket.socket()
 taken.bind(("127.0.0.1", 0))
 taken.listen()
@@ -419,8 +419,8 @@ class Picker(socket.socket):
         name = super().getsockname()
         picks.append(name[1])
         return (name[0], taken.getsockname()[1]) if len(picks) == 1 else name
-launch.socket = types.SimpleNamespace(socket=Picker)
-launch.init_ray(None, dashboard=True)
+cluster.socket = types.SimpleNamespace(socket=Picker)
+cluster.init_ray(dashboard=True)
 print("PICKS", len(picks), "CPU", ray.cluster_resources()["CPU"],
       "API", os.environ["RAY_API_SERVER_ADDRESS"].endswith(f":{picks[-1]}"))
 ray.shutdown()
@@ -439,9 +439,9 @@ RAY_STOPPED_WITH_THE_DRIVER = """
 import sys, time
 from cifarray.errors import run_cli
 def main(argv):
-    from cifarray.train import launch
+    from cifarray.train import cluster
     from ray import tune
-    launch.init_ray(None)
+    cluster.init_ray()
     tune.register_trainable("noop", lambda config: None)  # Tune's exit hook then talks to Ray's GCS
     print("up", flush=True)
     time.sleep(600)
@@ -474,7 +474,7 @@ from pathlib import Path
 import ray
 from ray import tune
 from cifarray.data.synth import write_synthetic
-from cifarray.train.engine import RunContext
+from cifarray.family import Objective, RunContext
 from cifarray.tune.__main__ import trial_resources
 from cifarray.tune.sweep import load
 from cifarray.tune.trial import run_trial
@@ -489,8 +489,9 @@ layout = {"batch_size": 32, "growth_rate": 4, "num_blocks": 2, "layers_0": 1, "l
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 def sweep_of(name, runner, lrs):
-    trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(root / name), metric="val_acc",
-                                     mode="max", context=RunContext(), runner=runner)
+    trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(root / name),
+                                     objective=Objective("val_acc", "max", "validation accuracy"),
+                                     context=RunContext(), runner=runner)
     tuner = tune.Tuner(tune.with_resources(trainable, trial_resources(runner, 1, 0)),
                        param_space={**layout, "lr": tune.grid_search(lrs)},
                        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=runner == "tune"),

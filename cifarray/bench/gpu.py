@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from cifarray.config import flag_of
 from cifarray.data.augment import AugmentConfig, chunk_batches
 from cifarray.data.loader import PreparedData, random_data
 from cifarray.errors import UserError
@@ -182,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, tmp: Path) -> int:
-    from cifarray.train import dcgan, densenet
-    from cifarray.train.common import channels_last, resolve_precision
-    from cifarray.train.config import DCGANTrainConfig, DenseNetTrainConfig
+    from cifarray.device import resolve_precision
+    from cifarray.train import densenet
+    from cifarray.train.config import DenseNetTrainConfig
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -204,7 +205,39 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     data = random_data(max(chunk * args.batch_size, 2048), device)
     torch.manual_seed(0)
     state = densenet.build(cfg, _worker(cfg, device, data, precision, tmp))
-    sampler = state.worker.sampler
+    if defaulted:
+        shown = ", ".join(f"{flag_of(k)} {getattr(args, k)}" for k in defaulted)
+        _say(f"{shown}: the defaults on {'a GPU' if device.type == 'cuda' else 'the CPU'} (pass them to change)")
+    timing = dict(device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+    # The full step's timed runs hold whole chunks (one bulk call each), after one whole chunk of warm-up.
+    step_timing = dict(device=device, steps=-(-args.steps // chunk) * chunk,
+                       warmup=chunk * max(1, -(-args.warmup // chunk)), repeats=args.repeats)
+    rows = _densenet_rows(args, state, chunk, precision, timing, step_timing)
+    rows += _graph_rows(cfg, device, data, precision, step_timing, chunk, tmp) if device.type == "cuda" else [
+        ("full step, CUDA graph", "n/a", "needs CUDA")]
+    rows += _dcgan_rows(args, device, data, precision, timing, tmp)
+    if args.e2e_steps:
+        _say(f"running python -m cifarray.train densenet for {args.e2e_steps} steps (Ray start-up included)")
+        rows.append(("end-to-end python -m cifarray.train", "", _e2e(args, device, tmp)))
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    params = sum(p.numel() for p in state.model.parameters())
+    print(f"bench gpu: {name}, torch {torch.__version__}, precision {precision}, DenseNet k={args.growth_rate} "
+          f"blocks={args.blocks} ({params:,} params), batch {args.batch_size}")
+    width = max(len(r[0]) for r in rows)
+    print(f"  {'what':<{width}}  {'ms/value':>9}  note")
+    for what, value, note in rows:
+        print(f"  {what:<{width}}  {value:>9}  {note}")
+    return 0
+
+
+def _densenet_rows(args: argparse.Namespace, state, chunk: int, precision: str, timing: dict,
+                   step_timing: dict) -> list:
+    """AugMix per batch and in bulk, the model step (eager, compiled), the full step and its profile."""
+    from cifarray.device import channels_last
+    from cifarray.train import densenet
+
+    data, device, sampler = state.worker.data, state.worker.device, state.worker.sampler
     raw = data.train.images[:args.batch_size]
     bulk = data.train.images[:chunk * args.batch_size]
     x = channels_last(state.aug(raw, state.worker.gen))
@@ -220,15 +253,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     def full_step():
         densenet.step(state, sampler.next())
 
-    if defaulted:
-        shown = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in defaulted)
-        _say(f"{shown}: the defaults on {'a GPU' if device.type == 'cuda' else 'the CPU'} (pass them to change)")
-
-    timing = dict(device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
     bulk_timing = dict(device=device, steps=1, warmup=1, repeats=args.repeats)
-    # The full step's timed runs hold whole chunks (one bulk call each), after one whole chunk of warm-up.
-    step_timing = dict(device=device, steps=-(-args.steps // chunk) * chunk,
-                       warmup=chunk * max(1, -(-args.warmup // chunk)), repeats=args.repeats)
     _say("timing AugMix (one batch, in bulk) and the model step")
     rows = [("AugMix + crop + flip, one batch", f"{_ms(lambda: state.aug(raw, state.worker.gen), **timing):.2f}",
              f"{args.batch_size} images, per batch"),
@@ -247,15 +272,21 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     full = _ms(full_step, **step_timing)
     launches, busy = _profile(full_step, device, chunk)
     kernels = "kernels per full step" if device.type == "cuda" else "aten operators per full step"
-    rows += [("full step (order + augment + model)", f"{full:.2f}",
-              f"the family's own step, eager; bulk augmentation, {chunk} batches per call"),
-             (kernels, f"{launches:.0f}", f"torch.profiler, over {chunk} steps"),
-             ("GPU busy per full step", f"{busy:.0%}" if busy is not None else "n/a",
-              "kernel time / wall" if busy is not None else "no GPU"),
-             ("projected 10,000 steps", f"{full * 10:.0f} s", "full step x 10,000")]
-    rows += _graph_rows(cfg, device, data, precision, step_timing, chunk, tmp) if device.type == "cuda" else [
-        ("full step, CUDA graph", "n/a", "needs CUDA")]
+    return rows + [("full step (order + augment + model)", f"{full:.2f}",
+                    f"the family's own step, eager; bulk augmentation, {chunk} batches per call"),
+                   (kernels, f"{launches:.0f}", f"torch.profiler, over {chunk} steps"),
+                   ("GPU busy per full step", f"{busy:.0%}" if busy is not None else "n/a",
+                    "kernel time / wall" if busy is not None else "no GPU"),
+                   ("projected 10,000 steps", f"{full * 10:.0f} s", "full step x 10,000")]
 
+
+def _dcgan_rows(args: argparse.Namespace, device: torch.device, data: PreparedData, precision: str, timing: dict,
+                tmp: Path) -> list:
+    """The DCGAN's D+G step, eager and (on a GPU) graphed."""
+    from cifarray.train import dcgan
+    from cifarray.train.config import DCGANTrainConfig
+
+    rows = []
     for mode in ("off", "on") if device.type == "cuda" else ("off",):
         _say(f"timing the DCGAN step{', CUDA graph' if mode == 'on' else ''}")
         gcfg = DCGANTrainConfig(synthetic=True, batch_size=args.gan_batch_size, gpu=device.type == "cuda",
@@ -272,17 +303,4 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
                      f"batch {gcfg.batch_size}; 50,000 steps: {gan * 50:.0f} s"))
     if device.type != "cuda":
         rows.append(("DCGAN D+G step, CUDA graph", "n/a", "needs CUDA"))
-    if args.e2e_steps:
-        _say(f"running python -m cifarray.train densenet for {args.e2e_steps} steps (Ray start-up included)")
-        rows.append(("end-to-end python -m cifarray.train", "", _e2e(args, device, tmp)))
-
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
-    params = sum(p.numel() for p in state.model.parameters())
-    print(f"bench gpu: {name}, torch {torch.__version__}, precision {precision}, DenseNet k={args.growth_rate} "
-          f"blocks={args.blocks} ({params:,} params), batch {args.batch_size}")
-    width = max(len(r[0]) for r in rows)
-    print(f"  {'what':<{width}}  {'ms/value':>9}  note")
-    for what, value, note in rows:
-        print(f"  {what:<{width}}  {value:>9}  {note}")
-    return 0
+    return rows

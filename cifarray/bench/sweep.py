@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from cifarray.errors import UserError
+from cifarray.tune.layout import TRIALS
 
 RUNNERS = ("tune", "train")
 
@@ -69,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _trial_figures(out: Path) -> list[dict]:
     figures = []
-    for folder in sorted((out / "trials").iterdir()):
+    for folder in sorted((out / TRIALS).iterdir()):
         trial, summary = (json.loads((folder / name).read_text()) for name in ("trial.json", "summary.json"))
         wall = summary["finished_at"] - trial["entered"]
         figures.append({"wall": wall, "train_s": summary["train_s"], "overhead": wall - summary["train_s"],

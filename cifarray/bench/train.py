@@ -29,7 +29,7 @@ from cifarray.data.cifar import load_cifar100
 from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError
 from cifarray.eval.classifier import evaluate
-from cifarray.train.common import autocast, channels_last
+from cifarray.device import autocast, channels_last
 from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.densenet import build_model, make_optimizer
 
@@ -95,7 +95,7 @@ def _mean(pair: list[float]) -> float:
 def run(args: argparse.Namespace) -> int:
     from cifarray.train import launch
     from cifarray.rundir import RunDir, read_metrics
-    from cifarray.train.common import resolve_precision
+    from cifarray.device import resolve_precision
     from cifarray.train.densenet import FAMILY
 
     if args.steps < 2 * WARMUP or args.steps % WARMUP:

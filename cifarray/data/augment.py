@@ -359,7 +359,6 @@ class DeviceAugment:
             self._augmix_tables()
         b, dev = x.shape[0], x.device
         n_ops, n_affine = len(self.op_names), len(_AFFINE)
-        posterize = self.op_names.index("Posterize")
         wb = cfg.width * b
         m = self._dirichlet(2, b, generator, dev)
         weights = self._dirichlet(cfg.width, b, generator, dev) * m[:, 1:2]  # (B, width)
@@ -384,22 +383,7 @@ class DeviceAugment:
             counts = torch.bincount(key, minlength=n_ops + 1).tolist()  # the one host sync per step
             perm = perm[order]
             aug = x.index_select(0, perm % b) if step == 0 else aug.index_select(0, order)
-            mag, combo = mag[perm], combo[perm]
-            start = 0
-            for k, count in enumerate(counts[:n_ops]):
-                if count:
-                    s = slice(start, start + count)
-                    if k == 0:
-                        aug[s] = _grid_sample(aug[s], self._grids.index_select(0, combo[s]))
-                    elif k == 2:
-                        c = combo[s]
-                        aug[s] = _shift(aug[s], self._shift_index.index_select(0, c),
-                                        self._shift_inside.index_select(0, c))
-                    elif k == posterize:
-                        aug[s].bitwise_and_(_posterize_mask(mag[s]))  # in place: no copy
-                    else:
-                        aug[s] = _OPS[self.op_names[k]](aug[s], mag[s])
-                start += count
+            self._apply_ops(aug, counts[:n_ops], mag[perm], combo[perm])
         aug = aug.index_select(0, torch.argsort(perm))
         # Normalisation is folded into the mixing weights: (sum w x) * scale + shift.
         scale = self._scale if normalize else torch.ones(1, 3, 1, 1, device=dev)
@@ -407,6 +391,25 @@ class DeviceAugment:
         for i, chain in enumerate(aug.float().split(b)):  # converting first beats mixed-dtype addcmul_
             mix.addcmul_(chain, weights[:, i].view(b, 1, 1, 1) * scale)
         return mix.add_(self._shift) if normalize else mix
+
+    def _apply_ops(self, aug: torch.Tensor, counts: list[int], mag: torch.Tensor, combo: torch.Tensor) -> None:
+        """One AugMix step in place on the sorted stack: each op once, on its contiguous slice of rows (counts[k]
+        rows of op group k; shears and rotations share group 0, translations group 2)."""
+        posterize = self.op_names.index("Posterize")
+        start = 0
+        for k, count in enumerate(counts):
+            if count:
+                s = slice(start, start + count)
+                if k == 0:
+                    aug[s] = _grid_sample(aug[s], self._grids.index_select(0, combo[s]))
+                elif k == 2:
+                    c = combo[s]
+                    aug[s] = _shift(aug[s], self._shift_index.index_select(0, c), self._shift_inside.index_select(0, c))
+                elif k == posterize:
+                    aug[s].bitwise_and_(_posterize_mask(mag[s]))  # in place: no copy
+                else:
+                    aug[s] = _OPS[self.op_names[k]](aug[s], mag[s])
+            start += count
 
 
 def reference_pipeline(config: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...]):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cifarray.data.cifar import Cifar100, Split, channel_stats, load_cifar100, validation_split
+from cifarray.config import check_batch_split
 from cifarray.errors import UserError
 from cifarray.rundir import RunDir
 
@@ -70,8 +71,8 @@ class ShardedBatches:
 
     def __init__(self, n: int, global_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0,
                  device: torch.device | str = "cpu"):
-        if global_batch % world:
-            raise UserError(f"batch size {global_batch} must be divisible by the number of workers ({world})")
+        check_batch_split(global_batch, world, f"batch size {global_batch} must be divisible by the number of "
+                          f"workers ({world})", "change one of them")
         self.per_rank = global_batch // world
         if n // world < self.per_rank:
             raise UserError(f"batch size {global_batch} exceeds the {n} training images; use a smaller --batch-size")

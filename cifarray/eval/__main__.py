@@ -6,30 +6,34 @@ import argparse
 from typing import Sequence
 
 from cifarray.errors import UserError, run_cli
+from cifarray.eval import fid
 
 
 def fid_command(args: argparse.Namespace) -> int:
-    from cifarray.config import from_dict
-    from cifarray.eval import fid
-    from cifarray.models.dcgan import Generator
+    from dataclasses import fields
+    from types import SimpleNamespace
+
     from cifarray.data.loader import load_data
+    from cifarray.models.dcgan import DCGANConfig, Generator
     from cifarray.rundir import RETRAIN, RunDir, load_state_into
-    from cifarray.train.config import DCGANTrainConfig
 
     run = RunDir(args.run_dir)
     config = run.read_json("config.json")
     if config is None or not (run.path / "generator.pt").is_file():
         raise UserError(f"{run.path}: not a finished dcgan run (needs config.json and generator.pt); "
                         "train one with python -m cifarray.train dcgan")
-    cfg = from_dict(DCGANTrainConfig, config)
+    # The model's settings and where its data are, read from config.json (evaluation needs no training config).
+    model = DCGANConfig(**{f.name: config[f.name] for f in fields(DCGANConfig) if f.name in config})
+    cfg = SimpleNamespace(synthetic=bool(config.get("synthetic")), data_dir=config.get("data_dir"),
+                          no_verify=bool(config.get("no_verify")), out=str(run.path))
     if args.samples < 2:
         raise UserError("--samples must be at least 2")
-    g = Generator(cfg.model_config())
+    g = Generator(model)
     load_state_into(g, run.path / "generator.pt", "the generator's weights", RETRAIN)
     weights = fid.resolve_weights(args.inception_weights)  # before any sampling: missing weights fail fast
     data = load_data(cfg)
     reference = (data.test if args.reference == "test" else data.train).images
-    samples = fid.sample_generator(g, args.samples, cfg.z_dim, seed=args.seed)
+    samples = fid.sample_generator(g, args.samples, model.z_dim, seed=args.seed)
     result = fid.compute(samples, reference, split=args.reference, weights=weights,
                          isc=args.isc, kid=args.kid)
     summary = run.read_json("summary.json") or {}
@@ -48,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fid", help="FID of a dcgan run's generator against a CIFAR-100 split")
     p.add_argument("run_dir")
-    p.add_argument("--samples", type=int, default=10_000, help="generated samples (default 10,000)")
+    p.add_argument("--samples", type=int, default=fid.DEFAULT_SAMPLES,
+                   help=f"generated samples (default {fid.DEFAULT_SAMPLES:,})")
     p.add_argument("--reference", choices=("test", "train"), default="test")
     p.add_argument("--inception-weights", metavar="PATH", help="weights-inception-2015-12-05-6726825d.pth")
     p.add_argument("--isc", action="store_true", help="also the Inception Score")

@@ -8,7 +8,7 @@ import torch
 from cifarray.data.augment import AugmentConfig, DeviceAugment
 from cifarray.data.loader import DeviceSplit, load_data, prepare
 from cifarray.rundir import RETRAIN, RunDir, load_state_into
-from cifarray.train.common import channels_last
+from cifarray.device import channels_last
 
 
 @torch.no_grad()

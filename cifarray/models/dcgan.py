@@ -11,6 +11,7 @@ returns logits so that a hinge loss can use them too. No training code lives her
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from cifarray.config import opt
 from cifarray.errors import UserError
+from cifarray.models.budget import GAN_BUDGET
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,15 @@ class DCGANConfig:
     d_widths: tuple[int, ...] = opt((16, 32, 64, 128), "discriminator channels after layers 1-4 (layer 5: 1 logit)")
     d_batchnorm: bool = opt(True, "batch norm in discriminator layers 2-4 (usually off with spectral norm)")
     spectral_norm: bool = opt(False, "spectral normalisation of every discriminator conv")
+    budget: ClassVar[int] = GAN_BUDGET  # trainable parameters of generator + discriminator allowed by default
+
+    def param_count(self) -> int:
+        return param_count(self)
+
+    def over_budget(self, count: int, budget: int) -> str:
+        g, d = generator_params(self), discriminator_params(self)
+        return (f"DCGAN has {count:,} trainable parameters (generator {g:,} + discriminator {d:,}), over the budget "
+                f"of {budget:,}; narrow --g-widths/--d-widths (or raise --param-budget)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "g_widths", tuple(int(w) for w in self.g_widths))

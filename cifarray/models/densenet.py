@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from cifarray.config import opt
 from cifarray.errors import UserError
+from cifarray.models.budget import CLASSIFIER_BUDGET
 
 MAX_BLOCKS = 6  # each transition halves 32x32; after a 6th block the map would be 1x1
 
@@ -33,6 +35,15 @@ class DenseNetConfig:
     dropout: float = opt(0.0, "dropout after each conv inside the blocks")
     num_classes: int = 100
     in_channels: int = 3
+    budget: ClassVar[int] = CLASSIFIER_BUDGET  # trainable parameters allowed by default
+
+    def param_count(self) -> int:
+        return param_count(self)
+
+    def over_budget(self, count: int, budget: int) -> str:
+        return (f"DenseNet (growth rate {self.growth_rate}, blocks {','.join(map(str, self.blocks))}) has {count:,} "
+                f"trainable parameters, over the budget of {budget:,}; lower --growth-rate or use fewer layers in "
+                "--blocks (or raise --param-budget)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))

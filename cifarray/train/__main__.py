@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="job", required=True)
     for name, family in registry.FAMILIES.items():
-        p = sub.add_parser(name, help=f"train {family.description or name}", description=__doc__,
+        p = sub.add_parser(name, help=f"train {family.display.description or name}", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # helps name their defaults
         p.add_argument("--config", metavar="FILE", help="TOML file of flags (keys as flag names)")
         p.add_argument("--force-unlock", action="store_true",
@@ -47,7 +47,7 @@ def parse(argv: Sequence[str] | None = None) -> Parsed:
     values = vars(args)
     job, config_file, force = values.pop("job"), values.pop("config"), values.pop("force_unlock")
     file_values = load_toml(config_file) if config_file else {}
-    # --workers auto: sized to the Ray cluster once it is joined (launch.scale_to_cluster)
+    # --workers auto: sized to the Ray cluster once it is joined (cluster.scale_to_cluster)
     auto = AUTO in (values.get("workers"), file_values.get("workers"))
     if auto:
         values["workers"] = None
@@ -59,18 +59,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     job, cfg, auto, force = parse(argv)
     from cifarray.report import make_report
     from cifarray.runlock import RunLock
-    from cifarray.train import launch
+    from cifarray.train import cluster, launch
 
     family = registry.get(job)
     n_train = launch.check_inputs(cfg, family, auto)  # every input error before Ray and the lock
     with RunLock(cfg.out, f"python -m cifarray.train {job}", force=force):
         if auto:
-            cfg = launch.scale_to_cluster(cfg)
+            cfg = cluster.scale_to_cluster(cfg)
             launch.check_data_fits(cfg, n_train, cfg.data_dir or "the procedural data set")
         summary = launch.fit(cfg, family)
         figures = make_report(cfg.out)  # the same as `python -m cifarray.report RUN_DIR`
     print(f"figures and tables: {', '.join(p.name for p in figures)} in {Path(cfg.out).resolve()}")
-    print(json.dumps({k: summary.get(k) for k in family.summary_keys or summary}))
+    print(json.dumps({k: summary.get(k) for k in family.display.summary_keys or summary}))
     return 0
 
 

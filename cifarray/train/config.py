@@ -12,12 +12,12 @@ DenseNet-on-CIFAR recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from cifarray.config import embed, opt
+from cifarray.config import check_batch_split, embed, flag_of, opt
 from cifarray.data.augment import MODES, AugmentConfig
 from cifarray.data.synth import DIFFICULTIES
 from cifarray.errors import UserError
-from cifarray.models.budget import CLASSIFIER_BUDGET, GAN_BUDGET
 from cifarray.models.dcgan import DCGANConfig
 from cifarray.models.densenet import DenseNetConfig
 from cifarray.train import graphs
@@ -68,9 +68,9 @@ class CommonConfig:
         for name in ("steps", "batch_size", "workers", "log_every", "eval_every", "checkpoint_every",
                      "synthetic_train_per_class", "synthetic_test_per_class"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size % self.workers:
-            raise UserError(f"--batch-size {self.batch_size} must be divisible by --workers {self.workers}")
+                raise UserError(f"{flag_of(name)} must be at least 1, got {getattr(self, name)}")
+        check_batch_split(self.batch_size, self.workers, f"--batch-size {self.batch_size} must be divisible by "
+                          f"--workers {self.workers}", "change one of them")
         if self.synthetic_difficulty not in DIFFICULTIES:
             raise UserError(f"--synthetic-difficulty {self.synthetic_difficulty!r} is not one of "
                             f"{', '.join(DIFFICULTIES)}")
@@ -94,6 +94,22 @@ class CommonConfig:
 
     def graphs_unsupported(self) -> str:
         return ""
+
+    def model_config(self) -> Any:
+        """The model this config trains (a family's config says which)."""
+        raise NotImplementedError
+
+    # The parameter budget, owned by the model config (cifarray.models.budget.enforce_budget): its count, the
+    # budget (--param-budget, else the model's default) and what to change when over it.
+    def param_count(self) -> int:
+        return self.model_config().param_count()
+
+    @property
+    def budget(self) -> int:
+        return self.model_config().budget if self.param_budget is None else self.param_budget
+
+    def over_budget(self, count: int, budget: int) -> str:
+        return self.model_config().over_budget(count, budget)
 
 
 @dataclass(frozen=True)
@@ -146,10 +162,6 @@ class DenseNetTrainConfig(CommonConfig):
         """What the trainer and the plain-loop baseline both augment with (one place, so they cannot drift)."""
         return AugmentConfig(**{name: getattr(self, key) for name, key in AUGMENT_KEYS.items()})
 
-    @property
-    def budget(self) -> int:
-        return CLASSIFIER_BUDGET if self.param_budget is None else self.param_budget
-
 
 @dataclass(frozen=True)
 class DCGANTrainConfig(CommonConfig):
@@ -189,7 +201,3 @@ class DCGANTrainConfig(CommonConfig):
 
     def model_config(self) -> DCGANConfig:
         return DCGANConfig(**{name: getattr(self, name) for name in DCGAN_KEYS})
-
-    @property
-    def budget(self) -> int:
-        return GAN_BUDGET if self.param_budget is None else self.param_budget

@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from cifarray import figures
 from cifarray.errors import UserError
 from cifarray.metrics import stats_fd
-from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.dcgan import Discriminator, Generator, discriminator_params, generator_params
-from cifarray.rundir import RETRAIN, RunDir, load_state_into, read_metrics
-from cifarray.train.common import channels_last
+from cifarray.rundir import RETRAIN, RunDir, load_state_into, measured, read_metrics
 from cifarray.train.config import DCGANTrainConfig
-from cifarray.train.engine import Family, Objective, RunContext, Worker
+from cifarray.train.engine import Worker
 from cifarray.train.graphs import GraphedStep, describe
-from cifarray.tune.rules import SweepRules
+from cifarray.device import channels_last
+from cifarray.family import Display, Family, Objective, Pieces, RunContext, SweepRules, SweepSpec
 
 GRID = 64  # 8 x 8 samples
 STATS_SAMPLES = 1000  # generated and real images per stats_fd (~0.1 s on a CPU)
@@ -98,6 +97,10 @@ class State:
     def stateful(self) -> dict[str, Any]:
         return {"g": self.g, "d": self.d, "opt_g": self.opt_g, "opt_d": self.opt_d,
                 **({"ema": self.ema} if self.ema is not None else {})}
+
+    @property
+    def primary(self) -> torch.nn.Module:
+        return self.g
 
     @property
     def sampler_g(self) -> torch.nn.Module:
@@ -280,7 +283,7 @@ def report(run: RunDir, cfg: DCGANTrainConfig) -> list[Path]:
         raise UserError(f"{run.path}: no generator.pt; the run has not finished (rerun its training command)")
     rows = read_metrics(run.metrics)
     panels = [("loss", ["loss_d", "loss_g"]), ("D output", ["d_real", "d_fake"])]
-    if any(r.get("fid") not in (None, "", "nan") for r in rows):
+    if any(measured(r, "fid") for r in rows):
         panels.append(("FID", ["fid"]))
     out = [figures.curves(run, rows, panels, "DCGAN" + (" (procedural data)" if cfg.synthetic else ""))]
     g = Generator(cfg.model_config())
@@ -307,12 +310,13 @@ def _log_fields(s: State) -> dict[str, Any]:
 
 
 FAMILY = Family(
-    name="dcgan", config=DCGANTrainConfig, description="the DCGAN (CIFAR-100, <= 1M params)",
-    build=build, step=step, evaluate=evaluate, finish=finish, begin=begin, eval_now=evaluates_at,
-    metric_fields=("loss_d", "loss_g", "d_real", "d_fake", "fid", "stats_fd", "lr_g"),
-    log_fields=_log_fields, objective=objective, driver_context=fid_weights_for_training,
-    param_count=train_config_params, enforce_budget=enforce_train_config,
-    report=report, test_metrics=_test_note, sweep=Widths(),
-    progress_keys=("loss_d", "loss_g", "d_real", "d_fake", "fid", "images_per_s"),
-    summary_keys=("params_g", "params_d", "steps", "seconds", "images_per_s", "best_fid", "best_fid_step"),
+    name="dcgan", config=DCGANTrainConfig, driver_context=fid_weights_for_training,
+    pieces=Pieces(build=build, step=step, evaluate=evaluate, finish=finish, begin=begin, eval_now=evaluates_at,
+                  log_fields=_log_fields, metric_fields=("loss_d", "loss_g", "d_real", "d_fake", "fid", "stats_fd",
+                                                         "lr_g")),
+    sweep=SweepSpec(objective=objective, rules=Widths(), test_metrics=_test_note),
+    display=Display(figures=report, description="the DCGAN (CIFAR-100, <= 1M params)",
+                    progress_keys=("loss_d", "loss_g", "d_real", "d_fake", "fid", "images_per_s"),
+                    summary_keys=("params_g", "params_d", "steps", "seconds", "images_per_s", "best_fid",
+                                  "best_fid_step")),
 )

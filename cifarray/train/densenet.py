@@ -23,16 +23,15 @@ from cifarray import figures
 from cifarray.data.augment import BulkAugment, DeviceAugment, chunk_batches
 from cifarray.data.loader import DeviceSplit
 from cifarray.eval.classifier import evaluate, load_finished
-from cifarray.models.budget import enforce_train_config, train_config_params
 from cifarray.models.densenet import DenseNet, param_count
 from cifarray.errors import UserError
 from cifarray.rundir import RETRAIN, RunDir, load_torch, read_metrics
 from cifarray.train import graphs
-from cifarray.train.common import channels_last
 from cifarray.train.config import DenseNetTrainConfig
-from cifarray.train.engine import Family, Objective, Worker
+from cifarray.train.engine import Worker
 from cifarray.train.graphs import GraphedStep
-from cifarray.tune.rules import SweepRules
+from cifarray.device import channels_last
+from cifarray.family import Display, Family, Objective, Pieces, SweepRules, SweepSpec
 
 
 def make_optimizer(cfg: DenseNetTrainConfig, model: torch.nn.Module):
@@ -74,6 +73,10 @@ class State:
     @property
     def stateful(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.opt, "scheduler": self.sched}
+
+    @property
+    def primary(self) -> torch.nn.Module:
+        return self.model
 
 
 def build(cfg: DenseNetTrainConfig, w: Worker) -> State:
@@ -280,12 +283,11 @@ def _objective(ctx) -> Objective:
 
 
 FAMILY = Family(
-    name="densenet", config=DenseNetTrainConfig, description="the DenseNet classifier (CIFAR-100, <= 100k params)",
-    build=build, step=step, evaluate=evaluate_step, finish=finish,
-    metric_fields=("loss", "train_acc", "val_acc", "lr"),
-    log_fields=_log_fields, objective=_objective,
-    param_count=train_config_params, enforce_budget=enforce_train_config,
-    report=report, test_metrics=test_accuracy, sweep=BlockLayout(),
-    progress_keys=("loss", "train_acc", "val_acc", "images_per_s"),
-    summary_keys=("params", "steps", "seconds", "images_per_s", "val_acc", "test_acc"),
+    name="densenet", config=DenseNetTrainConfig,
+    pieces=Pieces(build=build, step=step, evaluate=evaluate_step, finish=finish, log_fields=_log_fields,
+                  metric_fields=("loss", "train_acc", "val_acc", "lr")),
+    sweep=SweepSpec(objective=_objective, rules=BlockLayout(), test_metrics=test_accuracy),
+    display=Display(figures=report, description="the DenseNet classifier (CIFAR-100, <= 100k params)",
+                    progress_keys=("loss", "train_acc", "val_acc", "images_per_s"),
+                    summary_keys=("params", "steps", "seconds", "images_per_s", "val_acc", "test_acc")),
 )

@@ -1,49 +1,34 @@
-"""The training engine: one per-worker loop for every model family, and what a family is.
+"""The training engine: one per-worker loop for every model family (`cifarray.family` says what a family is).
 
-A family (DenseNet, DCGAN, or one registered from outside, see `cifarray.registry`) supplies
-pieces; this module owns everything around them, once:
-
-- `build(cfg, worker) -> state`: models, optimizers, schedules, augmentation. `state.stateful`
-  names the components a checkpoint holds (the engine adds the data order).
-- `step(state, batch) -> {name: tensor}`: one optimisation step on `batch` (this rank's indices into
-  `worker.data.train`, on the device). Pure tensor work: no `.item()`, no branching on values, so
-  that it can be compiled or captured as a whole. The engine sums the tensors on the device and
-  reads them back only at log points (mean over steps and ranks).
-- `evaluate(state, step) -> {name: float}`: rank 0, at the family's evaluation steps.
-- `finish(state, run) -> {summary fields}`: rank 0, after the last step: final weights and the
-  family's part of summary.json.
-
-The engine does the run's set-up, restore and snapshot, the cadence (log, NaN check, evaluation,
-checkpoint, report; final files before the final report), reseeding `worker.gen` at checkpoints,
-worker info, provenance and the common summary fields. `Worker` and `RunContext` are what the pieces get.
-Who runs it (a Ray Train worker, a Tune trial's own actor, or this process) is the `Session` it is given
-(`cifarray.train.session`): rank, world, device, data, reports and the checkpoint to resume from.
+A family supplies pieces (build, step, evaluate, finish); this module owns everything around them, once:
+the run's set-up, restore and snapshot, the cadence (log, NaN check, evaluation, checkpoint, report; final
+files before the final report), reseeding `worker.gen` at checkpoints, worker info, provenance and the
+common summary fields. `Worker` is what the pieces get. Who runs the loop (a Ray Train worker, a Tune
+trial's own actor, or this process) is the `Session` it is given (`cifarray.train.session`): rank, world,
+device, data, reports and the checkpoint to resume from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from cifarray.data.loader import PreparedData, ShardedBatches
+from cifarray.device import autocast, resolve_precision
+from cifarray.family import Family, Pieces, RunContext, TrainState
+from cifarray.provenance import provenance
 from cifarray.rundir import MetricsLog, RunDir, read_metrics
-from cifarray.train import common
+from cifarray.train.checkpoint import restore, send_result, snapshot
 from cifarray.train.session import LocalSession, Session
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What the driver hands a worker that is not configuration (config.json does not record it)."""
-
-    sweep_trial: bool = False  # a Tune trial: selects on validation data; the test split stays unseen
-    fid_weights: tuple[str, str] | None = None  # (safe Inception weights path, sha256), resolved by the driver
 
 
 @dataclass
@@ -80,74 +65,11 @@ class Worker:
         return torch.compile(model) if self.cfg.compile else model
 
     def autocast(self, cache: bool = True):
-        return common.autocast(self.device, self.precision, cache)
+        return autocast(self.device, self.precision, cache)
 
 
-@dataclass(frozen=True)
-class Objective:
-    metric: str
-    mode: str  # max | min
-    label: str
-
-    @property
-    def worst(self) -> float:
-        """What a trial that has no score scores (infeasible, diverged): a sweep must still hear the metric."""
-        return worst(self.mode)
-
-
-def worst(mode: str) -> float:
-    return 0.0 if mode == "max" else 1e9
-
-
-def _nothing(*args: Any) -> dict:
-    return {}
-
-
-def _no_context(cfg: Any) -> RunContext:
-    return RunContext()
-
-
-@dataclass(frozen=True)
-class Family:
-    """Everything the CLI, the tuner, the report and the engine need to know about one model family."""
-
-    name: str
-    config: type  # the training config dataclass (a `CommonConfig`)
-    build: Callable[[Any, Worker], Any]
-    step: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
-    evaluate: Callable[[Any, int], dict[str, float]]
-    finish: Callable[[Any, RunDir], dict[str, Any]]
-    metric_fields: tuple[str, ...]  # metrics.csv columns between step and images_per_s
-    objective: Callable[[RunContext], Objective]  # what a sweep selects on
-    param_count: Callable[[Any], int]  # trainable parameters of the config's model(s)
-    enforce_budget: Callable[[Any], int]  # the count, or BudgetError naming the flags to change
-    report: Callable[[RunDir, Any], list[Path]]  # figures and tables of a finished run
-    progress_keys: tuple[str, ...] = ()  # shown while training
-    summary_keys: tuple[str, ...] = ()  # printed by the CLI when training ends
-    description: str = ""
-    # Optional pieces. Module-level functions, not lambdas: Optuna's searcher state pickles the family.
-    log_fields: Callable[[Any], dict[str, Any]] = _nothing  # host values added to every metrics row
-    eval_now: Callable[[Any, int], bool] | None = None  # default: every cfg.eval_every steps
-    begin: Callable[[Any], None] = _nothing  # rank 0, after restore, before the first step
-    driver_context: Callable[[Any], RunContext] = _no_context  # driver side, before Ray starts
-    test_metrics: Callable[[RunDir, Any], dict[str, Any]] = _nothing  # a sweep's best trial, once
-    sweep: Any = None  # SweepRules: special sweep keys, their expansion, console columns (cifarray.tune.sweep)
-
-    @property
-    def metrics_columns(self) -> list[str]:
-        """metrics.csv's header."""
-        return ["step", *self.metric_fields, "images_per_s", "seconds", "attempt"]
-
-    def train_fn(self, context: RunContext) -> Callable[[dict], None]:
-        """The Ray Train per-worker function of this family (a `TorchTrainer`'s train_loop_per_worker)."""
-        return _TrainLoop(self, context)
-
-    def evaluates_at(self, state: Any, step: int) -> bool:
-        return self.eval_now(state, step) if self.eval_now else step % state.worker.cfg.eval_every == 0
-
-
-class _TrainLoop:
-    """Picklable per-worker function (Ray Train calls it with the config dict)."""
+class TrainLoop:
+    """Picklable per-worker function of a family (Ray Train calls it with the config dict)."""
 
     def __init__(self, family: Family, context: RunContext):
         self.family, self.context = family, context
@@ -165,94 +87,191 @@ def train(family: Family, config: dict, session: Session, context: RunContext = 
 
     entered = time.perf_counter()
     cfg = from_dict(family.config, config)
+    worker, state, stateful = _set_up(family.pieces, cfg, session, context)
+    started = time.perf_counter()
+    last = _loop(family.pieces, worker, state, stateful)
+    if last is None:
+        return  # diverged: reported
+    trained = time.perf_counter()
+    write_worker_info(worker.run, worker.rank, params_sha256=params_sha256(state.primary), final_step=cfg.steps)
+    if worker.rank == 0:
+        _write_summary(family, worker, state, {"startup_s": started - entered, "train_s": trained - started,
+                                               "trained": trained})
+    if worker.start < cfg.steps:
+        # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
+        # the final weights and summary.json already written.
+        send_result(session, worker.run, *last, worker.rank)
+
+
+def _set_up(pieces: Pieces, cfg: Any, session: Session, context: RunContext) -> tuple[Worker, TrainState, dict]:
+    """The worker, the family's state restored from the newest loadable checkpoint, and what a checkpoint holds."""
     run = RunDir(cfg.out)
     device, rank, world = session.device, session.rank, session.world
-    common.reset_global_state(cfg)
+    reset_global_state(cfg)
     data = session.data(cfg)
     sampler = ShardedBatches(len(data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed, device=device)
     worker = Worker(cfg=cfg, run=run, device=device, rank=rank, world=world,
-                    precision=common.resolve_precision(cfg.precision, device), data=data,
+                    precision=resolve_precision(cfg.precision, device), data=data,
                     gen=torch.Generator(device=device), context=context, sampler=sampler, session=session,
-                    attempt=common.next_attempt(run) if rank == 0 else 0)
-
+                    attempt=next_attempt(run) if rank == 0 else 0)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank, whatever loading the data drew
-    state = family.build(cfg, worker)
+    state = pieces.build(cfg, worker)
     stateful = {**state.stateful, "sampler": sampler}
-    start = worker.start = common.restore(stateful, session)
-    worker.gen.manual_seed(common.augment_seed(cfg.seed, rank, start))
-    log = MetricsLog(run.metrics, family.metrics_columns)
+    start = worker.start = restore(stateful, session)
+    worker.gen.manual_seed(augment_seed(cfg.seed, rank, start))
     if rank == 0:
-        log.truncate_after(start)
-        family.begin(state)
-    common.write_worker_info(run, rank, pid=os.getpid(), host=socket.gethostname(), start_step=start,
-                             attempt=worker.attempt, runner=session.name, slurm_node=os.environ.get("SLURMD_NODENAME"),
-                             data_cached=bool(getattr(session, "data_cached", False)))
+        MetricsLog(run.metrics, pieces.metrics_columns).truncate_after(start)
+        pieces.begin(state)
+    write_worker_info(run, rank, pid=os.getpid(), host=socket.gethostname(), start_step=start,
+                      attempt=worker.attempt, runner=session.name, slurm_node=os.environ.get("SLURMD_NODENAME"),
+                      data_cached=bool(getattr(session, "data_cached", False)))
+    return worker, state, stateful
 
-    keys: list[str] = []
-    sums = torch.zeros(0, device=device)
-    started = time.perf_counter()
-    window_start, window_steps = time.perf_counter(), 0
+
+class _Window:
+    """The step metrics since the last log point, summed on the device (read back only at log points)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.keys, self.sums = device, [], torch.zeros(0, device=device)
+        self.restart()
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        if not self.keys:
+            self.keys = list(metrics)
+            self.sums = torch.zeros(len(metrics), dtype=torch.float64, device=self.device)
+        self.sums += torch.stack([metrics[k].detach().to(torch.float64) for k in self.keys])
+        self.steps += 1
+
+    def means(self, world: int) -> dict[str, float]:
+        # The one host sync of a window, and one collective: sums over ranks.
+        totals = all_reduce_sum(self.sums.tolist(), self.device)
+        return {k: v / (self.steps * world) for k, v in zip(self.keys, totals)}
+
+    def restart(self) -> None:
+        self.sums.zero_()
+        self.steps, self.started = 0, time.perf_counter()
+
+
+def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> tuple[dict, dict | None] | None:
+    """Steps start+1..cfg.steps; returns the last row and checkpoint (reported by the caller after the final
+    files), or None when the loss diverged (reported here)."""
+    cfg, run, rank, session = worker.cfg, worker.run, worker.rank, worker.session
+    log = MetricsLog(run.metrics, pieces.metrics_columns)
+    window = _Window(worker.device)
     row: dict[str, Any] = {}
     checkpoint = None
-    for step in range(start + 1, cfg.steps + 1):
-        metrics = family.step(state, sampler.next())
-        if not keys:
-            keys, sums = list(metrics), torch.zeros(len(metrics), dtype=torch.float64, device=device)
-        sums += torch.stack([metrics[k].detach().to(torch.float64) for k in keys])
-        window_steps += 1
-
+    for step in range(worker.start + 1, cfg.steps + 1):
+        window.add(pieces.step(state, worker.sampler.next()))
         is_last = step == cfg.steps
         ckpt_now = step % cfg.checkpoint_every == 0 or is_last
-        eval_now = family.evaluates_at(state, step) or is_last
+        eval_now = pieces.evaluates_at(state, step) or is_last
         if not (step % cfg.log_every == 0 or ckpt_now or eval_now):
             continue
-        # The one host sync of a window, and one collective: sums over ranks.
-        totals = common.all_reduce_sum(sums.tolist(), device)
-        elapsed = time.perf_counter() - window_start
-        means = {k: v / (window_steps * world) for k, v in zip(keys, totals)}
+        elapsed = time.perf_counter() - window.started
+        means = window.means(worker.world)
         bad = [v for v in means.values() if not math.isfinite(v)]
         if bad:
-            # The objective at its worst: a sweep's scheduler and searcher need it in every result.
-            goal = family.objective(context)
-            common.stop_diverged(session, run, step, bad[0], rank, {goal.metric: goal.worst})
-            return
-        row = {"step": step, **means, **family.log_fields(state),
-               "images_per_s": window_steps * cfg.batch_size / max(elapsed, 1e-9), "seconds": elapsed,
+            goal = worker.context.objective  # a sweep's scheduler and searcher need it in every result
+            stop_diverged(session, run, step, bad[0], rank, {goal.metric: goal.worst} if goal else {})
+            return None
+        row = {"step": step, **means, **pieces.log_fields(state),
+               "images_per_s": window.steps * cfg.batch_size / max(elapsed, 1e-9), "seconds": elapsed,
                "attempt": worker.attempt}
         if rank == 0:
             if eval_now:
-                row.update(family.evaluate(state, step))
+                row.update(pieces.evaluate(state, step))
             log.append(row)
         checkpoint = None
         if ckpt_now:
-            checkpoint = common.snapshot(stateful, step)
-            worker.gen.manual_seed(common.augment_seed(cfg.seed, rank, step))
+            checkpoint = snapshot(stateful, step)
+            worker.gen.manual_seed(augment_seed(cfg.seed, rank, step))
         if is_last:
-            break  # the final report comes after the final files (below)
+            break  # the final report comes after the final files (train)
         if ckpt_now or eval_now:  # a report is a round trip to the controller
-            common.report(session, run, row, checkpoint, rank)
-        sums.zero_()
-        window_steps, window_start = 0, time.perf_counter()
+            send_result(session, run, row, checkpoint, rank)
+        window.restart()
+    return row, checkpoint
 
-    trained = time.perf_counter()
-    primary = next(c for c in state.stateful.values() if isinstance(c, torch.nn.Module))
-    common.write_worker_info(run, rank, params_sha256=common.params_sha256(primary), final_step=cfg.steps)
+
+def _write_summary(family: Family, worker: Worker, state: TrainState, timing: dict[str, float]) -> None:
+    """Rank 0: the family's final files and summary.json."""
+    cfg, run = worker.cfg, worker.run
+    seconds = sum(float(r["seconds"]) for r in read_metrics(run.metrics))
+    fields = family.pieces.finish(state, run)
+    run.write_json("summary.json", {
+        "model": family.name, "status": "complete", "steps": cfg.steps, "workers": worker.world,
+        "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
+        "images_per_s": round(cfg.steps * cfg.batch_size / max(seconds, 1e-9), 1),
+        # This attempt's wall clock in the worker: data, build and restore; the loop (evaluations and
+        # checkpoints included); final evaluation and files. Ray's own start-up is the driver's.
+        "startup_s": round(timing["startup_s"], 2), "train_s": round(timing["train_s"], 2),
+        "finish_s": round(time.perf_counter() - timing["trained"], 2),
+        "seed": cfg.seed, "precision": worker.precision, "runner": worker.session.name, "finished_at": time.time(),
+        **fields, **provenance(worker.device),
+    })
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def params_sha256(model: torch.nn.Module) -> str:
+    """Hash of the trainable parameters: identical across DDP ranks when they are in sync."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_worker_info(run: RunDir, rank: int, **info: Any) -> None:
+    """workers/rank{r}.json: PID, host and state of each worker (for operators, py-spy, and tests)."""
+    run.workers.mkdir(exist_ok=True)
+    name = f"workers/rank{rank}.json"
+    run.write_json(name, {**(run.read_json(name) or {}), **info, "updated": time.time()})
+
+
+def next_attempt(run: RunDir) -> int:
+    """How many times the training function has started in this run folder (0 first)."""
+    seen = run.read_json("attempts.json") or {"attempts": 0}
+    run.write_json("attempts.json", {"attempts": seen["attempts"] + 1})
+    return seen["attempts"]
+
+
+def stop_diverged(session, run: RunDir, step: int, loss: float, rank: int, scored: dict[str, float]) -> None:
+    """Record a NaN/inf loss for the driver to report, and end this rank's loop cleanly (all ranks call).
+
+    `scored`: the objective at its worst, reported with it (Tune refuses a result without its metric, and a
+    sweep would end with that error)."""
     if rank == 0:
-        seconds = sum(float(r["seconds"]) for r in read_metrics(run.metrics))
-        fields = family.finish(state, run)
-        run.write_json("summary.json", {
-            "model": family.name, "status": "complete", "steps": cfg.steps, "workers": world,
-            "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
-            "images_per_s": round(cfg.steps * cfg.batch_size / max(seconds, 1e-9), 1),
-            # This attempt's wall clock in the worker: data, build and restore; the loop (evaluations and
-            # checkpoints included); final evaluation and files. Ray's own start-up is the driver's.
-            "startup_s": round(started - entered, 2), "train_s": round(trained - started, 2),
-            "finish_s": round(time.perf_counter() - trained, 2),
-            "seed": cfg.seed, "precision": worker.precision, "runner": session.name, "finished_at": time.time(),
-            **fields, **common.provenance(device),
-        })
-    if start < cfg.steps:
-        # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
-        # the final weights and summary.json already written.
-        common.report(session, run, row, checkpoint, rank)
+        last = run.read_json("last_checkpoint.json")
+        run.write_json("diverged.json", {"step": step, "loss": str(loss),
+                                         "last_checkpoint_step": last and last["step"]})
+    send_result(session, run, {"step": step, "diverged": 1, **scored}, None, rank)
 
+
+def augment_seed(seed: int, rank: int, step: int) -> int:
+    # Reseeded at every checkpoint step, so a resumed run draws what the uninterrupted run drew.
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+def reset_global_state(cfg) -> None:
+    """Every piece of process-wide state a run depends on, set at its start: a run's numbers then do not depend
+    on what ran before it in the same process (a Tune actor runs trial after trial)."""
+    import random
+
+    import numpy
+
+    random.seed(cfg.seed)
+    numpy.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)  # every device's default generator: identical initial weights on every rank
+    torch.set_num_threads(cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers))
+    torch.set_grad_enabled(True)
+    torch.clear_autocast_cache()
+    if cfg.compile:
+        # Dynamo caches compiled frames per code object, 8 at most: trial after trial would fall back to eager.
+        import torch._dynamo as dynamo
+
+        dynamo.reset()

@@ -11,7 +11,7 @@
 
 A report carries the metrics and, at checkpoint steps, a folder holding the checkpoint file; the runner persists
 it (Ray Train and Tune copy it into their storage), and `latest_checkpoint` is where the runner says the newest
-one is: its siblings are the older ones (`cifarray.train.common.load_resume_point` falls back to them).
+one is: its siblings are the older ones (`cifarray.train.checkpoint.load_resume_point` falls back to them).
 Only this module imports Ray for the engine, the families and the benches.
 """
 

@@ -23,18 +23,17 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from cifarray.config import check_batch_split, flag_of
 from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
+from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, SWEEP_COPY
 from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
 from cifarray.tune.trial import DRIVER_CPU
 
-EXPERIMENT = "tune"  # Tune's experiment folder inside OUT; a stable name lets --resume find it
-SWEEP_COPY = "sweep.toml"
-ARGS_FILE = "tune_args.json"
 RESUME_KEYS = ("data_dir", "synthetic", "no_verify", "workers_per_trial", "gpus_per_trial", "cpus_per_trial",
                "max_concurrent", "trials", "trial_runner")  # what --resume reads back from OUT when not given again
 
@@ -70,89 +69,134 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class TuneArgs:
+    """The tuner's settings, resolved once from the command line (and, on --resume, from OUT) and checked
+    before Ray starts. Everything after reads them; nothing changes them."""
+
+    out: Path
+    sweep: Sweep
+    resume: bool
+    data: Path  # the data folder: --data-dir, or OUT/data for procedural data (written by `write_experiment`)
+    data_dir: str | None
+    synthetic: bool
+    no_verify: bool
+    address: str | None
+    gpus_per_trial: float  # 0 with `auto_gpus` until the Ray cluster is joined (`launch`)
+    auto_gpus: bool
+    workers_per_trial: int | None
+    workers: int  # DDP workers per trial, resolved
+    cpus_per_trial: int | None
+    max_concurrent: int | None
+    trials: int | None  # as given (None: the sweep file's)
+    trial_runner: str  # resolved: tune | train
+
+    @property
+    def n_trials(self) -> int:
+        return self.trials or self.sweep.trials
+
+    def saved(self, gpus_per_trial: float) -> dict:
+        """tune_args.json: what --resume reads back (the GPUs per trial as `auto` resolved them)."""
+        return {**{k: getattr(self, k) for k in RESUME_KEYS}, "gpus_per_trial": gpus_per_trial,
+                "sweep": str(Path(self.sweep.source).resolve())}
+
+
 def main(argv: list[str] | None = None) -> int:
     from cifarray.runlock import RunLock
 
-    args = parser().parse_args(argv)
-    out = Path(args.out or f"runs/tune-{Path(args.sweep or default_sweep()).stem}").expanduser().resolve()
+    ns = parser().parse_args(argv)
+    out = Path(ns.out or f"runs/tune-{Path(ns.sweep or default_sweep()).stem}").expanduser().resolve()
     # One sweep per folder at a time; everything below reads or writes OUT, so it runs under the lock.
-    with RunLock(out, "python -m cifarray.tune", force=args.force_unlock):
-        return _main(args, out)
+    with RunLock(out, "python -m cifarray.tune", force=ns.force_unlock):
+        return launch(resolve_args(ns, out))
 
 
-def _main(args, out: Path) -> int:
-    experiment = out / EXPERIMENT
+def resolve_args(ns, out: Path) -> TuneArgs:
+    """The command line (and OUT, on --resume) as checked `TuneArgs`: every refusal before Ray starts."""
     saved = _json(out / ARGS_FILE)
-    if args.resume == "auto":
-        args.resume = saved is not None and experiment.exists()
-    args.auto_gpus = args.gpus_per_trial == "auto"  # decided in run(), once the Ray cluster is joined
+    experiment = out / EXPERIMENT
+    resume = ns.resume == "yes" or (ns.resume == "auto" and saved is not None and experiment.exists())
+    values = {k: getattr(ns, k) for k in RESUME_KEYS} | {"address": ns.address}
+    auto_gpus = values["gpus_per_trial"] == "auto"  # decided once the Ray cluster is joined
     try:
-        args.gpus_per_trial = 0 if args.auto_gpus else float(args.gpus_per_trial)
+        values["gpus_per_trial"] = 0.0 if auto_gpus else float(values["gpus_per_trial"])
     except ValueError:
-        raise UserError(f"--gpus-per-trial must be a number or auto, got {args.gpus_per_trial!r}") from None
-    if args.resume:
-        if saved is None or not experiment.exists():
-            raise UserError(f"--resume: {out} holds no experiment to resume; run without --resume to start one")
-        if args.sweep and Path(args.sweep).resolve() != (out / SWEEP_COPY).resolve():
-            sweep_now = load(args.sweep)
-            if _canon(sweep_now) != _canon(load(out / SWEEP_COPY)):
-                raise UserError(f"--resume: {args.sweep} differs from the sweep of {out} ({out / SWEEP_COPY}); "
-                                "drop --sweep to resume, or pass another --out")
-        sweep = load(out / SWEEP_COPY)
-        if args.trials is not None and args.trials != (saved.get("trials") or sweep.trials):
-            raise UserError("--trials cannot change when resuming: the experiment keeps its own count")
-        # Experiments from before --trial-runner existed ran every trial through a TorchTrainer.
-        was = saved.get("trial_runner") or "train"
-        if args.trial_runner is not None and args.trial_runner != was:
-            raise UserError(f"--trial-runner cannot change when resuming: {out} runs its trials with {was} "
-                            "(unfinished trials continue from that runner's checkpoints); drop --trial-runner")
-        args.trial_runner = was
-        for key in RESUME_KEYS:  # the experiment's own settings, unless given again
-            if getattr(args, key) in (None, False, 0) and saved.get(key) not in (None, False):
-                setattr(args, key, saved[key])
+        raise UserError(f"--gpus-per-trial must be a number or auto, got {values['gpus_per_trial']!r}") from None
+    if resume:
+        sweep = _resumed(ns, out, saved, values)
     else:
-        sweep = load(args.sweep or default_sweep())
+        sweep = load(ns.sweep or default_sweep())
         if experiment.exists():
             raise UserError(f"{out} already holds an experiment; pass --resume to continue it, or another --out")
-    if not args.synthetic and not args.data_dir:
+    if not values["synthetic"] and not values["data_dir"]:
         raise UserError("no data given: pass --data-dir DIR (real CIFAR-100) or --synthetic (procedural data)")
     for name in ("max_concurrent", "workers_per_trial", "cpus_per_trial", "trials"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    workers = trial_workers(args.gpus_per_trial, args.workers_per_trial)
-    args.trial_runner = trial_runner(args.trial_runner or sweep.trial_runner, workers)
-    trials = args.trials or sweep.trials
+        if values[name] is not None and values[name] < 1:
+            raise UserError(f"{flag_of(name)} must be at least 1, got {values[name]}")
+    workers = trial_workers(values["gpus_per_trial"], values["workers_per_trial"])
+    values["trial_runner"] = trial_runner(values["trial_runner"] or sweep.trial_runner, workers)
+    _check_batches(sweep, workers)
+    data = out / "data" if values["synthetic"] else Path(values["data_dir"]).expanduser().resolve()
+    args = TuneArgs(out=out, sweep=sweep, resume=resume, data=data, auto_gpus=auto_gpus, workers=workers, **values)
+    _check_cluster_named(args)
+    _check_data(args)  # before Ray: missing, corrupt or too small data fails here
+    return args
+
+
+def _resumed(ns, out: Path, saved: dict | None, values: dict) -> Sweep:
+    """--resume: the experiment's sweep, and its own settings read back into `values` unless given again."""
+    if saved is None or not (out / EXPERIMENT).exists():
+        raise UserError(f"--resume: {out} holds no experiment to resume; run without --resume to start one")
+    if ns.sweep and Path(ns.sweep).resolve() != (out / SWEEP_COPY).resolve():
+        if _canon(load(ns.sweep)) != _canon(load(out / SWEEP_COPY)):
+            raise UserError(f"--resume: {ns.sweep} differs from the sweep of {out} ({out / SWEEP_COPY}); "
+                            "drop --sweep to resume, or pass another --out")
+    sweep = load(out / SWEEP_COPY)
+    if values["trials"] is not None and values["trials"] != (saved.get("trials") or sweep.trials):
+        raise UserError("--trials cannot change when resuming: the experiment keeps its own count")
+    # Experiments from before --trial-runner existed ran every trial through a TorchTrainer.
+    was = saved.get("trial_runner") or "train"
+    if values["trial_runner"] is not None and values["trial_runner"] != was:
+        raise UserError(f"--trial-runner cannot change when resuming: {out} runs its trials with {was} "
+                        "(unfinished trials continue from that runner's checkpoints); drop --trial-runner")
+    values["trial_runner"] = was
+    for key in RESUME_KEYS:  # the experiment's own settings, unless given again
+        if values[key] in (None, False, 0) and saved.get(key) not in (None, False):
+            values[key] = saved[key]
+    return sweep
+
+
+def _check_batches(sweep: Sweep, workers: int) -> None:
     batches = [sweep.base.batch_size]
     if "batch_size" in sweep.space and sweep.space["batch_size"].kind == "choice":
         batches = list(sweep.space["batch_size"].values)
-    odd = [b for b in batches if b % workers]
-    if odd:
-        raise UserError(f"batch size {odd[0]} is not divisible by {workers} workers per trial; "
-                        "change the sweep's batch sizes or --workers-per-trial")
+    for b in batches:
+        check_batch_split(b, workers, f"batch size {b} is not divisible by {workers} workers per trial",
+                          "change the sweep's batch sizes or --workers-per-trial")
 
-    from cifarray.train.launch import check_local_gpus, check_reachable
+
+def _check_cluster_named(args: TuneArgs) -> None:
+    """A named Ray cluster must answer, and GPU trials need GPUs where no cluster is named (before OUT is written)."""
+    from cifarray.train.cluster import check_local_gpus, check_reachable
 
     if args.address or os.environ.get("RAY_ADDRESS"):
-        check_reachable(args.address or os.environ["RAY_ADDRESS"])  # before anything is written to OUT
+        check_reachable(args.address or os.environ["RAY_ADDRESS"])
     check_local_gpus(args.gpus_per_trial, args.address, f"--gpus-per-trial {args.gpus_per_trial:g}",
                      "pass --gpus-per-trial 0 (or auto), or --address of a Ray cluster with GPUs")
-    data_dir = _check_data(args, sweep, out, workers)  # before Ray: missing, corrupt or too small data fails here
 
-    def save() -> None:
-        """What the experiment is made of, written once the Ray cluster is known to hold its trials: a sweep
-        refused for resources leaves OUT as it found it."""
-        if args.synthetic and not (data_dir / "cifar-100-python" / "meta").exists():
-            base = sweep.base
-            synthetic_for_run(data_dir, train_per_class=base.synthetic_train_per_class,
-                              test_per_class=base.synthetic_test_per_class, seed=sweep.seed,
-                              difficulty=base.synthetic_difficulty)
-        if not args.resume:
-            shutil.copyfile(sweep.source, out / SWEEP_COPY)
-            (out / ARGS_FILE).write_text(json.dumps({**{k: getattr(args, k) for k in RESUME_KEYS},
-                                                     "sweep": str(Path(sweep.source).resolve())}, indent=2))
 
-    return run(args, sweep, out, data_dir, workers, trials, save)
+def write_experiment(args: TuneArgs, gpus_per_trial: float) -> None:
+    """What the experiment is made of (procedural data, sweep.toml, tune_args.json), written once the Ray cluster
+    is known to hold its trials: a sweep refused for resources leaves OUT as it found it."""
+    sweep = args.sweep
+    if args.synthetic and not (args.data / "cifar-100-python" / "meta").exists():
+        base = sweep.base
+        synthetic_for_run(args.data, train_per_class=base.synthetic_train_per_class,
+                          test_per_class=base.synthetic_test_per_class, seed=sweep.seed,
+                          difficulty=base.synthetic_difficulty)
+    if not args.resume:
+        shutil.copyfile(sweep.source, args.out / SWEEP_COPY)
+        (args.out / ARGS_FILE).write_text(json.dumps(args.saved(gpus_per_trial), indent=2))
 
 
 def trial_workers(gpus_per_trial: float, workers_per_trial: int | None) -> int:
@@ -237,108 +281,129 @@ def _largest(sweep: Sweep, key: str) -> int:
     return max(p.values) if p.kind == "choice" else p.values[1]
 
 
-def _check_data(args, sweep: Sweep, out: Path, workers: int) -> Path:
-    """Check the data, and that every trial config the sweep can sample fits it; returns where it is (procedural
-    data: where it is written, by `save` in _main)."""
+def _check_data(args: TuneArgs) -> None:
+    """Check the data, and that every trial config the sweep can sample fits it (procedural data: its size)."""
     from types import SimpleNamespace
 
     from cifarray.train.launch import check_data_fits, training_images
 
-    base = sweep.base
-    data = out / "data" if args.synthetic else Path(args.data_dir).expanduser().resolve()
-    n_train, source = training_images(args.synthetic, base.synthetic_train_per_class, data, args.no_verify)
+    sweep = args.sweep
+    n_train, source = training_images(args.synthetic, sweep.base.synthetic_train_per_class, args.data,
+                                      args.no_verify)
     worst = SimpleNamespace(val_size=_largest(sweep, "val_size"), batch_size=_largest(sweep, "batch_size"),
-                            workers=workers)
+                            workers=args.workers)
     check_data_fits(worst, n_train, source,
                     flag=lambda key: f"the sweep's {'largest ' if key in sweep.space else ''}{key}")
-    return data
 
 
-def run(args, sweep: Sweep, out: Path, data_dir: Path, workers: int, trials: int,
-        save: Callable[[], None]) -> int:
+@dataclass(frozen=True)
+class Plan:
+    """How the sweep uses the Ray cluster it joined."""
+
+    concurrent: int  # trials at once
+    cpus_per_worker: int
+    gpus_per_trial: float
+
+
+def plan_on_cluster(args: TuneArgs) -> Plan:
+    """Join (or start) the Ray cluster and size the sweep to it; refuse a trial it can never hold."""
+    import ray
+
+    from cifarray.train import cluster
+
+    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a trial's controller
+    # is gone; without it, a trial that Tune ends keeps its workers' CPUs reserved and later trials starve.
+    cluster.init_ray(dashboard=True)
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
+    gpus_per_trial = 1.0 if args.auto_gpus and gpus and args.workers == 1 else args.gpus_per_trial
+    concurrent, cpus_per_worker = plan(cpus, gpus, gpus_per_trial, args.workers, args.cpus_per_trial,
+                                       args.max_concurrent, args.n_trials)
+    # Totals can hold a trial whose workers no single node holds; Tune would wait for it without end.
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if cluster.workers_that_fit(nodes, cpus_per_worker, gpus_per_trial / args.workers) < args.workers:
+        gpu = f" and {gpus_per_trial / args.workers:g} GPU" if gpus_per_trial else ""
+        raise UserError(f"a trial's {args.workers} worker(s) with {cpus_per_worker} CPU(s){gpu} each do not fit this "
+                        f"Ray cluster's nodes ({cluster.describe_cluster(nodes)}): a worker runs on one node; lower "
+                        "--cpus-per-trial, or raise --workers-per-trial to spread a trial over nodes")
+    return Plan(concurrent, cpus_per_worker, gpus_per_trial)
+
+
+def launch(args: TuneArgs) -> int:
+    """Plan on the cluster, write the experiment, run it (or resume it), and summarise it."""
     # Tune snapshots the experiment at most this often; a killed sweep loses at most these seconds of bookkeeping.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
-    import ray
+    import optuna
+
+    sweep = args.sweep
+    context = sweep.family.driver_context(sweep.base)  # e.g. the DCGAN's Inception weights, resolved once
+    goal = sweep.family.sweep.objective(context)
+    placed = plan_on_cluster(args)
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    write_experiment(args, placed.gpus_per_trial)
+    per_worker = (f"{placed.gpus_per_trial / args.workers:g} GPU" if placed.gpus_per_trial
+                  else f"{placed.cpus_per_worker} CPU")
+    print(f"sweep {Path(sweep.source).name}: {sweep.model}, {args.n_trials} trials, objective {goal.label} "
+          f"({goal.mode}), budget {sweep.budget:,} params; ASHA grace {sweep.grace_period} steps, reduction "
+          f"x{sweep.reduction_factor}, max {sweep.steps} steps; {placed.concurrent} trial(s) at once, "
+          f"{args.workers} worker(s) x {per_worker} each; trials "
+          f"{'in their own Tune actors (reused)' if args.trial_runner == 'tune' else 'through TorchTrainer'}; "
+          f"out {args.out}", flush=True)
+    started = time.time()
+    tuner(args, placed, context, goal).fit()
+    summary = results.conclude(args.out, sweep, goal.metric, goal.mode, goal.label, data_dir=args.data,
+                               synthetic=args.synthetic, seconds=time.time() - started, requested=args.n_trials)
+    results.print_summary(summary)
+    return 130 if summary["status"] == "interrupted" else 0  # Ctrl-C: Tune stops the sweep and returns
+
+
+def tuner(args: TuneArgs, placed: Plan, context, goal):
+    """The Tune experiment: restored from OUT on --resume, else new (Optuna TPE + ResumableASHA)."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
     import optuna
 
-    from cifarray.train import launch
     from cifarray.tune.asha import ResumableASHA
     from cifarray.tune.console import SweepConsole
     from cifarray.tune.trial import SpaceSampler, run_trial
 
-    context = sweep.family.driver_context(sweep.base)  # e.g. the DCGAN's Inception weights, resolved once
-    goal = sweep.family.objective(context)
-    metric, mode, label = goal.metric, goal.mode, goal.label
-
-    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a trial's controller
-    # is gone; without it, a trial that Tune ends keeps its workers' CPUs reserved and later trials starve.
-    launch.init_ray(None, dashboard=True)
-    for name in ("ray", "ray.tune", "ray.train"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
-    if args.auto_gpus and gpus and workers == 1:
-        args.gpus_per_trial = 1
-    concurrent, cpus_per_worker = plan(cpus, gpus, args.gpus_per_trial, workers, args.cpus_per_trial,
-                                       args.max_concurrent, trials)
-    # Totals can hold a trial whose workers no single node holds; Tune would wait for it without end.
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if launch.workers_that_fit(nodes, cpus_per_worker, args.gpus_per_trial / workers) < workers:
-        gpu = f" and {args.gpus_per_trial / workers:g} GPU" if args.gpus_per_trial else ""
-        raise UserError(f"a trial's {workers} worker(s) with {cpus_per_worker} CPU(s){gpu} each do not fit this Ray "
-                        f"cluster's nodes ({launch.describe_cluster(nodes)}): a worker runs on one node; lower "
-                        "--cpus-per-trial, or raise --workers-per-trial to spread a trial over nodes")
-    save()
-
-    base = {**sweep.train, "data_dir": str(data_dir), "synthetic": False,
-            "no_verify": True if args.synthetic else args.no_verify, "workers": workers,
-            "gpu": bool(args.gpus_per_trial), "cpus_per_worker": cpus_per_worker,
+    sweep, out, runner = args.sweep, args.out, args.trial_runner
+    base = {**sweep.train, "data_dir": str(args.data), "synthetic": False,
+            "no_verify": True if args.synthetic else args.no_verify, "workers": args.workers,
+            "gpu": bool(placed.gpus_per_trial), "cpus_per_worker": placed.cpus_per_worker,
             "checkpoint_every": sweep.eval_every}  # every report carries a checkpoint and the objective
-    runner = args.trial_runner
-    trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), metric=metric, mode=mode,
-                                     context=context, runner=runner, gpus_per_worker=args.gpus_per_trial / workers)
-    trainable = tune.with_resources(trainable, trial_resources(runner, cpus_per_worker, args.gpus_per_trial))
-
-    console = SweepConsole(str(out), sweep, metric, mode, label, trials, concurrent=concurrent)
+    trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), objective=goal,
+                                     context=context, runner=runner,
+                                     gpus_per_worker=placed.gpus_per_trial / args.workers)
+    trainable = tune.with_resources(trainable, trial_resources(runner, placed.cpus_per_worker,
+                                                               placed.gpus_per_trial))
+    if args.resume:
+        # The saved RunConfig comes back with it, console callback included (see SweepConsole.__getstate__).
+        print(f"resuming {out / EXPERIMENT}: finished trials are kept, unfinished ones continue from "
+              "their checkpoints", flush=True)
+        return tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    console = SweepConsole(str(out), sweep, goal.metric, goal.mode, goal.label, args.n_trials,
+                           concurrent=placed.concurrent)
     # In-actor trials checkpoint through Tune (OUT/tune/<trial>/checkpoint_*): the two newest are kept, as Ray
     # Train keeps them for TorchTrainer trials (their checkpoints live in OUT/trials/<id>/ray).
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[console],
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
-    print(f"sweep {Path(sweep.source).name}: {sweep.model}, {trials} trials, objective {label} ({mode}), "
-          f"budget {sweep.budget:,} params; ASHA grace {sweep.grace_period} steps, reduction x{sweep.reduction_factor}, "
-          f"max {sweep.steps} steps; {concurrent} trial(s) at once, {workers} worker(s) x "
-          f"{f'{args.gpus_per_trial / workers:g} GPU' if args.gpus_per_trial else f'{cpus_per_worker} CPU'} each; "
-          f"trials {'in their own Tune actors (reused)' if runner == 'tune' else 'through TorchTrainer'}; out {out}",
-          flush=True)
-    started = time.time()
-    if args.resume:
-        # The saved RunConfig comes back with it, console callback included (see SweepConsole.__getstate__).
-        tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-        print(f"resuming {out / EXPERIMENT}: finished trials are kept, unfinished ones continue from "
-              "their checkpoints", flush=True)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, max(2, trials // 3)))
-        search = OptunaSearch(space=SpaceSampler(sweep), metric=metric, mode=mode, sampler=sampler)
-        scheduler = ResumableASHA(out=str(out), time_attr="step", metric=metric, mode=mode, max_t=sweep.steps,
-                                  grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
-        # reuse_actors: Tune 2.60 reuses a function trainable's actor only when asked (measured: 8 processes for 8
-        # trials without it, 2 with it); then imports, the CUDA context and the data set are paid once per actor.
-        tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-            search_alg=search, scheduler=scheduler, num_samples=trials, max_concurrent_trials=concurrent,
-            reuse_actors=runner == "tune"))
-    tuner.fit()
-    summary = results.finish(out, sweep, metric, mode, label, data_dir=data_dir, synthetic=bool(args.synthetic),
-                             seconds=time.time() - started, requested=trials)
-    results.print_summary(summary)
-    return 130 if summary["status"] == "interrupted" else 0  # Ctrl-C: Tune stops the sweep and returns
+    sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, max(2, args.n_trials // 3)))
+    search = OptunaSearch(space=SpaceSampler(sweep), metric=goal.metric, mode=goal.mode, sampler=sampler)
+    scheduler = ResumableASHA(out=str(out), time_attr="step", metric=goal.metric, mode=goal.mode, max_t=sweep.steps,
+                              grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+    # reuse_actors: Tune 2.60 reuses a function trainable's actor only when asked (measured: 8 processes for 8
+    # trials without it, 2 with it); then imports, the CUDA context and the data set are paid once per actor.
+    return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
+        search_alg=search, scheduler=scheduler, num_samples=args.n_trials, max_concurrent_trials=placed.concurrent,
+        reuse_actors=runner == "tune"))
 
 
 if __name__ == "__main__":

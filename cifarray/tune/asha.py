@@ -12,11 +12,11 @@ ASHA's own `on_trial_result` and `on_trial_complete`: the rungs hold what they h
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler
 
 from cifarray.rundir import read_metrics
+from cifarray.tune.layout import trial_dir
 
 
 class ResumableASHA(ASHAScheduler):
@@ -27,7 +27,7 @@ class ResumableASHA(ASHAScheduler):
     def reported(self, trial_id: str) -> list[dict[str, float]]:
         """What the trial reported to Tune: (time, objective) at each evaluation, from its metrics.csv."""
         results = []
-        for row in read_metrics(Path(self._out) / "trials" / trial_id / "metrics.csv"):
+        for row in read_metrics(trial_dir(self._out, trial_id) / "metrics.csv"):
             try:
                 value = float(row.get(self._metric) or "nan")
             except ValueError:

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from ray.tune import Callback
 
+from cifarray.tune.layout import DONE
 from cifarray.tune.results import resources_line, trial_status, write_trials
 from cifarray.tune.trial import INFEASIBLE
 
@@ -97,8 +98,7 @@ class SweepConsole(Callback):
 
     def header(self) -> str:
         elapsed = time.time() - self.started
-        done = sum(trial_status(t, self.max_steps) in ("complete", "early-stopped", "infeasible", "error", "diverged")
-                   for t in self.trials)
+        done = sum(trial_status(t, self.max_steps) in DONE for t in self.trials)
         best = self.best()
         best_text = f"best {self.label}: {best[1]:.4g} ({best[0].trial_id})" if best else f"best {self.label}: -"
         eta = ""

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cifarray.rundir import measured
+from cifarray.tune.layout import DONE, EXPERIMENT, SWEEP_COPY, trial_dir
 from cifarray.tune.trial import INFEASIBLE
-
-DONE = ("complete", "early-stopped", "infeasible", "diverged", "error")
 
 
 def trial_status(trial: Any, max_steps: int, ended: bool = False) -> str:
@@ -35,10 +35,6 @@ def trial_status(trial: Any, max_steps: int, ended: bool = False) -> str:
     return status
 
 
-def trial_dir(out: Path, trial_id: str) -> Path:
-    return out / "trials" / trial_id
-
-
 def metric_rows(out: Path, trial_id: str) -> list[dict[str, str]]:
     from cifarray.rundir import read_metrics
 
@@ -46,7 +42,7 @@ def metric_rows(out: Path, trial_id: str) -> list[dict[str, str]]:
 
 
 def _best(rows: list[dict[str, str]], metric: str, mode: str) -> float | None:
-    vals = [float(r[metric]) for r in rows if r.get(metric) not in (None, "", "nan")]
+    vals = [float(r[metric]) for r in rows if measured(r, metric)]
     vals = [v for v in vals if math.isfinite(v)]
     if not vals:
         return None
@@ -79,7 +75,11 @@ def trial_records(out: Path, sweep: Any, trials: list, metric: str, mode: str, e
 
 
 def write_trials(out: Path, sweep: Any, trials: list, metric: str, mode: str, exact: bool = False) -> Path:
-    records = trial_records(out, sweep, trials, metric, mode, exact)
+    return write_records(out, trial_records(out, sweep, trials, metric, mode, exact), metric)
+
+
+def write_records(out: Path, records: list[dict[str, Any]], metric: str) -> Path:
+    """trials.csv from trial records (`trial_records`)."""
     path = out / "trials.csv"
     first = ["trial_id", "status", "params", "steps", f"best_{metric}"]
     rest = sorted({k for r in records for k in r} - set(first) - {"infeasible_reason"})
@@ -114,7 +114,7 @@ def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str) -> dict[str, Any
     from cifarray.rundir import RunDir
 
     run = RunDir(trial_dir(out, trial_id))
-    return sweep.family.test_metrics(run, from_dict(sweep.cls, run.read_json("config.json")))
+    return sweep.family.sweep.test_metrics(run, from_dict(sweep.cls, run.read_json("config.json")))
 
 
 def plots(out: Path, sweep: Any, records: list[dict[str, Any]], metric: str, mode: str, label: str) -> list[Path]:
@@ -148,7 +148,7 @@ def plots(out: Path, sweep: Any, records: list[dict[str, Any]], metric: str, mod
     top = sorted(scored, key=lambda r: r[key], reverse=mode == "max")[:5]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in top:
-        rows = [row for row in metric_rows(out, r["trial_id"]) if row.get(metric) not in (None, "", "nan")]
+        rows = [row for row in metric_rows(out, r["trial_id"]) if measured(row, metric)]
         if rows:
             ax.plot([int(row["step"]) for row in rows], [float(row[metric]) for row in rows], marker=".",
                     label=f"{r['trial_id']} ({r['params']:,} params)")
@@ -168,18 +168,18 @@ def load_trials(out: Path) -> list:
     """Tune's own record of the experiment's trials (statuses, configs, results), after fit or a restore."""
     from ray.tune import ExperimentAnalysis
 
-    return ExperimentAnalysis(str(out / "tune")).trials
+    return ExperimentAnalysis(str(out / EXPERIMENT)).trials
 
 
-def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: Path, synthetic: bool,
-           seconds: float, requested: int) -> dict[str, Any]:
+def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: Path, synthetic: bool,
+             seconds: float, requested: int) -> dict[str, Any]:
     """summary.json, trials.csv and the plots; the best trial's one test evaluation once all `requested` trials
     have ended. Tune returns early, with trials unstarted or unfinished, when Ctrl-C stopped it: then the
     summary says "interrupted" and the test split stays unused, so that the resumed sweep's choice is the one
     evaluated."""
     trials = load_trials(out)
-    write_trials(out, sweep, trials, metric, mode, exact=True)
     records = trial_records(out, sweep, trials, metric, mode, exact=True)
+    write_records(out, records, metric)
     by_status: dict[str, int] = {}
     for r in records:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
@@ -189,7 +189,7 @@ def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: 
     for r in records:
         if r["status"] != "complete":
             continue
-        last = [row for row in metric_rows(out, r["trial_id"]) if row.get(metric) not in (None, "", "nan")]
+        last = [row for row in metric_rows(out, r["trial_id"]) if measured(row, metric)]
         if last:
             finals.append((float(last[-1][metric]), r))
     best = None
@@ -202,7 +202,7 @@ def finish(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: 
     figures = plots(out, sweep, records, metric, mode, label)
     summary = {
         "status": "interrupted" if unfinished else "complete", "unfinished_trials": unfinished,
-        "model": sweep.model, "sweep": str(out / "sweep.toml"), "objective": metric, "objective_label": label,
+        "model": sweep.model, "sweep": str(out / SWEEP_COPY), "objective": metric, "objective_label": label,
         "mode": mode, "budget": sweep.budget, "trials": len(records), "by_status": by_status,
         "best": best, "total_steps": sum(r["steps"] for r in records),
         "infeasible_steps": sum(r["steps"] for r in records if r["status"] == "infeasible"),

@@ -42,10 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from cifarray import registry
-from cifarray.config import _base_type, _coerce, _fields, load_toml, resolve
+from cifarray.config import base_type, coerce, fields_of, load_toml, resolve
 from cifarray.errors import UserError
-from cifarray.train.engine import Family
-from cifarray.tune.rules import SweepRules
+from cifarray.family import Family, SweepRules
 
 # Keys the tuner sets per trial or per experiment: a sweep file may not set them.
 RESERVED = {"data_dir", "synthetic", "no_verify", "out", "workers", "gpu", "cpus_per_worker", "checkpoint_every"}
@@ -101,7 +100,7 @@ class Sweep:
 
     @property
     def rules(self) -> SweepRules:
-        return self.family.sweep or SweepRules()
+        return self.family.sweep.rules
 
     @property
     def base(self) -> Any:
@@ -131,7 +130,7 @@ class Sweep:
         return self.cls(**values)
 
     def params_of(self, overrides: dict[str, Any]) -> int:
-        return self.family.param_count(self.config_for(overrides))
+        return self.config_for(overrides).param_count()
 
     def sample(self, trial: Any) -> dict[str, Any]:
         """Define-by-run: suggest every parameter (the family's rules add derived ones, e.g. per-block layers)."""
@@ -175,7 +174,7 @@ def _dist(name: str, spec: Any, tp: Any, where: str) -> Param:
     if kind == "choice":
         if not isinstance(raw, list) or not raw:
             raise UserError(f"{where}: '{name}': choice must be a non-empty list")
-        values = tuple(_coerce(v, tp, f"{where}: '{name}'") for v in raw)
+        values = tuple(coerce(v, tp, f"{where}: '{name}'") for v in raw)
         if len(set(map(repr, values))) != len(values):
             raise UserError(f"{where}: '{name}': choice lists a value twice")
         return Param(name, kind, values)
@@ -192,7 +191,7 @@ def _dist(name: str, spec: Any, tp: Any, where: str) -> Param:
                         "(use choice = [value] for a fixed value, or set it in [train])")
     if (kind == "loguniform" or log) and lo <= 0:
         raise UserError(f"{where}: '{name}': a log range needs lo > 0, got {lo}")
-    base = _base_type(tp)[0]
+    base = base_type(tp)[0]
     if kind in ("uniform", "loguniform") and base is not float:
         raise UserError(f"{where}: '{name}' is not a real-valued setting; use int or choice")
     if kind == "int" and base is not int:
@@ -201,13 +200,11 @@ def _dist(name: str, spec: Any, tp: Any, where: str) -> Param:
 
 
 def parse(values: dict[str, Any], source: str) -> Sweep:
+    """A validated sweep from a sweep file's values (`source` names the file in every error)."""
     unknown = sorted(set(values) - TOP_KEYS)
     if unknown:
         raise UserError(f"{source}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(TOP_KEYS))}")
     family = registry.get(values.get("model"), where=f"{source}: model")
-    rules = family.sweep or SweepRules()
-    cls = family.config
-    fields = _fields(cls)
     trials, seed = values.get("trials", 16), values.get("seed", 0)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise UserError(f"{source}: trials must be a positive integer, got {trials!r}")
@@ -219,43 +216,57 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
     for table in ("train", "asha", "space"):
         if not isinstance(values.get(table, {}), dict):
             raise UserError(f"{source}: [{table}] must be a table")
+    sweep = Sweep(family=family, trials=trials, seed=seed, train=_train_table(family, values.get("train", {}), source),
+                  space=_space_table(family, values.get("space", {}), source), source=source,
+                  grace_period=0, reduction_factor=0, description=str(values.get("description", "")),
+                  trial_runner=runner)
+    sweep = _with_asha(sweep, dict(values.get("asha", {})), source)
+    n, at = sweep.smallest()
+    if n > sweep.budget:
+        shown = ", ".join(f"{k}={v}" for k, v in at.items())
+        raise UserError(f"{source}: no config in the space fits the budget of {sweep.budget:,} parameters "
+                        f"(smallest: {n:,} at {shown}); lower the ranges' lower bounds in [space]")
+    return sweep
 
-    train_raw = dict(values.get("train", {}))
+
+def _train_table(family: Family, train_raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """[train]: the fixed settings, checked with the trainer's own rules (every key, type, and the whole)."""
     for key in train_raw:
         if key.replace("-", "_") in RESERVED:
             raise UserError(f"{source}: [train] key '{key}' is set by the tuner; remove it "
                             "(data: --data-dir/--synthetic; workers/GPUs: --workers-per-trial/--gpus-per-trial)")
-    # Validates every key and type (and the settings as a whole) with the trainer's own rules.
-    base = resolve(cls, {**train_raw, "synthetic": True}, source=f"{source} [train]")
-    train = {k.replace("-", "_"): getattr(base, k.replace("-", "_")) for k in train_raw}
+    base = resolve(family.config, {**train_raw, "synthetic": True}, source=f"{source} [train]")
+    return {k.replace("-", "_"): getattr(base, k.replace("-", "_")) for k in train_raw}
 
-    space_raw = values.get("space", {})
+
+def _space_table(family: Family, space_raw: dict[str, Any], source: str) -> dict[str, Param]:
+    """[space]: each key a config field (or one of the family's special keys) with its distribution."""
     if not space_raw:
         raise UserError(f"{source}: [space] is empty; give at least one parameter to search")
-    special = rules.keys
+    rules, fields = family.sweep.rules, fields_of(family.config)
     space: dict[str, Param] = {}
     for key, spec in space_raw.items():
         name = key.replace("-", "_")
         if name in RESERVED or name == "steps":
             raise UserError(f"{source}: [space] key '{key}' cannot be searched (steps: ASHA decides; the rest are "
                             "set by the tuner)")
-        if name in special:
+        if name in rules.keys:
             tp = int
         elif name in fields:
             tp = fields[name][1]
         else:
-            known = sorted(set(fields) - RESERVED - {"steps"}) + list(special)
+            known = sorted(set(fields) - RESERVED - {"steps"}) + list(rules.keys)
             raise UserError(f"{source}: [space] unknown key '{key}'; known keys: {', '.join(known)}")
         space[name] = _dist(name, spec, tp, f"{source} [space]")
     rules.validate(space, f"{source}")
+    return space
 
-    asha = dict(values.get("asha", {}))
+
+def _with_asha(sweep: Sweep, asha: dict[str, Any], source: str) -> Sweep:
+    """[asha]: the grace period (default: the larger of eval_every and a tenth of the steps) and reduction factor."""
     unknown = sorted(set(asha) - ASHA_KEYS)
     if unknown:
         raise UserError(f"{source}: [asha] unknown key '{unknown[0]}'; known keys: {', '.join(sorted(ASHA_KEYS))}")
-    sweep = Sweep(family=family, trials=trials, seed=seed, train=train, space=space, source=source,
-                  grace_period=0, reduction_factor=0, description=str(values.get("description", "")),
-                  trial_runner=runner)
     grace = asha.get("grace_period", max(sweep.eval_every, sweep.steps // 10))
     rf = asha.get("reduction_factor", 3)
     if not isinstance(grace, int) or not 1 <= grace < sweep.steps:
@@ -266,14 +277,7 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
                         f"{sweep.eval_every}: trials report every eval_every steps; lower eval_every")
     if not isinstance(rf, int) or rf < 2:
         raise UserError(f"{source}: [asha] reduction_factor must be an integer >= 2, got {rf!r}")
-    sweep = Sweep(**{**sweep.__dict__, "grace_period": grace, "reduction_factor": rf})
-
-    n, at = sweep.smallest()
-    if n > sweep.budget:
-        shown = ", ".join(f"{k}={v}" for k, v in at.items())
-        raise UserError(f"{source}: no config in the space fits the budget of {sweep.budget:,} parameters "
-                        f"(smallest: {n:,} at {shown}); lower the ranges' lower bounds in [space]")
-    return sweep
+    return Sweep(**{**sweep.__dict__, "grace_period": grace, "reduction_factor": rf})
 
 
 def load(path: str | Path) -> Sweep:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from cifarray.train.engine import RunContext, worst
+from cifarray.family import Objective, RunContext
+from cifarray.tune.layout import trial_dir
 from cifarray.tune.sweep import Sweep
 
 INFEASIBLE = "infeasible"
@@ -44,7 +44,7 @@ class SpaceSampler:
         return {"params": params, INFEASIBLE: reason}
 
 
-def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: str, metric: str, mode: str,
+def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: str, objective: Objective,
               context: RunContext, runner: str = "train", gpus_per_worker: float = 1.0) -> None:
     """The Tune trainable: train the sampled config (or refuse it), in this actor or through a TorchTrainer.
 
@@ -56,48 +56,60 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
 
     entered = time.time()
     trial_id = tune.get_context().get_trial_id()
+    metric = objective.metric
     if config.get(INFEASIBLE):
         # No trainer, no worker, no step: the result Optuna and ASHA see is the worst value at step 0.
-        tune.report({"step": 0, metric: worst(mode), INFEASIBLE: True, "params": config["params"]})
+        tune.report({"step": 0, metric: objective.worst, INFEASIBLE: True, "params": config["params"]})
         return
     from cifarray.config import from_dict
-    from cifarray.train import launch
+    from cifarray.train.runfolder import drop_unregistered_checkpoints, prepare_run, take_divergence
 
     sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
-    cfg = from_dict(sweep.cls, {**base, **sweep.overrides(sampled), "out": str(Path(out) / "trials" / trial_id)})
-    run, resolved, done = launch.prepare_run(cfg, sweep.family)
+    cfg = from_dict(sweep.cls, {**base, **sweep.overrides(sampled), "out": str(trial_dir(out, trial_id))})
+    run, resolved, done = prepare_run(cfg)
     if done:  # finished before the driver was killed, but Tune never heard: tell it now
-        tune.report(final_result(run, metric, mode))
+        tune.report(final_result(run, objective))
         return
     # The trial's own timestamps (bench sweep: its wall against its training seconds), and where it ran.
     run.write_json("trial.json", {"entered": entered, "runner": runner, "pid": os.getpid(),
                                   "process_started": _process_started()})
-    trial_context = replace(context, sweep_trial=True)
+    trial_context = replace(context, sweep_trial=True, objective=objective)
     if runner == "tune":
-        from cifarray.train.engine import train
-        from cifarray.train.session import TuneSession
-
-        try:
-            train(sweep.family, resolved, TuneSession(cfg.gpu), trial_context)
-        finally:  # also when Tune ends the thread after the final report (SystemExit)
-            TuneSession.release()
+        _train_in_actor(sweep, cfg, resolved, trial_context)
     else:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        # Each worker gives up the driver's whole sliver: a worker may share a node with the driver, and on nodes of
-        # one CPU (a worker each) a share of it would leave the driver's node short (measured: the trial waited).
-        cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU
-        trainer = launch.build_trainer(cfg, run, sweep.family.train_fn(trial_context), resolved, cpus,
-                                       callbacks=[TuneReportCallback()], gpus=gpus_per_worker)
-        trainer.fit()
+        _train_through_trainer(sweep, cfg, run, resolved, trial_context, gpus_per_worker)
     if not run.read_json("summary.json"):
-        diverged = run.read_json("diverged.json")
+        diverged = take_divergence(run)
         if diverged:
-            tune.report({"step": int(diverged["step"]), metric: worst(mode), "diverged": True})
+            tune.report({"step": int(diverged["step"]), metric: objective.worst, "diverged": True})
             return
         raise RuntimeError(f"trial {trial_id} ended without a summary.json in {run.path}")
     if runner != "tune":
-        launch.drop_unregistered_checkpoints(run)
+        drop_unregistered_checkpoints(run)
+
+
+def _train_in_actor(sweep: Sweep, cfg: Any, resolved: dict, context: RunContext) -> None:
+    from cifarray.train.engine import train
+    from cifarray.train.session import TuneSession
+
+    try:
+        train(sweep.family, resolved, TuneSession(cfg.gpu), context)
+    finally:  # also when Tune ends the thread after the final report (SystemExit)
+        TuneSession.release()
+
+
+def _train_through_trainer(sweep: Sweep, cfg: Any, run: Any, resolved: dict, context: RunContext,
+                           gpus_per_worker: float) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cifarray.train.launch import build_trainer
+
+    # Each worker gives up the driver's whole sliver: a worker may share a node with the driver, and on nodes of
+    # one CPU (a worker each) a share of it would leave the driver's node short (measured: the trial waited).
+    cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU
+    trainer = build_trainer(cfg, run, sweep.family.train_fn(context), resolved, cpus,
+                            callbacks=[TuneReportCallback()], gpus=gpus_per_worker)
+    trainer.fit()
 
 
 def _process_started() -> float | None:
@@ -110,15 +122,17 @@ def _process_started() -> float | None:
         return None
 
 
-def final_result(run, metric: str, mode: str) -> dict[str, Any]:
-    from cifarray.rundir import read_metrics
+def final_result(run, objective: Objective) -> dict[str, Any]:
+    """What a finished trial's final report said, from its metrics.csv (the last step, the last measured objective)."""
+    from cifarray.rundir import measured, read_metrics
 
+    metric = objective.metric
     rows = read_metrics(run.metrics)
     last = rows[-1] if rows else {}
     result = {"step": int(last.get("step", 0))}
     for row in reversed(rows):
-        if row.get(metric) not in (None, "", "nan"):
+        if measured(row, metric):
             result[metric] = float(row[metric])
             break
-    result.setdefault(metric, worst(mode))
+    result.setdefault(metric, objective.worst)
     return result

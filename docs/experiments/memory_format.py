@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cifarray.models.dcgan import DCGANConfig, Discriminator, Generator
 from cifarray.models.densenet import DenseNet, DenseNetConfig, param_count
-from cifarray.train.common import autocast, resolve_precision
+from cifarray.device import autocast, resolve_precision
 
 DENSENETS = {
     "densenet k=4 2,2,2 (tests)": (DenseNetConfig(growth_rate=4, blocks=(2, 2, 2), init_channels=16), 128),

@@ -1,0 +1,86 @@
+"""Checkpoints: what one holds, how a rank hands one to its runner, and which one a run resumes from.
+
+A checkpoint is a folder holding `state.pt`: every stateful component's state_dict and the step it was taken
+at. Rank 0 writes it into a temporary folder and hands it to its session (`cifarray.train.session`), whose
+runner persists it (Ray Train into RUN_DIR/ray, Tune into OUT/tune/<trial>, the local session into
+RUN_DIR/checkpoints). A run resumes from the newest one that loads (`load_resume_point`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifarray.rundir import RunDir
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def send_result(session, run: RunDir, metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
+    """Report to the session's runner (all ranks must call); rank 0 attaches the checkpoint and records its step.
+
+    Metrics that are not yet measured (NaN) are left out. last_checkpoint.json is written after the
+    report returned, i.e. once the runner has persisted the checkpoint; Ray Train registers it when its
+    controller next polls, so a crash within that window resumes from the one before.
+    """
+    metrics = {k: v for k, v in metrics.items() if v == v}
+    if state is None or rank != 0:
+        session.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+        session.report(metrics, tmp)
+    run.write_json("last_checkpoint.json", {"step": state["step"]})
+
+
+def checkpoint_candidates(latest: Path | None) -> list[Path]:
+    """The runner's newest checkpoint folder first, then the others beside it, newest first."""
+    if latest is None:
+        return []
+    others = [d for d in latest.parent.glob("checkpoint_*") if d.is_dir() and d != latest]
+    return [latest, *sorted(others, key=lambda d: d.stat().st_mtime, reverse=True)]
+
+
+def load_resume_point(latest: Path | None, say=None) -> dict[str, Any] | None:
+    """The state of the newest checkpoint that loads, skipping (and naming, through `say`) those that do not.
+
+    A truncated or corrupt checkpoint (a full disk, a flaky network file system) costs the steps since the one
+    before it, not the run; when none loads, a UserError says so with the fix."""
+    from cifarray.errors import UserError
+    from cifarray.rundir import torch_load_problem
+
+    candidates = checkpoint_candidates(latest)
+    why = ""
+    for folder in candidates:
+        state, why = torch_load_problem(folder / CHECKPOINT_FILE)
+        if why is None and not (isinstance(state, dict) and "step" in state):
+            why = "not a cifarray checkpoint (no step)"
+        if why is None:
+            return state
+        if say is not None:
+            say(f"note: checkpoint {folder} does not load ({why}); skipped")
+    if not candidates:
+        return None
+    raise UserError(f"no checkpoint of this run loads ({len(candidates)} in {candidates[0].parent}; the newest: "
+                    f"{why}); move {candidates[0].parent} aside to train the run again from step 0, or pass another "
+                    "--out")
+
+
+def restore(components: dict[str, Any], session) -> int:
+    """Load the newest loadable checkpoint into named stateful components; returns its step (0: none)."""
+    state = load_resume_point(session.latest_checkpoint(), say=lambda line: print(line, file=sys.stderr, flush=True))
+    if state is None:
+        return 0
+    for name, component in components.items():
+        component.load_state_dict(state[name])
+    return int(state["step"])
+
+
+def snapshot(components: dict[str, Any], step: int) -> dict[str, Any]:
+    """Checkpoint state: every component's state_dict, and the step it was taken at."""
+    return {"step": step, **{name: component.state_dict() for name, component in components.items()}}

@@ -1,0 +1,152 @@
+"""The Ray cluster a run or sweep trains on: reaching it, starting a local one, and what it can hold.
+
+Ray Train and Tune wait without end, and without a word, for workers a fixed cluster can never hold, and
+`ray.init` waits minutes on an address that does not answer: each is said in one line here instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import threading
+
+from cifarray.config import check_batch_split
+from cifarray.errors import UserError, handle_sigterm
+
+DASHBOARD_ATTEMPTS = 3
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT Ray address must accept a connection: ray.init waits minutes on one that does not
+    (measured: Ray's own warnings for 10 minutes for a closed port, until `timeout` killed it)."""
+    if "://" in address or address == "auto" or ":" not in address:
+        return  # Ray client / "auto": ray.init itself says what is wrong, quickly
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except ValueError:
+        raise UserError(f"Ray address {address!r} (from --address or RAY_ADDRESS) is not HOST:PORT") from None
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} (from --address or RAY_ADDRESS): "
+                        f"{exc.strerror or exc}; check the address (the head's GCS port, 6379 by default), or "
+                        "unset RAY_ADDRESS to run on a local Ray") from None
+
+
+def init_ray(dashboard: bool = False) -> None:
+    """Join $RAY_ADDRESS, or start a local cluster (with the dashboard when asked: the tuner needs it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # Workers write metrics that the driver renders; their own stdout would interleave with it.
+    kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:  # e.g. "auto" with no Ray running on this machine
+            raise UserError(f"cannot join the Ray cluster at {address!r} (from --address or RAY_ADDRESS): "
+                            f"{str(exc).splitlines()[0]} Start one, pass its HOST:PORT, or unset RAY_ADDRESS "
+                            "to run on a local Ray") from None
+    elif dashboard:
+        # Ray's state API (Ray Train's placement-group cleaner uses it from inside the cluster) otherwise
+        # looks for "the" Ray cluster on this machine, and fails when another job runs one here too; the
+        # Ray processes started below inherit this variable.
+        # The port is picked free, then bound by Ray's dashboard a moment later; another process can take it
+        # in between, and ray.init then fails at once ("already occupied"): a new port almost surely works.
+        for attempt in range(1, DASHBOARD_ATTEMPTS + 1):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            try:
+                ray.init(include_dashboard=True, dashboard_port=port, **kwargs)
+                break
+            except ValueError as exc:
+                if "already occupied" not in str(exc) or attempt == DASHBOARD_ATTEMPTS:
+                    raise
+                ray.shutdown()
+                print(f"the Ray dashboard's port {port} was taken meanwhile; starting Ray again on another",
+                      flush=True)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+    if threading.current_thread() is threading.main_thread():
+        handle_sigterm()
+
+
+def check_local_gpus(needed: float, address: str | None, asked: str, fix: str) -> None:
+    """With no Ray cluster named, Ray starts on this machine and counts its GPUs: too few is said here, before
+    Ray starts (~10 s) and before anything is written. Counted as torch counts them (CUDA_VISIBLE_DEVICES
+    honoured): a GPU that torch cannot use would fail in the worker anyway."""
+    if not needed or address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < math.ceil(needed - 1e-9):
+        gpus = f"{have} GPU(s)" if have else "no GPU"
+        raise UserError(f"{asked} but this machine has {gpus} that torch can use (and no Ray cluster is named: "
+                        f"--address / RAY_ADDRESS); {fix}")
+
+
+def scale_to_cluster(cfg):
+    """--workers auto: one DDP worker per GPU of the Ray cluster (GPU training), else one per node."""
+    import ray
+
+    init_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if cfg.gpu and not gpus:  # --gpu is an order: training on the CPU instead would be a silent surprise
+        raise UserError("--gpu with --workers auto, but the Ray cluster has no GPU; drop --gpu to train on "
+                        "its CPUs (one worker per node), or join a cluster with GPU nodes")
+    workers = gpus or nodes
+    # The config would say "--workers 3", a flag the user never gave.
+    fits = max(w for w in range(1, workers + 1) if cfg.batch_size % w == 0)
+    check_batch_split(cfg.batch_size, workers, f"--workers auto: {workers} worker(s) "
+                      f"({'one per GPU' if gpus else 'one per node'}) do not divide --batch-size {cfg.batch_size}",
+                      f"pass --workers {fits}, or a --batch-size divisible by {workers}")
+    print(f"--workers auto: {workers} worker(s), {'one per GPU' if gpus else 'one per node, on CPU'}", flush=True)
+    return dataclasses.replace(cfg, workers=workers, gpu=bool(gpus))
+
+
+def workers_that_fit(nodes: list[dict], cpus: float, gpus: float) -> int:
+    """How many workers of `cpus` CPUs and `gpus` GPUs the nodes hold at most (each on one node, as a Ray
+    placement-group bundle is); `nodes`: each alive node's total resources."""
+    def room(res: dict) -> int:
+        n = int(res.get("CPU", 0) / cpus + 1e-9)
+        return min(n, int(res.get("GPU", 0) / gpus + 1e-9)) if gpus else n
+
+    return sum(room(r) for r in nodes)
+
+
+def describe_cluster(nodes: list[dict]) -> str:
+    cpu_total = sum(r.get("CPU", 0) for r in nodes)
+    gpu_total = sum(r.get("GPU", 0) for r in nodes)
+    return (f"{len(nodes)} node(s) with {cpu_total:g} CPU(s) and "
+            f"{f'{gpu_total:g} GPU(s)' if gpu_total else 'no GPU'} in all")
+
+
+def check_cluster_fits(cfg, cpus: int, nodes: list[dict]) -> None:
+    """Refuse workers that this Ray cluster can never hold (`nodes`: each alive node's total resources).
+
+    Ray Train waits for its workers' CPUs and GPUs without end, silently (an autoscaler might add nodes);
+    on a fixed cluster (a Slurm job's, or the local one) such a run would hang until killed. A worker is
+    one bundle of `cpus` CPUs (and one GPU with --gpu) on a single node."""
+    fits = workers_that_fit(nodes, cpus, 1 if cfg.gpu else 0)
+    if fits >= cfg.workers:
+        return
+    gpu_total = sum(r.get("GPU", 0) for r in nodes)
+    cluster = describe_cluster(nodes)
+    each = f"{cpus} CPU(s){' and 1 GPU' if cfg.gpu else ''} each"
+    if cfg.gpu and not gpu_total:
+        fix = "drop --gpu, or run where Ray sees a GPU (a GPU node; check CUDA_VISIBLE_DEVICES)"
+    elif fits:
+        fix = f"lower --workers to {fits} or less{'' if cfg.gpu else ' (or --cpus-per-worker)'}, or run on more nodes"
+    else:
+        fix = "lower --cpus-per-worker, or run on bigger nodes"
+    raise UserError(f"{cfg.workers} worker(s) with {each} do not fit this Ray cluster ({cluster}; room for "
+                    f"{fits}); {fix}")
