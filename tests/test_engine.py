@@ -39,9 +39,9 @@ def test_the_loop_logs_evaluates_checkpoints_and_reports_in_order_with_final_fil
 
     def evaluate(state, step):
         evaluated.append(step)
-        return FAMILY.evaluate(state, step)
+        return FAMILY.pieces.evaluate(state, step)
 
-    session = run_locally(tmp_path / "run", family=dataclasses.replace(FAMILY, evaluate=evaluate), steps=12,
+    session = run_locally(tmp_path / "run", family=dataclasses.replace(FAMILY, pieces=dataclasses.replace(FAMILY.pieces, evaluate=evaluate)), steps=12,
                           log_every=2, eval_every=4, checkpoint_every=6)
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12] and evaluated == [4, 8, 12]

@@ -40,7 +40,7 @@ def finished_run(root: Path, cfg, model: torch.nn.Module, weights: str, fields: 
 def densenet_run(tmp_path) -> Path:
     cfg = DenseNetTrainConfig(synthetic=True, synthetic_train_per_class=12, synthetic_test_per_class=3, val_size=200,
                               growth_rate=4, blocks=(2, 2), init_channels=8, out=str(tmp_path / "dn"))
-    return finished_run(tmp_path / "dn", cfg, DenseNet(cfg.model_config()), "model.pt", DENSENET.metrics_columns,
+    return finished_run(tmp_path / "dn", cfg, DenseNet(cfg.model_config()), "model.pt", DENSENET.pieces.metrics_columns,
                         lambda s: {"step": s, "loss": 4 - s / 10, "train_acc": s / 100, "val_acc": s / 120})
 
 
@@ -48,7 +48,7 @@ def densenet_run(tmp_path) -> Path:
 def dcgan_run(tmp_path) -> Path:
     cfg = DCGANTrainConfig(synthetic=True, synthetic_train_per_class=2, synthetic_test_per_class=1, val_size=50,
                            out=str(tmp_path / "gan"))
-    return finished_run(tmp_path / "gan", cfg, Generator(cfg.model_config()), "generator.pt", GAN.metrics_columns,
+    return finished_run(tmp_path / "gan", cfg, Generator(cfg.model_config()), "generator.pt", GAN.pieces.metrics_columns,
                         lambda s: {"step": s, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.7, "d_fake": 0.3})
 
 
