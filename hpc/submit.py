@@ -21,6 +21,7 @@ from pathlib import Path
 from hpc.errors import UserError, run_cli
 from hpc.job import RayJob
 
+DEFAULT_CPUS = 8  # what the slurm/*.sh scripts ask per node (#SBATCH --cpus-per-task=8)
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE", "FINISHED", "INTERRUPTED")
 
@@ -30,7 +31,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1, help="Slurm nodes, one Ray node each (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default 0)")
-    p.add_argument("--cpus-per-node", type=int, default=None, help="CPUs per node (default: the partition's)")
+    p.add_argument("--cpus-per-node", type=int, default=None,
+                   help=f"CPUs per node (default {DEFAULT_CPUS}, as the slurm/*.sh scripts ask; all of them with "
+                   "--exclusive). Without -c Slurm gives a task one CPU, and Ray then plans one trial at a time")
+    p.add_argument("--exclusive", action="store_true", help="the whole nodes: every CPU (and GPU) of each")
     p.add_argument("--mem-per-cpu", help="memory per CPU, e.g. 4G (default: the cluster's)")
     p.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
     p.add_argument("--time", type=int, default=60, help="time limit in minutes (default 60)")
@@ -62,16 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if which("sbatch") is None:
             raise UserError("sbatch not found: run on a Slurm login node, or use --executor local")
         executor = submitit.AutoExecutor(folder=args.folder, cluster="slurm")
-        extra = {}
-        if args.gpus_per_node:
-            extra["slurm_gpus_per_node"] = args.gpus_per_node
-        if args.partition:
-            extra["slurm_partition"] = args.partition
-        if args.mem_per_cpu:
-            extra["slurm_mem_per_cpu"] = args.mem_per_cpu
-        executor.update_parameters(name=args.name, nodes=args.nodes, tasks_per_node=1, timeout_min=args.time,
-                                   cpus_per_task=args.cpus_per_node, slurm_additional_parameters={"requeue": True},
-                                   **extra)
+        executor.update_parameters(**slurm_parameters(args))
     else:
         executor = submitit.AutoExecutor(folder=args.folder, cluster="local")
         executor.update_parameters(timeout_min=args.time, tasks_per_node=1, nodes=1)
@@ -82,6 +77,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"status: python -m hpc.status {job.job_id}    cancel: scancel {job.job_id}")
         return 0
     return wait(job)
+
+
+def slurm_parameters(args: argparse.Namespace) -> dict:
+    """submitit's parameters for the job: one task per node with the CPUs it needs (-c), GPUs, partition, memory."""
+    params = dict(name=args.name, nodes=args.nodes, tasks_per_node=1, timeout_min=args.time,
+                  slurm_additional_parameters={"requeue": True})
+    if args.exclusive:
+        params["slurm_exclusive"] = True  # Ray then counts every CPU of the node (SLURM_CPUS_ON_NODE)
+        if args.cpus_per_node:
+            params["cpus_per_task"] = args.cpus_per_node
+    else:
+        params["cpus_per_task"] = args.cpus_per_node or DEFAULT_CPUS
+    if args.gpus_per_node:
+        params["slurm_gpus_per_node"] = args.gpus_per_node
+        cpus = params.get("cpus_per_task")
+        if cpus is not None and cpus < args.gpus_per_node:
+            print(f"warning: --cpus-per-node {cpus} is fewer than --gpus-per-node {args.gpus_per_node}: a GPU trial "
+                  "needs a CPU to drive it, so some GPUs will idle; raise --cpus-per-node", file=sys.stderr)
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    if args.mem_per_cpu:
+        params["slurm_mem_per_cpu"] = args.mem_per_cpu
+    return params
 
 
 def wait(job) -> int:

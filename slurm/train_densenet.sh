@@ -21,5 +21,7 @@ set -euo pipefail
 PY=${PYTHON:-python}
 data=(--data-dir "${DATA_DIR:-data}")
 if [ -n "${SYNTHETIC:-}" ]; then data=(--synthetic); fi
+out=${OUT:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+echo "[cifarray] out $out; to continue this run in a later job: ${SYNTHETIC:+SYNTHETIC=1 }${DATA_DIR:+DATA_DIR=$DATA_DIR }OUT=$out sbatch slurm/train_densenet.sh $*"
 exec "$PY" -m hpc.ray_cluster -- "$PY" -m cifarray.train densenet --workers auto "${data[@]}" \
-    --out "${OUT:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}" "$@"
+    --out "$out" "$@"

@@ -90,3 +90,15 @@ def test_a_run_folder_written_before_a_setting_existed_resumes_and_a_changed_one
 def test_a_config_with_a_setting_this_version_does_not_know_is_refused():
     with pytest.raises(UserError, match="setting\\(s\\) warp_drive that this version of cifarray does not know"):
         from_dict(DenseNetTrainConfig, {"synthetic": True, "warp_drive": 1})
+
+
+def test_a_run_resumed_with_another_cpu_count_continues(tmp_path):
+    """A sweep resumed on another allocation recomputes each trial's cpus_per_worker; its unfinished trials used
+    to be refused as "a run with other settings". The CPU count says how a run is run, not what it trains."""
+    cfg = DenseNetTrainConfig(synthetic=True, synthetic_train_per_class=2, synthetic_test_per_class=1, val_size=10,
+                              out=str(tmp_path), cpus_per_worker=1)
+    runfolder.prepare_run(cfg)
+    run, resolved, done = runfolder.prepare_run(dataclasses.replace(cfg, cpus_per_worker=4))
+    assert not done and resolved["cpus_per_worker"] == 4
+    with pytest.raises(UserError, match="holds a run with other settings"):  # a training setting still differs
+        runfolder.prepare_run(dataclasses.replace(cfg, lr=0.5))

@@ -12,7 +12,7 @@ import pytest
 
 from cifarray.config import to_dict
 from cifarray.errors import UserError
-from cifarray.rundir import read_metrics
+from cifarray.rundir import measured, read_metrics
 from cifarray.train import runfolder
 from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.densenet import FAMILY
@@ -45,6 +45,8 @@ def test_the_loop_logs_evaluates_checkpoints_and_reports_in_order_with_final_fil
                           log_every=2, eval_every=4, checkpoint_every=6)
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12] and evaluated == [4, 8, 12]
+    # Validation accuracy only where validation ran: curves plot those steps, not repeated copies between them.
+    assert [int(r["step"]) for r in rows if measured(r, "val_acc")] == [4, 8, 12]
     # A report at each evaluation or checkpoint step, the checkpoint attached where one was taken, and the
     # last one after summary.json and the weights were written (Tune may end a trial on its final result).
     assert [(m["step"], step) for m, step, _ in session.reports] == [(4, None), (6, 6), (8, None), (12, 12)]

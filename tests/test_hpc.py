@@ -265,6 +265,8 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
     text = log.read_text()
     assert state == "COMPLETED", text[-3000:]
 
+    # The log says how to continue the sweep in a later job (a fresh sbatch gets a new default OUT).
+    assert f"to continue this sweep in a later job: SYNTHETIC=1 OUT={out} sbatch slurm/tune_densenet.sh" in text
     runs = text.split("Ray cluster up")
     assert len(runs) == 3 and "resuming" in runs[2], text[-3000:]
     with open(out / "trials.csv") as f:
@@ -404,3 +406,27 @@ def test_hpc_imports_nothing_from_cifarray():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cifarray'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def sbatch_script(*argv: str) -> str:
+    """The sbatch script submitit writes for `python -m hpc.submit ARGV -- true` (no Slurm needed to render it)."""
+    import submitit
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from hpc import submit
+
+    executor = submitit.AutoExecutor(folder="/tmp/unused", cluster="slurm")
+    executor.update_parameters(**submit.slurm_parameters(submit.parser().parse_args([*argv, "--", "true"])))
+    return _make_sbatch_string(command="true", folder="/tmp/unused", **executor._executor.parameters)
+
+
+def test_submit_asks_slurm_for_the_cpus_a_node_needs(capsys):
+    """Without -c Slurm gives the task one CPU, and the sweep then plans one trial at a time on a 4-GPU node."""
+    assert "#SBATCH --cpus-per-task=8" in sbatch_script()  # what the slurm/*.sh scripts ask
+    assert "#SBATCH --cpus-per-task=32" in sbatch_script("--cpus-per-node", "32")
+    whole = sbatch_script("--exclusive")
+    assert "#SBATCH --exclusive" in whole and "--cpus-per-task" not in whole  # every CPU of the node
+    assert "warning" not in capsys.readouterr().err
+    sbatch_script("--cpus-per-node", "2", "--gpus-per-node", "4")
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 1 and warned[0].startswith("warning: --cpus-per-node 2 is fewer than --gpus-per-node 4")

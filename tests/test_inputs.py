@@ -403,3 +403,26 @@ def test_of_runs_started_together_exactly_one_gets_the_lock(tmp_path):
              for _ in range(6)]
     codes = sorted(p.wait(timeout=60) for p in procs)
     assert codes == [0, 3, 3, 3, 3, 3], codes
+
+
+def test_a_local_ray_counts_only_the_cpus_and_gpus_this_process_may_use(monkeypatch):
+    """Ray counts every CPU of the node; inside `salloc`, a Slurm cpuset or `taskset` it planned trials on CPUs
+    the job does not own. Measured for real: a local Ray started under `taskset -c 0` has one CPU."""
+    from cifarray.train.cluster import local_resources
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert local_resources() == {"num_cpus": 4}
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert local_resources() == {"num_cpus": 2, "num_gpus": 2}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local_resources()["num_gpus"] == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,1")  # CUDA stops at the first invalid index
+    assert local_resources()["num_gpus"] == 1
+    code = "import ray; from cifarray.train import cluster; cluster.init_ray(); print('CPU', ray.cluster_resources()['CPU'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_ON_NODE", "RAY_ADDRESS")}
+    proc = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "CPU 1.0" in proc.stdout, proc.stdout + proc.stderr[-2000:]

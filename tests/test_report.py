@@ -144,3 +144,26 @@ def test_weights_that_do_not_load_are_one_line_errors_for_report_and_eval(tmp_pa
         expected = {"truncated": "truncated or corrupt", "crafted": "refused unread",
                     "another model": "does not fit this run's model"}[damage]
         assert expected in lines[0], lines[0]
+
+
+def test_the_inference_figures_titles_clear_the_images_above_them():
+    """Each image's four title lines (top 3 and the verdict) used to run into the image above."""
+    from cifarray.train.densenet import inference_figure
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels, pred = torch.arange(16), torch.arange(16).flip(0)  # every verdict a "true: ..." line
+    top3 = [([0.5, 0.3, 0.2], [i, (i + 1) % 100, (i + 2) % 100]) for i in range(16)]
+    fig = inference_figure(images, labels, pred, top3, [f"long_class_name_{i}" for i in range(100)], " (procedural)")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes
+    boxes = [(ax.title.get_window_extent(renderer), ax.get_window_extent(renderer)) for ax in axes]
+    for i, (title, _) in enumerate(boxes[4:], start=4):  # rows 2-4: the image above is in the row before
+        above = boxes[i - 4][1]
+        assert title.y1 < above.y0, (i, title.y1, above.y0)
+    suptitle = fig._suptitle.get_window_extent(renderer)
+    assert all(title.y1 < suptitle.y0 for title, _ in boxes[:4])
+    from cifarray.figures import pyplot
+
+    pyplot().close(fig)

@@ -384,6 +384,14 @@ def test_trials_per_gpu_follow_gpus_over_the_share(cluster, share, expected):
     assert trial_resources("train", cpus, share) == {"CPU": 0.01}
 
 
+def test_gpu_fractions_pack_per_gpu():
+    """floor(1 / f) trials per GPU: a trial lives on one GPU, so the totals' remainder holds none (ray#5902)."""
+    from cifarray.tune.__main__ import plan
+
+    assert plan(32, 8.0, 0.3, workers=1, cpus_per_trial=None, max_concurrent=None, trials=100) == (24, 1)  # not 26
+    assert plan(16, 3.0, 0.4, workers=1, cpus_per_trial=None, max_concurrent=None, trials=100) == (6, 2)  # not 7
+
+
 def test_the_trial_runner_follows_the_workers_per_trial_and_cannot_change_on_resume(tmp_path):
     import shutil
 
@@ -602,3 +610,23 @@ def test_a_trial_that_diverges_is_recorded_as_diverged_and_the_sweep_goes_on(tmp
     assert "diverged at step 5" in result.stdout and "1 complete, 1 diverged" in result.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["best"]["trial_id"] == by[0.1]["trial_id"]
+
+
+def test_a_long_console_event_stays_one_line_in_a_log(tmp_path):
+    """Off a TTY Rich falls back to 80 columns; a Slurm .out file got each long event split over two lines."""
+    import io
+
+    from rich.console import Console
+
+    from cifarray.tune.console import SweepConsole
+    from cifarray.tune.sweep import load
+
+    log = io.StringIO()
+    view = SweepConsole(str(tmp_path), load(CI_SWEEP), "val_acc", "max", "validation accuracy", total=1,
+                        console=Console(file=log, force_terminal=False), live=False)
+    event = "trial 3767a15c started: " + "  ".join(f"key_{i}=value_{i}" for i in range(12))
+    assert len(event) > 200
+    view._event(event)
+    view.on_step_end(0, [])  # the periodic status line
+    lines = log.getvalue().splitlines()
+    assert lines[0] == event and len(lines) == 2, lines

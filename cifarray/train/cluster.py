@@ -64,7 +64,7 @@ def init_ray(dashboard: bool = False) -> None:
                 port = s.getsockname()[1]
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             try:
-                ray.init(include_dashboard=True, dashboard_port=port, **kwargs)
+                ray.init(include_dashboard=True, dashboard_port=port, **local_resources(), **kwargs)
                 break
             except ValueError as exc:
                 if "already occupied" not in str(exc) or attempt == DASHBOARD_ATTEMPTS:
@@ -73,9 +73,27 @@ def init_ray(dashboard: bool = False) -> None:
                 print(f"the Ray dashboard's port {port} was taken meanwhile; starting Ray again on another",
                       flush=True)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(include_dashboard=False, **local_resources(), **kwargs)
     if threading.current_thread() is threading.main_thread():
         handle_sigterm()
+
+
+def local_resources() -> dict[str, int]:
+    """What a local Ray may count: the CPUs this process may run on (its affinity mask: `taskset`, a Slurm job's
+    cpuset; at most SLURM_CPUS_ON_NODE inside an allocation) and the GPUs CUDA_VISIBLE_DEVICES leaves visible.
+
+    Ray itself counts every CPU of the node (it does not read cgroup v2 cpusets), and a sweep would plan trials
+    on CPUs the job does not own."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = min(cpus, int(slurm))
+    found = {"num_cpus": cpus}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        found["num_gpus"] = len(ids[:next((i for i, d in enumerate(ids) if d.startswith("-")), len(ids))])
+    return found
 
 
 def check_local_gpus(needed: float, address: str | None, asked: str, fix: str) -> None:

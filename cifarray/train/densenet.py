@@ -64,7 +64,7 @@ class State:
     sched: Any
     aug: DeviceAugment  # evaluation's normalisation
     batches: BulkAugment  # the augmented training batches, a chunk at a time
-    val_acc: float = float("nan")  # the latest validation accuracy, repeated on every metrics row
+    val_acc: float = float("nan")  # the latest validation accuracy
     val_step: int = -1  # the step val_acc was measured at
     graphed: GraphedStep | None = None  # the captured step (--cuda-graphs), else eager
     graphs_off_because: str = ""
@@ -258,24 +258,34 @@ def report(run: RunDir, cfg: DenseNetTrainConfig) -> list[Path]:
             a, b = divmod(flat, n)
             w.writerow([names[a], names[b], int(confusion[a, b]), int(confusion[b, a]), value])
     out += [run.path / "per_class_accuracy.csv", run.path / "confused_pairs.csv"]
+    fig = inference_figure(data.test.images, labels, pred, top3, names, tag)
+    fig.savefig(run.path / "inference.png")
+    figures.pyplot().close(fig)
+    return out + [run.path / "inference.png"]
+
+
+def inference_figure(images: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor, top3, names: list[str],
+                     tag: str):
+    """The first 16 test images with their top-3 classes and confidences, and the true class where wrong."""
     plt = figures.pyplot()
     fig, axes = plt.subplots(4, 4, figsize=(10, 11), dpi=100)
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, (values, classes)) in enumerate(zip(axes.flat, top3)):
-        ax.imshow(data.test.images[i].permute(1, 2, 0).numpy())
+        ax.imshow(images[i].permute(1, 2, 0).numpy())
         lines = [f"{names[c][:18]} {p:.0%}" for p, c in zip(values, classes)]
         ok = "ok" if pred[i] == labels[i] else f"true: {names[int(labels[i])][:16]}"
         ax.set_title("\n".join(lines + [ok]), fontsize=7)
     fig.suptitle(f"first 16 test images, top-3 predictions{tag}")
-    fig.tight_layout()
-    fig.savefig(run.path / "inference.png")
-    plt.close(fig)
-    return out + [run.path / "inference.png"]
+    # Room above each image for its four title lines: tight_layout left them running into the image above.
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=0.9, wspace=0.1, hspace=0.55)
+    return fig
 
 
 def _log_fields(s: State) -> dict[str, Any]:
-    return {"val_acc": s.val_acc, "lr": s.sched.get_last_lr()[0]}
+    # val_acc is not repeated here: a row holds it only where validation ran, so curves (and ASHA's replay of
+    # a resumed sweep) see the steps it was measured at, not a staircase of copies.
+    return {"lr": s.sched.get_last_lr()[0]}
 
 
 def _objective(ctx) -> Objective:

@@ -19,6 +19,7 @@ class Progress:
         self._stop = threading.Event()
         self._seen = len(read_metrics(run.metrics))
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._last: dict[str, float] = {}
         self.tty = sys.stdout.isatty()
 
     def __enter__(self) -> "Progress":
@@ -32,8 +33,10 @@ class Progress:
     def _fmt(self, row: dict[str, str]) -> str:
         parts = []
         for k in self.keys:
-            if measured(row, k):
-                parts.append(f"{k} {float(row[k]):.4g}")
+            if measured(row, k):  # shown until measured again (validation runs every --eval-every steps)
+                self._last[k] = float(row[k])
+            if k in self._last:
+                parts.append(f"{k} {self._last[k]:.4g}")
         return "  ".join(parts)
 
     def _loop(self) -> None:

@@ -29,7 +29,8 @@ def check_resumable(run: RunDir, resolved: dict, cfg) -> bool:
     if saved is None:
         return False
     # May change between attempts without changing what is trained (graphs change how a step runs, not its maths).
-    ignore = {"max_failures", "log_every", "cuda_graphs"}
+    # cpus_per_worker: how many CPUs (threads) run it, which a sweep resumed on another allocation recomputes.
+    ignore = {"max_failures", "log_every", "cuda_graphs", "cpus_per_worker"}
     # A setting added after the run was written is absent from its config.json: the run used its default.
     defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
                 for f in dataclasses.fields(cfg) if f.name not in saved}

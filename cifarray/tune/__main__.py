@@ -238,7 +238,10 @@ def plan(cpus: int, gpus: float, gpus_per_trial: float, workers: int, cpus_per_t
         if gpus < gpus_per_trial:
             raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {gpus:g} GPU(s); "
                             "lower it or run on GPU nodes")
-        fit_by = int(gpus / gpus_per_trial + 1e-9)
+        # A fraction packs per GPU: floor(1 / f) trials on each (0.3: 3 per GPU, 24 on 8 GPUs, not 26: a trial
+        # lives on one GPU, so the totals' remainder cannot hold one; ray-project/ray#5902).
+        per_gpu = int(1 / gpus_per_trial + 1e-9) if gpus_per_trial < 1 else 0
+        fit_by = per_gpu * int(gpus + 1e-9) if per_gpu else int(gpus / gpus_per_trial + 1e-9)
         cpus_per_worker = max(1, (cpus_per_trial or cpus // fit_by) // workers)
         fit_by = min(fit_by, cpus // (cpus_per_worker * workers))  # every trial still needs its CPUs
     else:
@@ -346,7 +349,8 @@ def launch(args: TuneArgs) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     write_experiment(args, placed.gpus_per_trial)
-    per_worker = (f"{placed.gpus_per_trial / args.workers:g} GPU" if placed.gpus_per_trial
+    f = placed.gpus_per_trial
+    per_worker = (f"{f / args.workers:g} GPU" + (f" ({int(1 / f + 1e-9)} trials per GPU)" if f < 1 else "") if f
                   else f"{placed.cpus_per_worker} CPU")
     print(f"sweep {Path(sweep.source).name}: {sweep.model}, {args.n_trials} trials, objective {goal.label} "
           f"({goal.mode}), budget {sweep.budget:,} params; ASHA grace {sweep.grace_period} steps, reduction "

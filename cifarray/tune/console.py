@@ -2,7 +2,8 @@
 
 On a TTY: a live table (id, status, batch, lr, k, layout, params, step, objective)
 under a header with the best objective, resources in use, elapsed time and ETA.
-Elsewhere (Slurm logs): one line per trial event and a status line every 30 s.
+Elsewhere (Slurm logs): one line per trial event and a status line every 30 s, each one line whatever its
+length.
 The same callback keeps OUT/trials.csv current, so a killed sweep leaves it behind.
 """
 
@@ -165,7 +166,7 @@ class SweepConsole(Callback):
             self._render()
         elif self._live is None and now - self._last_line >= 30:
             self._last_line = now
-            self.console.print(self.header(), highlight=False)
+            self.console.print(self.header(), highlight=False, soft_wrap=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.trials = trials
@@ -182,10 +183,12 @@ class SweepConsole(Callback):
 
     def _event(self, line: str) -> None:
         if self._live is not None:
-            self._live.console.print(line, highlight=False)
+            self._live.console.print(line, highlight=False, soft_wrap=True)
             self._render()
         else:
-            self.console.print(line, highlight=False)
+            # soft_wrap: one line whatever its length. Off a TTY (a Slurm .out file) Rich would wrap at 80 columns,
+            # and grep would find half of each event.
+            self.console.print(line, highlight=False, soft_wrap=True)
         self._changed()
 
     def _changed(self) -> None:
