@@ -9,7 +9,8 @@ under 107 bytes). Token authentication is on: a random token in a 0600 file in t
 (~/.hpc-ray/jobs/<job id>/, or $HPC_JOBS_DIR/<job id>), so other users of the cluster cannot
 run code on this job's Ray cluster. When every node has joined, CMD runs with RAY_ADDRESS and
 the token set; its exit status is this command's. Everything is torn down when CMD ends and on
-SIGTERM/SIGINT/SIGHUP (scancel, requeue, preemption, the --signal before the time limit).
+SIGTERM/SIGINT/SIGHUP (scancel, requeue, preemption, the --signal before the time limit); each node's
+Ray logs are then copied from its temp dir into the job's folder (ray-logs/<node>).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip
 CLUSTER_FILE = "cluster.json"
 NODE_LABEL = "slurm-node"
 TOKEN_FILE = "token"
+LOGS_DIR = "ray-logs"  # each node's Ray session logs, copied here at teardown (keep_logs)
 SOCKET_PATH_MAX = 107
 SESSION_SUFFIX = len("/session_2026-11-25_22-16-44_882869_4194304/sockets/plasma_store")
 NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
@@ -190,6 +192,26 @@ def new_token(job_dir: Path) -> Path:
     return path
 
 
+def keep_logs(tmp: Path, job_dir: Path, node: str, restart_count: int) -> None:
+    """Copy this node's Ray session logs (raylet, GCS, dashboard, each worker's stdout and stderr) from its temp
+    dir, which teardown removes, into the job folder: LOGS_DIR/<node> (<node>-restart<n> after a requeue)."""
+    dest = job_dir / LOGS_DIR / (node if not restart_count else f"{node}-restart{restart_count}")
+    sessions = sorted(p for p in tmp.glob("session_*") if p.is_dir() and not p.is_symlink() and (p / "logs").is_dir())
+    if not sessions:
+        return
+    size = 0
+    try:
+        for session in sessions:  # one per `ray start` attempt
+            target = dest / session.name if len(sessions) > 1 else dest
+            shutil.copytree(session / "logs", target, dirs_exist_ok=True, symlinks=False,
+                            ignore_dangling_symlinks=True)
+        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    except OSError as exc:  # a full or read-only job folder must not stop the teardown
+        log(f"could not keep {node}'s Ray logs in {dest}: {exc}")
+        return
+    log(f"{node}'s Ray logs kept in {dest} ({size / 1e6:.1f} MB)")
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -316,6 +338,7 @@ class Cluster:
                 stop(self.workers, 10, "the Ray worker step")
         if self.head is not None:
             stop(self.head, STOP_GRACE_S, "the Ray head")
+        keep_logs(self.tmp, self.job_dir, self.alloc.this_node, self.alloc.restart_count)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self.info:
             self.info["state"] = "interrupted" if interrupted else "ended"
@@ -390,6 +413,7 @@ def join_cluster(job_dir: Path, head: str | None, dashboard: str | None, timeout
     finally:
         _ignore_stop_signals()
         stop(proc, STOP_GRACE_S, "the Ray worker")
+        keep_logs(tmp, job_dir, alloc.this_node, alloc.restart_count)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

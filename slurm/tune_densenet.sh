@@ -25,6 +25,7 @@ data=(--data-dir "${DATA_DIR:-data}")
 if [ -n "${SYNTHETIC:-}" ]; then data=(--synthetic); fi
 out=${OUT:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
 echo "[cifarray] out $out; to continue this sweep in a later job: ${SYNTHETIC:+SYNTHETIC=1 }${DATA_DIR:+DATA_DIR=$DATA_DIR }OUT=$out sbatch slurm/tune_densenet.sh $*"
+echo "[cifarray] watch the study: optuna-dashboard sqlite:///$(realpath -m "$out")/optuna.db (pip install 'cifarray[dashboard]')"
 exec "$PY" -m hpc.ray_cluster -- "$PY" -m cifarray.tune --sweep "${SWEEP:-sweeps/densenet_100k.toml}" --resume=auto \
     --gpus-per-trial "${GPUS_PER_TRIAL:-auto}" "${data[@]}" \
     --out "$out" "$@"

@@ -13,6 +13,7 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def accuracy(model: torch.nn.Module, split) -> float:
 
 
 def evaluate(s: ToyState, step: int) -> dict[str, float]:
+    if step == s.worker.cfg.steps:
+        # What a user's family says in a worker must reach the job log, named by trial and rank.
+        warnings.warn(f"toy: the last evaluation, at step {step}")
     return {"val_acc": accuracy(s.model, s.worker.data.val)}
 
 
@@ -159,6 +163,10 @@ def test_a_family_defined_outside_cifarray_trains_sweeps_and_reports(tmp_path):
     # It learned (measured val 0.214 at seed 0; chance is 0.01) through the engine's loop, cadence and final files.
     assert [(r["step"], r["val_acc"] != "") for r in rows] == [("30", True), ("50", False), ("60", True)]
     assert summary["val_acc"] > 0.1 and (out / "model.pt").is_file() and (out / "curves.png").is_file()
+    # The family's warning, raised in the Ray Train worker, is in the job log (stderr), one line, named by rank;
+    # Ray Train's INFO per report and the placement-group cleaner's complaints are not.
+    assert "[rank 0] UserWarning: toy: the last evaluation, at step 60" in result.stderr, result.stderr[-3000:]
+    assert "Reporting training result" not in result.stderr and "Failed to query" not in result.stderr
 
     # The run's own report command finds the family by the name in summary.json.
     (out / "curves.png").unlink()
@@ -185,6 +193,11 @@ def test_a_family_defined_outside_cifarray_trains_sweeps_and_reports(tmp_path):
     assert all(t["status"] in ("complete", "early-stopped") for t in trials if t["pool"] != "2")
     assert done["by_status"].get("infeasible") == len(over) and sum(done["by_status"].values()) == 2
     assert "test_acc" in result.stdout and "lr" in result.stdout
+    # Each trained trial's warning names its trial, in the sweep's job log; Tune's INFO per checkpoint does not show.
+    for t in trials:
+        said = f"[trial {t['trial_id']} rank 0] UserWarning: toy: the last evaluation, at step 40"
+        assert (said in result.stderr) == (t["status"] == "complete"), result.stderr[-3000:]
+    assert "Checkpoint successfully created" not in result.stderr
 
 
 def test_an_unknown_family_is_a_one_line_error(tmp_path):

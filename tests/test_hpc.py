@@ -267,6 +267,7 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
 
     # The log says how to continue the sweep in a later job (a fresh sbatch gets a new default OUT).
     assert f"to continue this sweep in a later job: SYNTHETIC=1 OUT={out} sbatch slurm/tune_densenet.sh" in text
+    assert f"watch the study: optuna-dashboard sqlite:///{out.resolve()}/optuna.db" in text
     runs = text.split("Ray cluster up")
     assert len(runs) == 3 and "resuming" in runs[2], text[-3000:]
     with open(out / "trials.csv") as f:
@@ -288,6 +289,11 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
     else:  # the trials' actors ran on both Ray nodes
         assert {s["slurm_node"] for s in summaries} == {"node1", "node2"}, summaries
     assert not list(Path("/tmp").glob(f"ray-{job}-*")), "Ray temp dirs left behind"
+    # ... but each node's Ray logs, of both runs of the job, are kept in its folder.
+    kept = slurm.jobs_dir / job / ray_cluster.LOGS_DIR
+    for node in ("node1", "node2", "node1-restart1", "node2-restart1"):
+        assert (kept / node / "raylet.out").is_file(), (node, sorted(p.name for p in kept.iterdir()))
+        assert f"{node.split('-')[0]}'s Ray logs kept in {kept / node}" in text
     # The requeued run took the folder's lock (the old run had released it, or was provably gone)
     # and released it when it ended.
     assert "is in use by" not in text and not (out / "cifarray.lock").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import os
 import signal
@@ -132,6 +133,40 @@ def snapshot_status(out: Path, trial_id: str) -> str | None:
     return None
 
 
+def http_json(url: str):
+    """The JSON a local server answers with, or None while it does not answer yet."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.loads(resp.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def dashboard_trials(db: Path) -> list[dict]:
+    """Every trial of the only study in `db`, as optuna-dashboard's HTTP API serves them (`dashboard` extra)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "optuna-dashboard"
+    dash = subprocess.Popen([str(exe), f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}/api/studies"
+        studies = wait_until(lambda: http_json(base) or (dash.poll() is not None and {"ended": dash.returncode}),
+                             60)
+        assert "study_summaries" in studies, (studies, dash.stderr and dash.stderr.read())
+        (study,) = studies["study_summaries"]
+        return http_json(f"{base}/{study['study_id']}")["trials"]
+    finally:
+        dash.terminate()
+        dash.wait(10)
+
+
 def descendants(pid: int) -> set[int]:
     """PIDs started (transitively) by `pid`, read from /proc while it still lives."""
     children: dict[int, list[int]] = {}
@@ -221,8 +256,12 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
     ended = sum(n for s, n in stopped["by_status"].items() if s in results.DONE)
     assert stopped["status"] == "interrupted" and stopped["unfinished_trials"] == 4 - ended > 0, stopped
     assert stopped["best"]["trial_id"] in before and "test_acc" not in stopped["best"]
-    result = run_module("cifarray.tune", "--out", str(out), "--resume", timeout=900)
+    # Resumed at two trials at once (as on a bigger allocation): Tune's restored limiter would keep the first
+    # run's one (cifarray/tune/searcher.py).
+    resumed_at = datetime.datetime.now()  # Optuna's clock: local, naive
+    result = run_module("cifarray.tune", "--out", str(out), "--resume", "--max-concurrent", "2", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming {out / 'tune'} at this allocation's 2 trial(s) at once" in result.stdout, result.stdout
     # The killed sweep left its lock behind; its process is provably gone, so the resume took it over.
     assert f"note: taking over {out / 'cifarray.lock'}" in result.stderr and "its process is gone" in result.stderr
     assert not (out / "cifarray.lock").exists()
@@ -259,6 +298,45 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
         assert (out / name).read_bytes()[:8] == PNG
     assert "Traceback" not in result.stderr
     assert "sweep done" in result.stdout and "0 on infeasible configs" in result.stdout
+    # The Optuna study (OUT/optuna.db) holds every trial, the killed run's and the resumed run's, each once, with
+    # Tune's trial id, its value and its feasibility.
+    import optuna
+
+    study = optuna.load_study(study_name="ci_densenet", storage=f"sqlite:///{out / 'optuna.db'}")
+    tune_ids = {t["trial_id"] for t in trials}
+    stored = {t.user_attrs["trial_id"]: t for t in study.trials if t.user_attrs["trial_id"] in tune_ids}
+    assert set(stored) == tune_ids and sum(t.user_attrs["trial_id"] in tune_ids for t in study.trials) == 4
+    # What only the killed run knew stays honest: a trial it asked Optuna for after Tune's last snapshot of the
+    # experiment is asked again on resume, and the first ask ends failed and marked lost (never left running);
+    # one it finished after that snapshot stays complete (it ran) though Tune, restored, no longer lists it.
+    for t in study.trials:
+        if t.user_attrs["trial_id"] not in tune_ids:
+            assert ("lost" in t.user_attrs and t.state == optuna.trial.TrialState.FAIL) or (
+                t.state == optuna.trial.TrialState.COMPLETE and t.datetime_complete < resumed_at), t
+    # Two at once after the resume: two trials were out at once (one at a time, as the first run's limit was,
+    # Optuna is asked for the next trial only once the last one is told).
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in stored.values())
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    for t in trials:
+        ot = stored[t["trial_id"]]
+        assert ot.state == optuna.trial.TrialState.COMPLETE and ot.user_attrs["params"] == int(t["params"])
+        assert (ot.system_attrs["constraints:params_over_budget"] > 0) == (t["status"] == "infeasible")
+        if t["status"] != "infeasible":
+            assert ot.params["lr"] == pytest.approx(float(t["lr"]), rel=1e-3)
+            # Intermediate values at the trial's evaluation steps (eval_every 20), not Tune's report count (Tune
+            # tells Optuna the last report as the value, not as an intermediate one).
+            assert set(ot.intermediate_values) <= set(range(20, int(t["steps"]), 20))
+            assert set(ot.intermediate_values) == {20, 40} or t["status"] != "complete"
+    # optuna-dashboard shows the same: every trial with its parameters, value and feasibility (which it reads
+    # from the constraints' list form), and the Tune trial it was.
+    served = {next(a["value"] for a in d["user_attrs"] if a["key"] == "trial_id"): d
+              for d in dashboard_trials(out / "optuna.db")}
+    assert set(served) >= tune_ids and len(served) == len(study.trials)
+    for t in trials:
+        d = served[t["trial_id"]]
+        assert d["values"] == [stored[t["trial_id"]].value] and len(d["constraints"]) == 1
+        assert (d["constraints"][0] > 0) == (t["status"] == "infeasible")
+        assert {p["name"]: p["param_external_value"] for p in d["params"]}["batch_size"] == t["batch_size"]
 
 
 def test_a_resumed_sweeps_asha_judges_new_trials_against_the_finished_ones():
@@ -290,6 +368,30 @@ def test_a_resumed_sweeps_asha_judges_new_trials_against_the_finished_ones():
                 None, T(trial_id="new", status="RUNNING"), {"step": 20, "val_acc": 0.22})
     # Rung 20 holds 0.30 and 0.20: its cutoff (the 67th percentile, 0.267) stops a trial at 0.22.
     assert decisions == {"ResumableASHA": "STOP", "AsyncHyperBandScheduler": "CONTINUE"}
+
+
+def test_a_resumed_sweeps_unfinished_trial_asks_for_what_the_new_plan_gives_a_trial():
+    """Tune keeps a restored trial's resources; one from an allocation with more CPUs per trial would wait for ever
+    on a smaller one. The resumed scheduler gives it what the trainable it was restored with asks for."""
+    from ray import tune
+    from ray.tune.experiment import Trial
+    from ray.tune.registry import register_trainable
+
+    from cifarray.tune.asha import ResumableASHA
+
+    def trainable(config):
+        pass
+
+    register_trainable("follow_plan", tune.with_resources(trainable, {"CPU": 4}))  # the first run's plan
+    unfinished, running = Trial("follow_plan"), Trial("follow_plan")
+    for t in (unfinished, running):
+        t.create_placement_group_factory()
+    running.set_status(Trial.RUNNING)
+    register_trainable("follow_plan", tune.with_resources(trainable, {"CPU": 1}))  # the resumed run's
+    for t in (unfinished, running):
+        ResumableASHA._follow_plan(t)
+    assert unfinished.placement_group_factory.required_resources == {"CPU": 1}
+    assert running.placement_group_factory.required_resources == {"CPU": 4}
 
 
 def test_console_renders_the_trial_table_and_header():
@@ -428,7 +530,7 @@ class Picker(socket.socket):
         picks.append(name[1])
         return (name[0], taken.getsockname()[1]) if len(picks) == 1 else name
 cluster.socket = types.SimpleNamespace(socket=Picker)
-cluster.init_ray(dashboard=True)
+cluster.init_ray()
 print("PICKS", len(picks), "CPU", ray.cluster_resources()["CPU"],
       "API", os.environ["RAY_API_SERVER_ADDRESS"].endswith(f":{picks[-1]}"))
 ray.shutdown()

@@ -29,6 +29,7 @@ from cifarray.provenance import provenance
 from cifarray.rundir import MetricsLog, RunDir, read_metrics
 from cifarray.train.checkpoint import restore, send_result, snapshot
 from cifarray.train.session import LocalSession, Session
+from cifarray.train.workerlog import label, worker_log
 
 
 @dataclass
@@ -87,6 +88,15 @@ def train(family: Family, config: dict, session: Session, context: RunContext = 
 
     entered = time.perf_counter()
     cfg = from_dict(family.config, config)
+    if not session.in_ray:
+        return _train(family, cfg, session, context, entered)
+    # A sweep trial's folder is OUT/trials/<trial id>: its lines in the job log are headed with that id.
+    head = label(Path(cfg.out).name if context.sweep_trial else None, session.rank)
+    with worker_log(head):
+        return _train(family, cfg, session, context, entered)
+
+
+def _train(family: Family, cfg: Any, session: Session, context: RunContext, entered: float) -> None:
     worker, state, stateful = _set_up(family.pieces, cfg, session, context)
     started = time.perf_counter()
     last = _loop(family.pieces, worker, state, stateful)

@@ -150,7 +150,7 @@ def build_trainer(cfg, run: RunDir, train_fn: Callable[[dict], None], resolved: 
     """The TorchTrainer of one run; its storage (RUN_DIR/ray) is where a rerun resumes from.
 
     `gpus`: per worker when cfg.gpu (a fraction packs several one-worker sweep trials on a GPU)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -160,5 +160,7 @@ def build_trainer(cfg, run: RunDir, train_fn: Callable[[dict], None], resolved: 
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus} if cfg.gpu else {})}),
         run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run.path),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks,
+                             # Ray Train's INFO (a line per report and per worker-group start) stays out of the log.
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )

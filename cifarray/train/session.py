@@ -35,6 +35,7 @@ class Session:
     world: int = 1
     device: torch.device = torch.device("cpu")
     name: str = "session"
+    in_ray: bool = False  # a Ray worker: its warnings reach the job log headed by trial and rank (workerlog)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module to train with: DDP where there are several ranks."""
@@ -57,6 +58,7 @@ class RayTrainSession(Session):
     """A worker of a Ray Train `TorchTrainer`: one of `world` DDP ranks."""
 
     name = "ray-train"
+    in_ray = True
 
     def __init__(self) -> None:
         import ray.train
@@ -89,8 +91,12 @@ class TuneSession(Session):
     On a GPU trial Ray leaves the actor its GPU (or its share of one) as the only visible device."""
 
     name = "tune"
+    in_ray = True
 
     def __init__(self, gpu: bool) -> None:
+        from cifarray.train.workerlog import quiet_tune_stops
+
+        quiet_tune_stops()
         if gpu:
             if not torch.cuda.is_available():
                 raise RuntimeError("a GPU trial's actor sees no CUDA device (CUDA_VISIBLE_DEVICES="

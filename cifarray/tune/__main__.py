@@ -30,7 +30,7 @@ from cifarray.config import check_batch_split, flag_of
 from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
-from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, SWEEP_COPY
+from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_COPY
 from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
 from cifarray.tune.trial import DRIVER_CPU
 
@@ -90,6 +90,7 @@ class TuneArgs:
     max_concurrent: int | None
     trials: int | None  # as given (None: the sweep file's)
     trial_runner: str  # resolved: tune | train
+    stored_study: bool = True  # the study is in OUT/optuna.db (False: an experiment from before it was stored)
 
     @property
     def n_trials(self) -> int:
@@ -98,7 +99,7 @@ class TuneArgs:
     def saved(self, gpus_per_trial: float) -> dict:
         """tune_args.json: what --resume reads back (the GPUs per trial as `auto` resolved them)."""
         return {**{k: getattr(self, k) for k in RESUME_KEYS}, "gpus_per_trial": gpus_per_trial,
-                "sweep": str(Path(self.sweep.source).resolve())}
+                "sweep": str(Path(self.sweep.source).resolve()), "study": STUDY_DB}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +138,8 @@ def resolve_args(ns, out: Path) -> TuneArgs:
     values["trial_runner"] = trial_runner(values["trial_runner"] or sweep.trial_runner, workers)
     _check_batches(sweep, workers)
     data = out / "data" if values["synthetic"] else Path(values["data_dir"]).expanduser().resolve()
-    args = TuneArgs(out=out, sweep=sweep, resume=resume, data=data, auto_gpus=auto_gpus, workers=workers, **values)
+    args = TuneArgs(out=out, sweep=sweep, resume=resume, data=data, auto_gpus=auto_gpus, workers=workers,
+                    stored_study=not resume or bool(saved.get("study")), **values)
     _check_cluster_named(args)
     _check_data(args)  # before Ray: missing, corrupt or too small data fails here
     return args
@@ -152,6 +154,9 @@ def _resumed(ns, out: Path, saved: dict | None, values: dict) -> Sweep:
             raise UserError(f"--resume: {ns.sweep} differs from the sweep of {out} ({out / SWEEP_COPY}); "
                             "drop --sweep to resume, or pass another --out")
     sweep = load(out / SWEEP_COPY)
+    if saved.get("study") and not (out / saved["study"]).is_file():
+        raise UserError(f"--resume: {out / saved['study']}, the sweep's Optuna study, is missing; put it back (a "
+                        "backup, or the folder it was moved from), or start a new sweep in another --out")
     if values["trials"] is not None and values["trials"] != (saved.get("trials") or sweep.trials):
         raise UserError("--trials cannot change when resuming: the experiment keeps its own count")
     # Experiments from before --trial-runner existed ran every trial through a TorchTrainer.
@@ -314,9 +319,7 @@ def plan_on_cluster(args: TuneArgs) -> Plan:
 
     from cifarray.train import cluster
 
-    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a trial's controller
-    # is gone; without it, a trial that Tune ends keeps its workers' CPUs reserved and later trials starve.
-    cluster.init_ray(dashboard=True)
+    cluster.init_ray()
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
     gpus_per_trial = 1.0 if args.auto_gpus and gpus and args.workers == 1 else args.gpus_per_trial
@@ -369,11 +372,11 @@ def launch(args: TuneArgs) -> int:
 def tuner(args: TuneArgs, placed: Plan, context, goal):
     """The Tune experiment: restored from OUT on --resume, else new (Optuna TPE + ResumableASHA)."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
     import optuna
 
     from cifarray.tune.asha import ResumableASHA
     from cifarray.tune.console import SweepConsole
+    from cifarray.tune.searcher import AllocationLimiter, StoredOptunaSearch, bind
     from cifarray.tune.trial import SpaceSampler, run_trial
 
     sweep, out, runner = args.sweep, args.out, args.trial_runner
@@ -386,12 +389,16 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
                                      gpus_per_worker=placed.gpus_per_trial / args.workers)
     trainable = tune.with_resources(trainable, trial_resources(runner, placed.cpus_per_worker,
                                                                placed.gpus_per_trial))
+    bind(out, placed.concurrent)  # what Tune's pickles of the searcher and limiter take from this process
     if args.resume:
         # The saved RunConfig comes back with it, console callback included (see SweepConsole.__getstate__).
-        print(f"resuming {out / EXPERIMENT}: finished trials are kept, unfinished ones continue from "
-              "their checkpoints", flush=True)
+        at = (f"at this allocation's {placed.concurrent} trial(s) at once" if args.stored_study else
+              f"at its first run's concurrency ({out} predates {STUDY_DB}: it keeps its Optuna study in memory)")
+        print(f"resuming {out / EXPERIMENT} {at}: finished trials are kept, unfinished ones continue from their "
+              f"checkpoints with {placed.cpus_per_worker} CPU(s) per worker", flush=True)
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
+    (out / STUDY_DB).unlink(missing_ok=True)  # left by a start that never made an experiment: not this sweep's
     console = SweepConsole(str(out), sweep, goal.metric, goal.mode, goal.label, args.n_trials,
                            concurrent=placed.concurrent)
     # In-actor trials checkpoint through Tune (OUT/tune/<trial>/checkpoint_*): the two newest are kept, as Ray
@@ -400,14 +407,15 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
     sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, max(2, args.n_trials // 3)))
-    search = OptunaSearch(space=SpaceSampler(sweep), metric=goal.metric, mode=goal.mode, sampler=sampler)
+    search = AllocationLimiter(StoredOptunaSearch(space=SpaceSampler(sweep), metric=goal.metric, mode=goal.mode,
+                                                  sampler=sampler, study_name=Path(sweep.source).stem),
+                               max_concurrent=placed.concurrent)
     scheduler = ResumableASHA(out=str(out), time_attr="step", metric=goal.metric, mode=goal.mode, max_t=sweep.steps,
                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
     # reuse_actors: Tune 2.60 reuses a function trainable's actor only when asked (measured: 8 processes for 8
     # trials without it, 2 with it); then imports, the CUDA context and the data set are paid once per actor.
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-        search_alg=search, scheduler=scheduler, num_samples=args.n_trials, max_concurrent_trials=placed.concurrent,
-        reuse_actors=runner == "tune"))
+        search_alg=search, scheduler=scheduler, num_samples=args.n_trials, reuse_actors=runner == "tune"))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ a trial reaching a rung after the resume would be compared only with results rep
 early-stopping decision could differ from an uninterrupted sweep's. A finished trial's reports are in
 its own `metrics.csv` (every evaluation, the objective included), so they are replayed here through
 ASHA's own `on_trial_result` and `on_trial_complete`: the rungs hold what they held before.
+
+A restored unfinished trial also asks for what the trainable it was restored with gives a trial (this
+allocation's plan), not what it asked for in the first run: Tune keeps a restored trial's resources, and on an
+allocation with fewer CPUs per trial it would wait for ever. The sweep folder is the one this process runs the
+sweep in (`cifarray.tune.searcher.bind`), not the path the scheduler was pickled with.
 """
 
 from __future__ import annotations
@@ -36,12 +41,28 @@ class ResumableASHA(ASHAScheduler):
                 results.append({self._time_attr: int(row[self._time_attr]), self._metric: value})
         return results
 
+    def __setstate__(self, state: dict) -> None:
+        from cifarray.tune.searcher import bound
+
+        self.__dict__.update(state)
+        self._out = str(bound().out)
+
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
         if trial.status != "TERMINATED":  # new, or unfinished and about to continue: it reports again
+            self._follow_plan(trial)
             return
         results = self.reported(trial.trial_id)  # none for an infeasible trial: it never reached a rung
         for result in results:
             self.on_trial_result(tune_controller, trial, result)
         if results:
             self.on_trial_complete(tune_controller, trial, results[-1])
+
+    @staticmethod
+    def _follow_plan(trial) -> None:
+        if trial.status != "PENDING":
+            return
+        trainable = trial.get_trainable_cls()
+        wanted = trainable.default_resource_request(trial.config) if trainable else None
+        if wanted is not None and wanted != trial.placement_group_factory:
+            trial.update_resources(wanted)

@@ -1,0 +1,159 @@
+"""The sweep's searcher: Optuna TPE with its study stored in OUT/optuna.db, behind a concurrency limit that a
+resumed sweep takes from the allocation it resumes on.
+
+Tune restores an experiment's searcher, scheduler and concurrency limit from what it pickled when the sweep began,
+and takes no new spec on restore (by design: ray-project/ray#33495). A sweep resumed on a bigger or smaller Slurm
+allocation would then run as many trials at once as the first one did, and one resumed from a folder mounted at
+another path would look for its study where it was. So what Tune pickles here leaves out where it runs: a process
+that builds or restores a Tuner first says where (`bind`: the sweep folder, the trials at once its cluster holds),
+and an unpickled searcher or limiter takes both from it.
+
+- `StoredOptunaSearch` is Ray's `OptunaSearch` with an Optuna RDB storage (SQLite, OUT/optuna.db): the study is
+  on disk while the sweep runs, so `optuna-dashboard sqlite:///OUT/optuna.db` shows every trial, its parameters,
+  value, intermediate values and feasibility (the budget constraint), and Optuna's own API reads it after. Each
+  Optuna trial carries the Tune trial's id and parameter count as user attributes. Pickled (Tune's checkpoints of
+  it), it keeps its sampler's state and which Optuna trial each Tune trial is, by number: never the storage.
+- `AllocationLimiter` is Tune's `ConcurrencyLimiter` whose limit, once restored, is the bound allocation's.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from cifarray.tune.layout import STUDY_DB
+
+DASHBOARD_CONSTRAINTS = "constraints"  # optuna.study._constrained_optimization._CONSTRAINTS_KEY, the list form
+
+
+@dataclass(frozen=True)
+class Binding:
+    out: Path  # the sweep folder, as this process reaches it
+    concurrent: int  # trials at once on the cluster this process runs the sweep on
+
+
+_BOUND: Binding | None = None
+
+
+def bind(out: str | Path, concurrent: int) -> Binding:
+    """Where this process runs the sweep; set before a Tuner is built or restored."""
+    global _BOUND
+    _BOUND = Binding(Path(out), int(concurrent))
+    return _BOUND
+
+
+def bound() -> Binding:
+    if _BOUND is None:
+        raise RuntimeError("cifarray.tune.searcher.bind(out, concurrent) must run before the sweep's searcher is "
+                           "built or unpickled")
+    return _BOUND
+
+
+def storage_url(out: str | Path) -> str:
+    return f"sqlite:///{Path(out).resolve() / STUDY_DB}"
+
+
+def _storage(out: Path):
+    import optuna
+
+    # SQLite waits up to 60 s for a lock (an optuna-dashboard reading the study) instead of failing at once.
+    return optuna.storages.RDBStorage(storage_url(out), engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+class StoredOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, its study in OUT/optuna.db (see the module's docstring)."""
+
+    def __init__(self, *, study_name: str, **kwargs: Any):
+        import warnings
+
+        super().__init__(study_name=study_name, storage=_storage(bound().out), **kwargs)
+        with warnings.catch_warnings():  # "set_metric_names is experimental": the name is only a label
+            warnings.simplefilter("ignore")
+            self._ot_study.set_metric_names([self._metric])  # the dashboard's axis: val_acc, not "Objective 0"
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        # What the dashboard shows beside Optuna's own number: the Tune trial (OUT/trials/<id>, trials.csv).
+        ot_trial.set_user_attr("trial_id", trial_id)
+        if config and "params" in config:
+            ot_trial.set_user_attr("params", config["params"])
+        # optuna-dashboard (0.21) reads a trial's feasibility from the list form of its constraints, which
+        # Trial.set_constraint no longer writes: the same values, mirrored. TPE sees each constraint twice, which
+        # ranks infeasible trials as before (by the sum of violations) and keeps the feasible ones feasible.
+        constraints = ot_trial.constraints
+        if constraints:
+            study_id = self._storage.get_study_id_from_name(self._study_name)
+            trial = self._storage.get_trial_id_from_study_id_trial_number(study_id, ot_trial.number)
+            self._storage.set_trial_system_attr(trial, DASHBOARD_CONSTRAINTS, [constraints[k] for k in sorted(constraints)])
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Intermediate values at the trial's own step (what ASHA's rungs and the curves use), not Tune's count of
+        # reports: the dashboard's intermediate-value plot then reads in steps.
+        if "step" in result:
+            result = {**result, TRAINING_ITERATION: result["step"]}
+        super().on_trial_result(trial_id, result)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_storage", None)
+        state.pop("_ot_study", None)
+        state["_ot_trials"] = {tid: t.number for tid, t in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import optuna
+
+        numbers = state.pop("_ot_trials")
+        self.__dict__.update(state)
+        self._storage = _storage(bound().out)
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
+        study_id = self._storage.get_study_id_from_name(self._study_name)
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, self._storage.get_trial_id_from_study_id_trial_number(
+            study_id, number)) for tid, number in numbers.items()}
+
+    # Tune checkpoints a searcher through save/restore (OptunaSearch's pickle its whole __dict__, storage included).
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__getstate__(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:  # Tune's own file in the experiment folder, not user data
+            self.__setstate__(pickle.load(fh))
+        self._fail_lost()
+
+    def _fail_lost(self) -> None:
+        """Optuna trials asked after the newest checkpoint of a killed sweep: Tune restores without them and asks
+        again, so they would show as running for ever. They end as failed, marked lost."""
+        from optuna.trial import TrialState
+
+        known = {t.number for t in self._ot_trials.values()}
+        study_id = self._storage.get_study_id_from_name(self._study_name)
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number not in known:
+                trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+                self._storage.set_trial_user_attr(trial_id, "lost", "asked by a run killed before its checkpoint")
+                self._ot_study.tell(t.number, state=TrialState.FAIL)
+
+
+class AllocationLimiter(ConcurrencyLimiter):
+    """ConcurrencyLimiter at the bound allocation's trials at once (see the module's docstring).
+
+    Tune brings it back twice on a resume: unpickled from the Tuner's pickle, then its state (the limit and the
+    trials it counts as running) set from the newest experiment checkpoint. Either way the limit is the bound one;
+    the running trials are the checkpoint's, which Tune requeues."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.max_concurrent = bound().concurrent
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self.max_concurrent = bound().concurrent
