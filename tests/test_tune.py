@@ -363,7 +363,7 @@ def test_a_resumed_sweeps_asha_judges_new_trials_against_the_finished_ones():
         for scheduler in (ResumableASHA(out=out, **kw), ASHAScheduler(**kw)):
             for trial_id in ("aaaa", "bbbb", "cccc"):  # cccc: infeasible, no folder, no report
                 scheduler.on_trial_add(None, T(trial_id=trial_id, status="TERMINATED"))
-            scheduler.on_trial_add(None, T(trial_id="new", status="PENDING"))
+            scheduler.on_trial_add(None, T(trial_id="new", status="PENDING", get_trainable_cls=lambda: None))
             decisions[type(scheduler).__name__] = scheduler.on_trial_result(
                 None, T(trial_id="new", status="RUNNING"), {"step": 20, "val_acc": 0.22})
     # Rung 20 holds 0.30 and 0.20: its cutoff (the 67th percentile, 0.267) stops a trial at 0.22.

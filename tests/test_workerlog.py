@@ -51,13 +51,13 @@ def test_tunes_systemexit_in_a_weakref_callback_is_not_printed_but_other_ignored
     import sys
     import weakref
 
-    from cifarray.train.workerlog import quiet_tune_stops
+    from cifarray.train.workerlog import quiet_worker_exits
 
     hook, seen = sys.unraisablehook, []
     try:
         sys.unraisablehook = lambda u: seen.append(u.exc_type)  # what Python would print
-        quiet_tune_stops()
-        quiet_tune_stops()  # once per actor, whatever the number of trials
+        quiet_worker_exits()
+        quiet_worker_exits()  # once per actor, whatever the number of trials
         for exc in (SystemExit(1), ValueError("real")):
             class Thing:
                 pass

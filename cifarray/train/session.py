@@ -64,6 +64,9 @@ class RayTrainSession(Session):
         import ray.train
         import ray.train.torch
 
+        from cifarray.train.workerlog import quiet_worker_exits
+
+        quiet_worker_exits()
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -94,9 +97,6 @@ class TuneSession(Session):
     in_ray = True
 
     def __init__(self, gpu: bool) -> None:
-        from cifarray.train.workerlog import quiet_tune_stops
-
-        quiet_tune_stops()
         if gpu:
             if not torch.cuda.is_available():
                 raise RuntimeError("a GPU trial's actor sees no CUDA device (CUDA_VISIBLE_DEVICES="

@@ -54,7 +54,10 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
 
     from ray import tune
 
+    from cifarray.train.workerlog import quiet_worker_exits
+
     entered = time.time()
+    quiet_worker_exits()  # every trial's actor, an infeasible one's too: Ray and Tune end them by SystemExit
     trial_id = tune.get_context().get_trial_id()
     metric = objective.metric
     if config.get(INFEASIBLE):
