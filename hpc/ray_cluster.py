@@ -192,7 +192,7 @@ def new_token(job_dir: Path) -> Path:
     return path
 
 
-def keep_logs(tmp: Path, job_dir: Path, node: str, restart_count: int) -> None:
+def keep_logs(tmp: Path, job_dir: Path, node: str, restart_count: int, so_far: bool = False) -> None:
     """Copy this node's Ray session logs (raylet, GCS, dashboard, each worker's stdout and stderr) from its temp
     dir, which teardown removes, into the job folder: LOGS_DIR/<node> (<node>-restart<n> after a requeue)."""
     dest = job_dir / LOGS_DIR / (node if not restart_count else f"{node}-restart{restart_count}")
@@ -209,7 +209,7 @@ def keep_logs(tmp: Path, job_dir: Path, node: str, restart_count: int) -> None:
     except OSError as exc:  # a full or read-only job folder must not stop the teardown
         log(f"could not keep {node}'s Ray logs in {dest}: {exc}")
         return
-    log(f"{node}'s Ray logs kept in {dest} ({size / 1e6:.1f} MB)")
+    log(f"{node}'s Ray logs{' (so far)' if so_far else ''} kept in {dest} ({size / 1e6:.1f} MB)")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -324,6 +324,10 @@ class Cluster:
         if self.driver is not None and self.driver.poll() is None:
             log("stopping the driver")
             stop(self.driver, 60, "the driver")
+        # Slurm SIGKILLs a requeued or cancelled job KillWait seconds after its SIGTERM, which can fall before the
+        # head has stopped (measured: the two-node requeue test lost the head's logs once): a copy now, with
+        # what the run wrote, and the whole of them again once the head has stopped.
+        keep_logs(self.tmp, self.job_dir, self.alloc.this_node, self.alloc.restart_count, so_far=True)
         if self.workers is not None and self.workers.poll() is None:
             # SIGTERM to srun itself makes it SIGKILL the tasks, which then cannot stop their Ray nodes
             # or remove their temp dirs; the tasks are signalled instead and srun exits after them.

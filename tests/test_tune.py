@@ -514,6 +514,20 @@ def test_the_trial_runner_follows_the_workers_per_trial_and_cannot_change_on_res
     assert result.returncode == 2 and "runs its trials with train" in result.stderr, result.stderr
 
 
+def test_a_resume_whose_optuna_study_is_missing_is_refused_in_one_line_before_ray(tmp_path):
+    import shutil
+
+    out = tmp_path / "sweep"
+    (out / "tune").mkdir(parents=True)
+    shutil.copyfile(CI_SWEEP, out / "sweep.toml")
+    (out / "tune_args.json").write_text(json.dumps({"synthetic": True, "trial_runner": "tune", "study": "optuna.db"}))
+    result = run_cli_here("cifarray.tune", "--out", str(out), "--resume")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: --resume: {out / 'optuna.db'}, the sweep's Optuna study, is missing; put it back (a backup, or "
+        "the folder it was moved from), or start a new sweep in another --out"), result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.toml", "tune", "tune_args.json"]  # nothing written
+
+
 # The tuner's local cluster gets a dashboard on a port picked free; here the first pick is one this script
 # holds, as if another process had taken it meanwhile: Ray refuses it, and init_ray starts again on another.
 TAKEN_DASHBOARD_PORT = """
