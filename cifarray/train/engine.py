@@ -10,6 +10,7 @@ device, data, reports and the checkpoint to resume from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -88,12 +89,11 @@ def train(family: Family, config: dict, session: Session, context: RunContext = 
 
     entered = time.perf_counter()
     cfg = from_dict(family.config, config)
-    if not session.in_ray:
-        return _train(family, cfg, session, context, entered)
     # A sweep trial's folder is OUT/trials/<trial id>: its lines in the job log are headed with that id.
-    head = label(Path(cfg.out).name if context.sweep_trial else None, session.rank)
-    with worker_log(head):
-        return _train(family, cfg, session, context, entered)
+    voice = (worker_log(label(Path(cfg.out).name if context.sweep_trial else None, session.rank))
+             if session.in_ray else contextlib.nullcontext())
+    with voice:
+        _train(family, cfg, session, context, entered)
 
 
 def _train(family: Family, cfg: Any, session: Session, context: RunContext, entered: float) -> None:

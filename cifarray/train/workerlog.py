@@ -71,15 +71,15 @@ def worker_log(head: str) -> Iterator[None]:
         finally:
             root.handlers = handlers
             root.setLevel(level)
-            for name, level in quiet.items():
-                logging.getLogger(name).setLevel(level)
+            for name, was in quiet.items():
+                logging.getLogger(name).setLevel(was)
 
 
 def quiet_worker_exits() -> None:
-    """In a Ray worker (a Tune trial's actor, a Ray Train worker), for its lifetime: Tune ends a trial's training thread by raising SystemExit in it
-    (ASHA's stop, the end of the trial), and Ray's SIGTERM handler ends the actor so at the sweep's end; when that
-    lands in a weakref callback, Python prints it as an ignored exception, a traceback in the job log for a trial
-    or actor that ended as it should. Only that one is not printed."""
+    """In a Ray worker (a Tune trial's actor, a Ray Train worker), for its lifetime: Tune ends a trial's training
+    thread by raising SystemExit in it (ASHA's stop, the end of the trial), and Ray's SIGTERM handler ends the actor
+    so at the sweep's end; when that lands in a weakref callback, Python prints it as an ignored exception, a
+    traceback in the job log for a trial or actor that ended as it should. Only that one is not printed."""
     hook = sys.unraisablehook
     if getattr(hook, "cifarray", False):
         return

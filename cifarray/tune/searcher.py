@@ -19,6 +19,7 @@ and an unpickled searcher or limiter takes both from it.
 from __future__ import annotations
 
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,6 @@ class StoredOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch, its study in OUT/optuna.db (see the module's docstring)."""
 
     def __init__(self, *, study_name: str, **kwargs: Any):
-        import warnings
-
         super().__init__(study_name=study_name, storage=_storage(bound().out), **kwargs)
         with warnings.catch_warnings():  # "set_metric_names is experimental": the name is only a label
             warnings.simplefilter("ignore")
@@ -89,10 +88,14 @@ class StoredOptunaSearch(OptunaSearch):
         # ranks infeasible trials as before (by the sum of violations) and keeps the feasible ones feasible.
         constraints = ot_trial.constraints
         if constraints:
-            study_id = self._storage.get_study_id_from_name(self._study_name)
-            trial = self._storage.get_trial_id_from_study_id_trial_number(study_id, ot_trial.number)
-            self._storage.set_trial_system_attr(trial, DASHBOARD_CONSTRAINTS, [constraints[k] for k in sorted(constraints)])
+            self._storage.set_trial_system_attr(self._stored_id(ot_trial.number), DASHBOARD_CONSTRAINTS,
+                                                [constraints[k] for k in sorted(constraints)])
         return config
+
+    def _stored_id(self, number: int) -> int:
+        """The storage's id of the study's trial `number` (what the storage's own setters take)."""
+        study_id = self._storage.get_study_id_from_name(self._study_name)
+        return self._storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Intermediate values at the trial's own step (what ASHA's rungs and the curves use), not Tune's count of
@@ -115,9 +118,8 @@ class StoredOptunaSearch(OptunaSearch):
         self.__dict__.update(state)
         self._storage = _storage(bound().out)
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
-        study_id = self._storage.get_study_id_from_name(self._study_name)
-        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, self._storage.get_trial_id_from_study_id_trial_number(
-            study_id, number)) for tid, number in numbers.items()}
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, self._stored_id(number))
+                           for tid, number in numbers.items()}
 
     # Tune checkpoints a searcher through save/restore (OptunaSearch's pickle its whole __dict__, storage included).
     def save(self, checkpoint_path: str) -> None:
@@ -125,7 +127,9 @@ class StoredOptunaSearch(OptunaSearch):
             pickle.dump(self.__getstate__(), fh)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:  # Tune's own file in the experiment folder, not user data
+        # Tune's own checkpoint in its experiment folder, not a data file: Tune itself unpickles the same folder's
+        # tuner.pkl and searcher state (cloudpickle), so the sweep folder is trusted as the code that wrote it is.
+        with open(checkpoint_path, "rb") as fh:
             self.__setstate__(pickle.load(fh))
         self._fail_lost()
 
@@ -135,11 +139,10 @@ class StoredOptunaSearch(OptunaSearch):
         from optuna.trial import TrialState
 
         known = {t.number for t in self._ot_trials.values()}
-        study_id = self._storage.get_study_id_from_name(self._study_name)
         for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number not in known:
-                trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-                self._storage.set_trial_user_attr(trial_id, "lost", "asked by a run killed before its checkpoint")
+                self._storage.set_trial_user_attr(self._stored_id(t.number), "lost",
+                                                  "asked by a run killed before its checkpoint")
                 self._ot_study.tell(t.number, state=TrialState.FAIL)
 
 
