@@ -8,9 +8,10 @@ import os
 class RayJob:
     """The submitted callable: picklable, and checkpointable so that submitit requeues it."""
 
-    def __init__(self, cmd: list[str], join_timeout: float):
+    def __init__(self, cmd: list[str], join_timeout: float, driver_only: bool = False, worker_jobs=None):
         self.cmd = cmd
         self.join_timeout = join_timeout
+        self.driver_only, self.worker_jobs = driver_only, worker_jobs
 
     def __call__(self) -> int:
         import submitit
@@ -24,7 +25,9 @@ class RayJob:
         if os.environ.get("SLURM_JOB_ID") is None:  # local executor: a one-node "allocation" of this machine
             os.environ.update(SLURM_JOB_ID=f"local-{env.job_id}", SLURM_JOB_NODELIST="localhost")
         if env.global_rank == 0:
-            code = ray_cluster.run_on_cluster(self.cmd, spawn_workers=False, join_timeout=self.join_timeout)
+            code = ray_cluster.run_on_cluster(self.cmd, spawn_workers=False, join_timeout=self.join_timeout,
+                                              driver_only=getattr(self, "driver_only", False),
+                                              worker_jobs=getattr(self, "worker_jobs", None))
         else:
             from hpc.slurm import Allocation
 
@@ -43,3 +46,18 @@ class RayJob:
         print("[hpc] preempted or near the time limit: requeueing; the command continues from its output "
               "folder", flush=True)
         return submitit.helpers.DelayedSubmission(self)
+
+
+class JoinJob:
+    """A join job submitted with submitit (`python -m hpc.submit join OUT`): one node for the sweep in OUT. It is
+    not checkpointable: a node that leaves is drained (hpc.join) and the sweep goes on without it."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def __call__(self) -> int:
+        from pathlib import Path
+
+        from hpc import join
+
+        return join.join(Path(self.out).expanduser().resolve())

@@ -221,8 +221,11 @@ def write_json(path: Path, data: dict) -> None:
 class Cluster:
     """The head side: start, wait for nodes, run the driver, tear down."""
 
-    def __init__(self, alloc: Allocation, spawn_workers: bool, join_timeout: float):
+    def __init__(self, alloc: Allocation, spawn_workers: bool, join_timeout: float, driver_only: bool = False,
+                 worker_jobs: "WorkerJobs | None" = None):
         self.alloc = alloc
+        self.driver_only = driver_only  # a small head: the driver only, every trial on the join jobs' nodes
+        self.worker_jobs = worker_jobs
         self.spawn_workers = spawn_workers
         self.join_timeout = join_timeout
         self.job_dir = alloc.job_dir
@@ -238,7 +241,7 @@ class Cluster:
         token_file = new_token(self.job_dir)
         self.env = ray_env(token_file)
         ip = node_ip(self.alloc.this_node)
-        cpus, gpus = cpus_on_node(), gpus_on_node()
+        cpus, gpus = (0, 0) if self.driver_only else (cpus_on_node(), gpus_on_node())
         head_log = self.job_dir / "ray-head.log"
         log(f"job {self.alloc.job_id}: starting the Ray head on {self.alloc.this_node} ({ip}): {cpus} CPUs, "
             f"{gpus} GPUs; logs in {self.job_dir}")
@@ -286,6 +289,10 @@ class Cluster:
         log(f"tunnel    ssh -N -L 8265:{ip}:{port} <login node>   then open http://localhost:8265 "
             "and paste the token")
         log(f"status    python -m hpc.status {self.alloc.job_id}")
+        if self.driver_only:
+            log("driver only: this node runs no trial; nodes join with python -m hpc.join (sbatch slurm/join.sh OUT)")
+        if self.worker_jobs:
+            self.worker_jobs.submit(self.job_dir)
 
     def _dashboard_up(self) -> bool:
         try:
@@ -311,7 +318,10 @@ class Cluster:
             time.sleep(0.5)
 
     def run(self, cmd: list[str]) -> int:
-        env = {**self.env, "RAY_ADDRESS": self.info["address"]}
+        # HPC_JOB_DIR and HPC_DASHBOARD: what a driver publishes for join jobs (python -m hpc.join; the token stays
+        # in the job folder and is found through RAY_AUTH_TOKEN_PATH).
+        env = {**self.env, "RAY_ADDRESS": self.info["address"], "HPC_JOB_DIR": str(self.job_dir),
+               "HPC_DASHBOARD": self.dashboard.url}
         log(f"running   {' '.join(cmd)}")
         self.driver = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_job_signals)
         return self.driver.wait()
@@ -328,6 +338,8 @@ class Cluster:
         # head has stopped (measured: the two-node requeue test lost the head's logs once): a copy now, with
         # what the run wrote, and the whole of them again once the head has stopped.
         keep_logs(self.tmp, self.job_dir, self.alloc.this_node, self.alloc.restart_count, so_far=True)
+        if self.worker_jobs:
+            self.worker_jobs.cancel()
         if self.workers is not None and self.workers.poll() is None:
             # SIGTERM to srun itself makes it SIGKILL the tasks, which then cannot stop their Ray nodes
             # or remove their temp dirs; the tasks are signalled instead and srun exits after them.
@@ -350,14 +362,54 @@ class Cluster:
         log("Ray cluster stopped")
 
 
-def run_on_cluster(cmd: list[str], spawn_workers: bool = True, join_timeout: float = 300) -> int:
+class WorkerJobs:
+    """Join jobs that this job submits once its cluster is up (--worker-jobs N), and cancels when it ends: queued
+    or running, none of them then holds an allocation for a sweep that is over."""
+
+    def __init__(self, count: int, cpus: int | None, gpus: int | None, time_limit: str | None):
+        self.count, self.cpus, self.gpus, self.time_limit = count, cpus, gpus, time_limit
+        self.ids: list[str] = []
+
+    def submit(self, job_dir: Path) -> None:
+        cpus = self.cpus or cpus_on_node()
+        gpus = gpus_on_node() if self.gpus is None else self.gpus
+        argv = ["sbatch", "--parsable", f"--job-name=join-{os.environ.get('SLURM_JOB_ID')}", "--nodes=1",
+                "--ntasks-per-node=1", f"--cpus-per-task={cpus}", "--signal=B:USR1@60",
+                f"--output={job_dir}/join-%j.out", f"--array=1-{self.count}" if self.count > 1 else "--array=1"]
+        if gpus:
+            argv.append(f"--gpus-per-node={gpus}")
+        if self.time_limit:
+            argv.append(f"--time={self.time_limit}")
+        argv += ["--wrap", f"exec {sys.executable} -m hpc.join {job_dir}"]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=_without_slurm_job_env())
+        if proc.returncode:
+            log(f"could not submit the {self.count} worker job(s): {proc.stderr.strip()}")
+            return
+        self.ids.append(proc.stdout.strip().split(";")[0])
+        log(f"worker jobs: array {self.ids[0]} of {self.count} join job(s), {cpus} CPUs and {gpus} GPUs each; "
+            "cancelled when this job ends")
+
+    def cancel(self) -> None:
+        for job in self.ids:
+            subprocess.run(["scancel", job], capture_output=True)
+            log(f"worker jobs {job} cancelled (this job has ended)")
+        self.ids = []
+
+
+def _without_slurm_job_env() -> dict[str, str]:
+    """sbatch from inside a job would inherit its SLURM_* settings (node list, CPUs, job name) as defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+
+
+def run_on_cluster(cmd: list[str], spawn_workers: bool = True, join_timeout: float = 300, driver_only: bool = False,
+                   worker_jobs: WorkerJobs | None = None) -> int:
     """Start the cluster, run cmd, tear down; returns cmd's exit status (130 when interrupted)."""
     if not cmd:
         raise UserError("no command given: python -m hpc.ray_cluster -- python -m cifarray.tune ...")
     if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
         raise UserError(f"command not found: {cmd[0]}")
     alloc = Allocation.from_env()
-    cluster = Cluster(alloc, spawn_workers, join_timeout)
+    cluster = Cluster(alloc, spawn_workers, join_timeout, driver_only, worker_jobs)
     interrupted = False
     try:
         cluster.start()
@@ -433,6 +485,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hpc.ray_cluster", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--join-timeout", type=float, default=300, help="seconds to wait for every node (default 300)")
+    p.add_argument("--driver-only", action="store_true",
+                   help="a small head: this job's first node runs the driver and no trial (0 CPUs, 0 GPUs for Ray); "
+                   "trials run on the job's other nodes and on join jobs")
+    p.add_argument("--worker-jobs", type=int, default=0,
+                   help="submit N join jobs (a job array) once the cluster is up; cancelled when this job ends")
+    p.add_argument("--worker-cpus", type=int, help="CPUs per worker job (default: this job's per node)")
+    p.add_argument("--worker-gpus", type=int, help="GPUs per worker job (default: this job's per node)")
+    p.add_argument("--worker-time", help="time limit per worker job (default: the partition's)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the driver command")
     return p
 
@@ -461,7 +521,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if code == INTERRUPTED else code  # the head stops its srun'ed workers with SIGTERM
     args = parser().parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-    return run_on_cluster(cmd, join_timeout=args.join_timeout)
+    if args.worker_jobs < 0:
+        raise UserError("--worker-jobs must be >= 0")
+    jobs = WorkerJobs(args.worker_jobs, args.worker_cpus, args.worker_gpus, args.worker_time) if args.worker_jobs else None
+    return run_on_cluster(cmd, join_timeout=args.join_timeout, driver_only=args.driver_only, worker_jobs=jobs)
 
 
 if __name__ == "__main__":

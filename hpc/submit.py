@@ -3,6 +3,7 @@
     python -m hpc.submit --nodes 2 --gpus-per-node 4 --time 240 -- \\
         python -m cifarray.tune --sweep sweeps/densenet_100k.toml --data-dir ~/data --out runs/tune --resume=auto
     python -m hpc.submit --executor local -- python -m cifarray.train densenet --synthetic --steps 300
+    python -m hpc.submit --no-wait join runs/tune          # one more node for the sweep running in runs/tune
 
 Every task of the job starts a Ray node (task 0 the head, with the dashboard and token auth, see
 hpc.ray_cluster); CMD runs on task 0 once all nodes joined. The job is checkpointable: on preemption or
@@ -44,13 +45,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", default="runs/submitit/%j", help="submitit's logs and pickles (default %(default)s)")
     p.add_argument("--join-timeout", type=float, default=300, help="seconds to wait for all Ray nodes")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    p.add_argument("--worker-jobs", type=int, default=0,
+                   help="once the cluster is up, submit N join jobs (sbatch slurm/join.sh), cancelled when it ends")
+    p.add_argument("--driver-only", action="store_true", help="task 0 runs the driver and no trial (a small head)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command to run on the Ray cluster")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    joining = "join" in argv and "--" not in argv[:argv.index("join")]
+    if joining:  # python -m hpc.submit [options] join OUT
+        at = argv.index("join")
+        if len(argv) != at + 2:
+            raise UserError("usage: python -m hpc.submit [options] join OUT (the sweep's folder)")
+        argv, out = argv[:at], argv[at + 1]
     args = parser().parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if joining:
+        from hpc.join import read_sweep, Ended
+
+        try:
+            read_sweep(Path(out).expanduser().resolve())  # refuse here what the job would refuse
+        except Ended as exc:
+            print(str(exc))
+            return 0
+        cmd = ["join", out]
     if not cmd:
         raise UserError("no command given: python -m hpc.submit [options] -- python -m cifarray.tune ...")
     for name in ("nodes", "time"):
@@ -70,7 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         executor = submitit.AutoExecutor(folder=args.folder, cluster="local")
         executor.update_parameters(timeout_min=args.time, tasks_per_node=1, nodes=1)
-    job = executor.submit(RayJob(cmd, args.join_timeout))
+    if joining:
+        from hpc.job import JoinJob
+
+        job = executor.submit(JoinJob(out))
+    else:
+        from hpc.ray_cluster import WorkerJobs
+
+        jobs = WorkerJobs(args.worker_jobs, args.cpus_per_node, args.gpus_per_node, None) if args.worker_jobs else None
+        job = executor.submit(RayJob(cmd, args.join_timeout, args.driver_only, jobs))
     where = Path(str(job.paths.stdout)).parent
     print(f"submitted job {job.job_id} ({args.executor}, {args.nodes} node(s)); logs in {where}", flush=True)
     if args.no_wait:

@@ -18,6 +18,7 @@
 # SIGUSR1 three minutes before the time limit requeues the job; a requeued job (scontrol requeue,
 # preemption, the time limit) continues the same run from OUT.
 # Environment: DATA_DIR (folder of cifar-100-python/, default data), SYNTHETIC=1 (procedural data),
+# WORKER_JOBS=N (submit N join jobs, cancelled when the sweep ends), DRIVER_ONLY=1 (this job runs the driver only),
 # OUT (default runs/<job name>-<job id>), PYTHON (default python), SWEEP (default sweeps/densenet_100k.toml), GPUS_PER_TRIAL (default auto); more flags after the script name.
 set -euo pipefail
 PY=${PYTHON:-python}
@@ -25,7 +26,11 @@ data=(--data-dir "${DATA_DIR:-data}")
 if [ -n "${SYNTHETIC:-}" ]; then data=(--synthetic); fi
 out=${OUT:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
 echo "[cifarray] out $out; to continue this sweep in a later job: ${SYNTHETIC:+SYNTHETIC=1 }${DATA_DIR:+DATA_DIR=$DATA_DIR }OUT=$out sbatch slurm/tune_densenet.sh $*"
-echo "[cifarray] watch the study: optuna-dashboard sqlite:///$(realpath -m "$out")/optuna.db (pip install 'cifarray[dashboard]')"
-exec "$PY" -m hpc.ray_cluster -- "$PY" -m cifarray.tune --sweep "${SWEEP:-sweeps/densenet_100k.toml}" --resume=auto \
+echo "[cifarray] watch the study: optuna-dashboard $(realpath -m "$out")/optuna.journal (pip install 'cifarray[dashboard]')"
+echo "[cifarray] more nodes for this sweep: sbatch --array=1-4 slurm/join.sh $out"
+head=()
+if [ -n "${DRIVER_ONLY:-}" ]; then head+=(--driver-only); fi
+if [ -n "${WORKER_JOBS:-}" ]; then head+=(--worker-jobs "$WORKER_JOBS"); fi
+exec "$PY" -m hpc.ray_cluster "${head[@]}" -- "$PY" -m cifarray.tune --sweep "${SWEEP:-sweeps/densenet_100k.toml}" --resume=auto \
     --gpus-per-trial "${GPUS_PER_TRIAL:-auto}" "${data[@]}" \
     --out "$out" "$@"

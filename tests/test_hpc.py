@@ -268,7 +268,7 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
 
     # The log says how to continue the sweep in a later job (a fresh sbatch gets a new default OUT).
     assert f"to continue this sweep in a later job: SYNTHETIC=1 OUT={out} sbatch slurm/tune_densenet.sh" in text
-    assert f"watch the study: optuna-dashboard sqlite:///{out.resolve()}/optuna.db" in text
+    assert f"watch the study: optuna-dashboard {out.resolve()}/optuna.journal" in text
     runs = text.split("Ray cluster up")
     assert len(runs) == 3 and "resuming" in runs[2], text[-3000:]
     with open(out / "trials.csv") as f:
@@ -439,3 +439,148 @@ def test_submit_asks_slurm_for_the_cpus_a_node_needs(capsys):
     sbatch_script("--cpus-per-node", "2", "--gpus-per-node", "4")
     warned = capsys.readouterr().err.strip().splitlines()
     assert len(warned) == 1 and warned[0].startswith("warning: --cpus-per-node 2 is fewer than --gpus-per-node 4")
+
+
+# ---- elastic sweeps: join jobs, drained and lost nodes -------------------------------------------------------
+def test_join_refuses_what_it_cannot_join_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    not_sweep = tmp_path / "not-a-sweep"
+    not_sweep.mkdir()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "ray-cluster.json").write_text(json.dumps({"address": "127.0.0.1:1", "token_file": "/nonexistent"}))
+    os.chown(theirs / "ray-cluster.json", 65534, 65534)  # another user's sweep (nobody)
+    no_token = tmp_path / "no-token"
+    no_token.mkdir()
+    (no_token / "ray-cluster.json").write_text(json.dumps({"address": "127.0.0.1:1", "token_file": str(tmp_path / "t")}))
+    ended = tmp_path / "ended"
+    ended.mkdir()
+    (ended / "ray-cluster.json").write_text(json.dumps({"address": "127.0.0.1:1", "state": "ended"}))
+    for out, code, expected in ((tmp_path / "missing", 2, "does not exist on"),
+                                (not_sweep, 2, "holds no sweep running on a Ray cluster"),
+                                (theirs, 2, "belongs to user nobody"),
+                                (no_token, 2, "token file"),
+                                (ended, 0, "has ended: nothing to join")):
+        before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+        proc = subprocess.run([PY, "-m", "hpc.join", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == code, (out, proc.stdout, proc.stderr)
+        said = (proc.stderr if code else proc.stdout).strip().splitlines()
+        assert len(said) == 1 and expected in said[0] and "Traceback" not in proc.stderr, (out, said)
+        assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before  # nothing changed
+
+
+def trial_rows(out: Path) -> list[dict]:
+    try:
+        with open(out / "trials.csv") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def running_on(out: Path, node: str) -> str | None:
+    """A trial that trains on `node` now (its workers/rank0.json) and has not finished."""
+    for rank0 in (out / "trials").glob("*/workers/rank0.json"):
+        try:
+            info = json.loads(rank0.read_text())
+        except ValueError:
+            continue
+        if info.get("slurm_node") == node and not (rank0.parent.parent / "summary.json").exists():
+            return rank0.parent.parent.name
+    return None
+
+
+def ray_processes_of(tmp: str) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any(tmp in a for a in (p.info["cmdline"] or []))]
+
+
+def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_notice(slurm, tmp_path):
+    """The head job takes node1 while another job holds node2; a join job queued for node2 starts once node2 is
+    freed, and trials run there. That join job is then told to leave (its notice signal): the trial on node2 saves
+    at its next step and continues from exactly there. A second join job's Ray processes are SIGKILLed: its trial
+    continues from its last checkpoint. The sweep completes, and trials.csv and the Optuna study agree."""
+    out = tmp_path / "tune"
+    log = tmp_path / "head.out"
+    sweep = tmp_path / "elastic.toml"
+    text = (REPO / "sweeps" / "ci_cluster.toml").read_text()
+    sweep.write_text(text.replace("steps = 60", "steps = 3000").replace("grace_period = 59", "grace_period = 2999")
+                     .replace("eval_every = 20", "eval_every = 200").replace("log_every = 20", "log_every = 10"))
+    blocker = sbatch(slurm, "--nodelist=node2", "--cpus-per-task=2", f"--output={tmp_path}/blocker.out",
+                     "--wrap", "sleep 600")
+    slurm.wait_state(blocker, {"RUNNING"}, 60)
+    head = sbatch(slurm, "--nodelist=node1", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={log}",
+                  "slurm/tune_densenet.sh", "--workers-per-trial", "1",
+                  env={"SWEEP": str(sweep), "SYNTHETIC": "1", "OUT": str(out), "GPUS_PER_TRIAL": "0"})
+    running_cluster(slurm, head)
+    wait_for(lambda: (out / "ray-cluster.json").exists(), 120, "the sweep's published cluster")
+    join = ["--nodelist=node2", "--cpus-per-task=1", "--gpus-per-node=0"]
+    first = sbatch(slurm, *join, f"--output={tmp_path}/join1.out", "slurm/join.sh", str(out))
+    time.sleep(3)
+    assert slurm.job_state(first) == "PENDING"  # node2 is busy
+    wait_for(lambda: running_on(out, "node1"), 180, "a trial on node1")
+    slurm.run(["scancel", blocker])
+
+    # Node2 joins; the sweep now runs two trials at once, one on node2.
+    on2 = wait_for(lambda: running_on(out, "node2"), 180, "a trial on node2\n" + job_logs(slurm, head))
+    assert "node node2 joined" in log.read_text()
+    time.sleep(2)
+    slurm.run(["scancel", "--batch", "--signal=USR1", first])  # leaving with notice
+    assert slurm.wait_state(first, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED", \
+        (tmp_path / "join1.out").read_text()[-3000:]
+    said = (tmp_path / "join1.out").read_text()
+    assert "node2 drained in" in said and "1 of 1 workload(s) saved their state" in said, said[-3000:]
+
+    # A second node2 worker; its Ray processes are SIGKILLed mid-trial (leaving without notice).
+    second = sbatch(slurm, *join, f"--output={tmp_path}/join2.out", "slurm/join.sh", str(out))
+    slurm.wait_state(second, {"RUNNING"}, 120)
+
+    def fresh_on_node2():
+        t = running_on(out, "node2")
+        return t if t and t != on2 else None
+    killed = wait_for(fresh_on_node2, 240, "another trial on node2\n" + job_logs(slurm, head))
+    wait_for(lambda: any(int(r["step"]) >= 250 for r in csv.DictReader(open(out / "trials" / killed / "metrics.csv"))),
+             120, "the trial on node2 past its first checkpoint")
+    for pid in ray_processes_of(f"/tmp/ray-{second}-join-node2"):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    state = slurm.wait_state(head, {"COMPLETED", "FAILED", "CANCELLED"}, 600)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-4000:]
+    slurm.wait_state(second, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+
+    # The drained trial saved at the step it was at and continued from exactly there: no step trained twice.
+    saved = re.search(rf"trial {on2} saved at step (\d+) on draining node node2", text)
+    assert saved, text[-4000:]
+    step = int(saved.group(1))
+    assert re.search(rf"trial {on2}: node node2 drained; it continues from step {step} ", text), text[-4000:]
+    rows = list(csv.DictReader(open(out / "trials" / on2 / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(set(steps)) and step in steps
+    assert [r["attempt"] for r in rows if int(r["step"]) <= step][-1] == "0"
+    assert all(r["attempt"] == "1" for r in rows if int(r["step"]) > step)  # the next attempt began right after
+    # The lost node's trial continued from its last checkpoint (a multiple of 200 steps).
+    lost = re.search(rf"trial {killed}: node node2 lost; it continues from step (\d+) ", text)
+    assert lost and int(lost.group(1)) % 200 == 0 and int(lost.group(1)) >= 200, text[-4000:]
+    assert "Traceback" not in text and "ActorUnavailableError" not in text, text[-4000:]
+    assert text.count("node node2 left") >= 2
+
+    # Every trial ended well, once; trials.csv and the study agree trial by trial.
+    import optuna
+
+    rows = trial_rows(out)
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"complete", "early-stopped", "infeasible"}, rows
+    study = optuna.load_study(study_name="elastic", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
+    by_trial = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert set(by_trial) == {r["trial_id"] for r in rows}
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in by_trial.values())
+    assert json.loads((out / "ray-cluster.json").read_text())["state"] == "ended"
+
+    # A join that starts after its sweep ended says so and exits 0 (the rest of an array does not fail).
+    late = sbatch(slurm, *join, f"--output={tmp_path}/late.out", "slurm/join.sh", str(out))
+    assert slurm.wait_state(late, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED"
+    assert "has ended: nothing to join" in (tmp_path / "late.out").read_text()

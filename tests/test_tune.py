@@ -146,14 +146,14 @@ def http_json(url: str):
 
 
 def dashboard_trials(db: Path) -> list[dict]:
-    """Every trial of the only study in `db`, as optuna-dashboard's HTTP API serves them (`dashboard` extra)."""
+    """Every trial of the only study in `db` (a journal file), as optuna-dashboard's HTTP API serves them."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "optuna-dashboard"
-    dash = subprocess.Popen([str(exe), f"sqlite:///{db}", "--host", "127.0.0.1", "--port", str(port)],
+    dash = subprocess.Popen([str(exe), str(db), "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}/api/studies"
@@ -298,11 +298,13 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
         assert (out / name).read_bytes()[:8] == PNG
     assert "Traceback" not in result.stderr
     assert "sweep done" in result.stdout and "0 on infeasible configs" in result.stdout
-    # The Optuna study (OUT/optuna.db) holds every trial, the killed run's and the resumed run's, each once, with
+    # The Optuna study (OUT/optuna.journal) holds every trial, the killed run's and the resumed run's, each once, with
     # Tune's trial id, its value and its feasibility.
     import optuna
 
-    study = optuna.load_study(study_name="ci_densenet", storage=f"sqlite:///{out / 'optuna.db'}")
+    from cifarray.tune.searcher import open_storage
+
+    study = optuna.load_study(study_name="ci_densenet", storage=open_storage(out))
     tune_ids = {t["trial_id"] for t in trials}
     stored = {t.user_attrs["trial_id"]: t for t in study.trials if t.user_attrs["trial_id"] in tune_ids}
     assert set(stored) == tune_ids and sum(t.user_attrs["trial_id"] in tune_ids for t in study.trials) == 4
@@ -330,7 +332,7 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
     # optuna-dashboard shows the same: every trial with its parameters, value and feasibility (which it reads
     # from the constraints' list form), and the Tune trial it was.
     served = {next(a["value"] for a in d["user_attrs"] if a["key"] == "trial_id"): d
-              for d in dashboard_trials(out / "optuna.db")}
+              for d in dashboard_trials(out / "optuna.journal")}
     assert set(served) >= tune_ids and len(served) == len(study.trials)
     for t in trials:
         d = served[t["trial_id"]]
@@ -475,7 +477,7 @@ def test_gpu_shares_that_cannot_work_are_refused_before_ray(tmp_path, gpus_per_t
     ((2, 0.0), 0.0, (2, 1)),  # CPU only: one CPU per trial
 ])
 def test_trials_per_gpu_follow_gpus_over_the_share(cluster, share, expected):
-    from cifarray.tune.__main__ import plan, trial_resources
+    from cifarray.tune.planning import plan, trial_resources
 
     assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=None, trials=8) == expected
     assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=1, trials=8)[0] == 1
@@ -488,7 +490,7 @@ def test_trials_per_gpu_follow_gpus_over_the_share(cluster, share, expected):
 
 def test_gpu_fractions_pack_per_gpu():
     """floor(1 / f) trials per GPU: a trial lives on one GPU, so the totals' remainder holds none (ray#5902)."""
-    from cifarray.tune.__main__ import plan
+    from cifarray.tune.planning import plan
 
     assert plan(32, 8.0, 0.3, workers=1, cpus_per_trial=None, max_concurrent=None, trials=100) == (24, 1)  # not 26
     assert plan(16, 3.0, 0.4, workers=1, cpus_per_trial=None, max_concurrent=None, trials=100) == (6, 2)  # not 7
@@ -497,7 +499,7 @@ def test_gpu_fractions_pack_per_gpu():
 def test_the_trial_runner_follows_the_workers_per_trial_and_cannot_change_on_resume(tmp_path):
     import shutil
 
-    from cifarray.tune.__main__ import trial_runner
+    from cifarray.tune.planning import trial_runner
 
     assert (trial_runner("auto", 1), trial_runner("auto", 2), trial_runner("train", 1)) == ("tune", "train", "train")
     out = tmp_path / "sweep"
@@ -599,7 +601,7 @@ import ray
 from ray import tune
 from cifarray.data.synth import write_synthetic
 from cifarray.family import Objective, RunContext
-from cifarray.tune.__main__ import trial_resources
+from cifarray.tune.planning import trial_resources
 from cifarray.tune.sweep import load
 from cifarray.tune.trial import run_trial
 

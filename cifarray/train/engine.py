@@ -170,13 +170,20 @@ def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> 
     window = _Window(worker.device)
     row: dict[str, Any] = {}
     checkpoint = None
+    single = worker.world == 1
     for step in range(worker.start + 1, cfg.steps + 1):
         window.add(pieces.step(state, worker.sampler.next()))
         is_last = step == cfg.steps
-        ckpt_now = step % cfg.checkpoint_every == 0 or is_last
+        # A draining node (cifarray.train.drain): one worker checks a flag every step; DDP ranks agree at log
+        # points (one more all-reduce there), so that every rank checkpoints at the same step.
+        drain = single and session.draining()
+        ckpt_now = step % cfg.checkpoint_every == 0 or is_last or drain
         eval_now = pieces.evaluates_at(state, step) or is_last
-        if not (step % cfg.log_every == 0 or ckpt_now or eval_now):
+        log_now = step % cfg.log_every == 0
+        if not (log_now or ckpt_now or eval_now):
             continue
+        if not single and not is_last and all_reduce_sum([float(session.draining())], worker.device)[0] > 0:
+            drain = ckpt_now = True
         elapsed = time.perf_counter() - window.started
         means = window.means(worker.world)
         bad = [v for v in means.values() if not math.isfinite(v)]
@@ -197,7 +204,12 @@ def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> 
             worker.gen.manual_seed(augment_seed(cfg.seed, rank, step))
         if is_last:
             break  # the final report comes after the final files (train)
-        if ckpt_now or eval_now:  # a report is a round trip to the controller
+        if drain:
+            # Saved and reported (without the objective: nothing was evaluated at this step); nothing after it is
+            # trained here. `park` returns only if the drain is cancelled, and training goes on.
+            send_result(session, run, {**row, "drained": 1}, checkpoint, rank)
+            session.park()
+        elif ckpt_now or eval_now:  # a report is a round trip to the controller
             send_result(session, run, row, checkpoint, rank)
         window.restart()
     return row, checkpoint

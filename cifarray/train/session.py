@@ -53,12 +53,40 @@ class Session:
         """The folder of the newest checkpoint the runner knows of (None: a fresh run)."""
         raise NotImplementedError
 
+    def draining(self) -> bool:
+        """Whether this worker's node is about to leave (cifarray.train.drain): checkpoint now, then `park`."""
+        return False
 
-class RayTrainSession(Session):
+    def park(self) -> None:
+        """After the drain checkpoint was reported: wait until the node is stopped or its drain cancelled."""
+
+
+class _OnRayNode(Session):
+    """A session on a Ray node, which may be drained (cifarray.train.drain)."""
+
+    in_ray = True
+
+    def draining(self) -> bool:
+        from cifarray.train.drain import watch
+
+        return watch().draining
+
+    def park(self) -> None:
+        from cifarray.train.drain import watch
+
+        watch().park()
+
+    @staticmethod
+    def node_id() -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+class RayTrainSession(_OnRayNode):
     """A worker of a Ray Train `TorchTrainer`: one of `world` DDP ranks."""
 
     name = "ray-train"
-    in_ray = True
 
     def __init__(self) -> None:
         import ray.train
@@ -80,7 +108,7 @@ class RayTrainSession(Session):
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, "ray_node": self.node_id()}, checkpoint=checkpoint)
 
     def latest_checkpoint(self) -> Path | None:
         import ray.train
@@ -88,13 +116,12 @@ class RayTrainSession(Session):
         return _local(ray.train.get_checkpoint())
 
 
-class TuneSession(Session):
+class TuneSession(_OnRayNode):
     """A one-worker Tune trial computing in its own (reused) actor: `tune.report`, `tune.get_checkpoint`.
 
     On a GPU trial Ray leaves the actor its GPU (or its share of one) as the only visible device."""
 
     name = "tune"
-    in_ray = True
 
     def __init__(self, gpu: bool) -> None:
         if gpu:
@@ -117,7 +144,9 @@ class TuneSession(Session):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         from ray import tune
 
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        # ray_node: where the trial ran, for the sweep's lines when a node leaves (cifarray.tune.elastic)
+        tune.report({**metrics, "ray_node": self.node_id()},
+                    checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
     def latest_checkpoint(self) -> Path | None:
         from ray import tune

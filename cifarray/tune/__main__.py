@@ -17,6 +17,7 @@ OUT/val_vs_params.png, OUT/learning_curves.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,9 +31,9 @@ from cifarray.config import check_batch_split, flag_of
 from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
-from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_COPY
+from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_CLUSTER, SWEEP_COPY
 from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
-from cifarray.tune.trial import DRIVER_CPU
+from cifarray.tune.planning import Live, Plan, plan_on_cluster, trial_resources, trial_runner, trial_workers
 
 RESUME_KEYS = ("data_dir", "synthetic", "no_verify", "workers_per_trial", "gpus_per_trial", "cpus_per_trial",
                "max_concurrent", "trials", "trial_runner")  # what --resume reads back from OUT when not given again
@@ -90,7 +91,8 @@ class TuneArgs:
     max_concurrent: int | None
     trials: int | None  # as given (None: the sweep file's)
     trial_runner: str  # resolved: tune | train
-    stored_study: bool = True  # the study is in OUT/optuna.db (False: an experiment from before it was stored)
+    stored_study: bool = True  # the study is in OUT (False: an experiment from before it was stored)
+    study: str = STUDY_DB  # its file in OUT: optuna.journal (optuna.db: a sweep begun before the journal)
 
     @property
     def n_trials(self) -> int:
@@ -99,7 +101,7 @@ class TuneArgs:
     def saved(self, gpus_per_trial: float) -> dict:
         """tune_args.json: what --resume reads back (the GPUs per trial as `auto` resolved them)."""
         return {**{k: getattr(self, k) for k in RESUME_KEYS}, "gpus_per_trial": gpus_per_trial,
-                "sweep": str(Path(self.sweep.source).resolve()), "study": STUDY_DB}
+                "sweep": str(Path(self.sweep.source).resolve()), "study": self.study}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +141,8 @@ def resolve_args(ns, out: Path) -> TuneArgs:
     _check_batches(sweep, workers)
     data = out / "data" if values["synthetic"] else Path(values["data_dir"]).expanduser().resolve()
     args = TuneArgs(out=out, sweep=sweep, resume=resume, data=data, auto_gpus=auto_gpus, workers=workers,
-                    stored_study=not resume or bool(saved.get("study")), **values)
+                    stored_study=not resume or bool(saved.get("study")),
+                    study=(saved.get("study") or STUDY_DB) if resume else STUDY_DB, **values)
     _check_cluster_named(args)
     _check_data(args)  # before Ray: missing, corrupt or too small data fails here
     return args
@@ -204,71 +207,6 @@ def write_experiment(args: TuneArgs, gpus_per_trial: float) -> None:
         (args.out / ARGS_FILE).write_text(json.dumps(args.saved(gpus_per_trial), indent=2))
 
 
-def trial_workers(gpus_per_trial: float, workers_per_trial: int | None) -> int:
-    """DDP workers per trial, checked against --gpus-per-trial (whole GPUs, one per worker, or a fraction
-    of one GPU for a one-worker trial)."""
-    g = gpus_per_trial
-    if g < 0:
-        raise UserError("--gpus-per-trial must be >= 0")
-    workers = workers_per_trial or max(1, int(g))
-    if 0 < g < 1:
-        if workers > 1:
-            raise UserError(f"--gpus-per-trial {g:g} with --workers-per-trial {workers}: a fraction of a GPU is for "
-                            "one-worker trials (NCCL refuses two ranks on one GPU); pass --workers-per-trial 1, or "
-                            f"--gpus-per-trial {workers} (one GPU per worker)")
-    elif g and (g != int(g) or g != workers):
-        raise UserError(f"--gpus-per-trial {g:g} must equal --workers-per-trial {workers} (one GPU per DDP "
-                        "worker), or be a fraction <= 1 for one-worker trials")
-    return workers
-
-
-def trial_runner(asked: str, workers: int) -> str:
-    """auto: a one-worker trial trains in its own Tune actor; a DDP trial needs a TorchTrainer's workers."""
-    if asked == "auto":
-        return "tune" if workers == 1 else "train"
-    if asked == "tune" and workers > 1:
-        raise UserError(f"--trial-runner tune trains one worker inside each trial's actor, but a trial has {workers} "
-                        "workers; pass --trial-runner train (or auto) for DDP trials, or --workers-per-trial 1")
-    return asked
-
-
-def plan(cpus: int, gpus: float, gpus_per_trial: float, workers: int, cpus_per_trial: int | None,
-         max_concurrent: int | None, trials: int) -> tuple[int, int]:
-    """(trials at once, CPUs per worker) on a cluster of `cpus` and `gpus`.
-
-    With GPUs, concurrency follows GPUs / GPUs per trial (0.25: four trials per GPU) and the CPUs are
-    shared out among the trials that fit; without, each worker gets --cpus-per-trial / workers CPUs.
-    """
-    if gpus_per_trial:
-        if gpus < gpus_per_trial:
-            raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {gpus:g} GPU(s); "
-                            "lower it or run on GPU nodes")
-        # A fraction packs per GPU: floor(1 / f) trials on each (0.3: 3 per GPU, 24 on 8 GPUs, not 26: a trial
-        # lives on one GPU, so the totals' remainder cannot hold one; ray-project/ray#5902).
-        per_gpu = int(1 / gpus_per_trial + 1e-9) if gpus_per_trial < 1 else 0
-        fit_by = per_gpu * int(gpus + 1e-9) if per_gpu else int(gpus / gpus_per_trial + 1e-9)
-        cpus_per_worker = max(1, (cpus_per_trial or cpus // fit_by) // workers)
-        fit_by = min(fit_by, cpus // (cpus_per_worker * workers))  # every trial still needs its CPUs
-    else:
-        cpus_per_worker = max(1, (cpus_per_trial or workers) // workers)
-        fit_by = cpus // (cpus_per_worker * workers)
-    if fit_by < 1:
-        raise UserError(f"one trial needs {workers * cpus_per_worker} CPUs but the Ray cluster has {cpus}; "
-                        "lower --workers-per-trial or --cpus-per-trial")
-    return min(fit_by, max_concurrent or fit_by, trials), cpus_per_worker
-
-
-def trial_resources(runner: str, cpus_per_worker: int, gpus_per_trial: float) -> dict[str, float]:
-    """What Tune reserves for one trial's actor.
-
-    In-actor trials hold their own CPUs and GPU share. A TorchTrainer trial's driver only waits on its trainer;
-    Tune cannot place a trial that asks for nothing, so it holds a sliver of a CPU that its workers give up (see
-    run_trial): a trial then takes exactly workers x cpus_per_worker CPUs, and 2 one-CPU trials fit on 2 CPUs."""
-    if runner == "tune":
-        return {"CPU": cpus_per_worker, **({"GPU": gpus_per_trial} if gpus_per_trial else {})}
-    return {"CPU": DRIVER_CPU}
-
-
 def _json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -304,37 +242,6 @@ def _check_data(args: TuneArgs) -> None:
                     flag=lambda key: f"the sweep's {'largest ' if key in sweep.space else ''}{key}")
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How the sweep uses the Ray cluster it joined."""
-
-    concurrent: int  # trials at once
-    cpus_per_worker: int
-    gpus_per_trial: float
-
-
-def plan_on_cluster(args: TuneArgs) -> Plan:
-    """Join (or start) the Ray cluster and size the sweep to it; refuse a trial it can never hold."""
-    import ray
-
-    from cifarray.train import cluster
-
-    cluster.init_ray()
-    res = ray.cluster_resources()
-    cpus, gpus = int(res.get("CPU", 1)), float(res.get("GPU", 0))
-    gpus_per_trial = 1.0 if args.auto_gpus and gpus and args.workers == 1 else args.gpus_per_trial
-    concurrent, cpus_per_worker = plan(cpus, gpus, gpus_per_trial, args.workers, args.cpus_per_trial,
-                                       args.max_concurrent, args.n_trials)
-    # Totals can hold a trial whose workers no single node holds; Tune would wait for it without end.
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if cluster.workers_that_fit(nodes, cpus_per_worker, gpus_per_trial / args.workers) < args.workers:
-        gpu = f" and {gpus_per_trial / args.workers:g} GPU" if gpus_per_trial else ""
-        raise UserError(f"a trial's {args.workers} worker(s) with {cpus_per_worker} CPU(s){gpu} each do not fit this "
-                        f"Ray cluster's nodes ({cluster.describe_cluster(nodes)}): a worker runs on one node; lower "
-                        "--cpus-per-trial, or raise --workers-per-trial to spread a trial over nodes")
-    return Plan(concurrent, cpus_per_worker, gpus_per_trial)
-
-
 def launch(args: TuneArgs) -> int:
     """Plan on the cluster, write the experiment, run it (or resume it), and summarise it."""
     # Tune snapshots the experiment at most this often; a killed sweep loses at most these seconds of bookkeeping.
@@ -348,6 +255,9 @@ def launch(args: TuneArgs) -> int:
     context = sweep.family.driver_context(sweep.base)  # e.g. the DCGAN's Inception weights, resolved once
     goal = sweep.family.sweep.objective(context)
     placed = plan_on_cluster(args)
+    # A drained trial reports its checkpoint without the objective (nothing was evaluated at that step); Tune's
+    # strict check would end the sweep on it. The searcher and ASHA skip such results.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     for name in ("ray", "ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -362,11 +272,39 @@ def launch(args: TuneArgs) -> int:
           f"{'in their own Tune actors (reused)' if args.trial_runner == 'tune' else 'through TorchTrainer'}; "
           f"out {args.out}", flush=True)
     started = time.time()
-    tuner(args, placed, context, goal).fit()
+    with publish_cluster(args.out):
+        tuner(args, placed, context, goal).fit()
     summary = results.conclude(args.out, sweep, goal.metric, goal.mode, goal.label, data_dir=args.data,
                                synthetic=args.synthetic, seconds=time.time() - started, requested=args.n_trials)
     results.print_summary(summary)
     return 130 if summary["status"] == "interrupted" else 0  # Ctrl-C: Tune stops the sweep and returns
+
+
+@contextlib.contextmanager
+def publish_cluster(out: Path):
+    """OUT/ray-cluster.json while the sweep runs on an hpc.ray_cluster job: what `python -m hpc.join OUT` joins (the
+    cluster's address and its token file's path, never the token). `state` ends as `ended` once the sweep has
+    finished, `stopped` if it was stopped first (a requeue: join jobs leave, and are submitted again)."""
+    path = out / SWEEP_CLUSTER
+    if not (os.environ.get("HPC_JOB_DIR") and os.environ.get("RAY_AUTH_TOKEN_PATH") and os.environ.get("RAY_ADDRESS")):
+        yield
+        return
+    info = {"address": os.environ["RAY_ADDRESS"], "token_file": os.environ["RAY_AUTH_TOKEN_PATH"],
+            "dashboard": os.environ.get("HPC_DASHBOARD"), "job_dir": os.environ["HPC_JOB_DIR"], "pid": os.getpid(),
+            "state": "running", "started": time.time()}
+    _write_json(path, info)
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        _write_json(path, {**info, "state": "ended" if finished else "stopped", "stopped": time.time()})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def tuner(args: TuneArgs, placed: Plan, context, goal):
@@ -389,16 +327,18 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
                                      gpus_per_worker=placed.gpus_per_trial / args.workers)
     trainable = tune.with_resources(trainable, trial_resources(runner, placed.cpus_per_worker,
                                                                placed.gpus_per_trial))
-    bind(out, placed.concurrent)  # what Tune's pickles of the searcher and limiter take from this process
+    # What Tune's pickles of the searcher and limiter take from this process: where, the study, and the live count.
+    bind(out, placed.concurrent, args.study, Live(placed, args.workers, args.max_concurrent, args.n_trials))
     if args.resume:
         # The saved RunConfig comes back with it, console callback included (see SweepConsole.__getstate__).
-        at = (f"at this allocation's {placed.concurrent} trial(s) at once" if args.stored_study else
-              f"at its first run's concurrency ({out} predates {STUDY_DB}: it keeps its Optuna study in memory)")
+        at = (f"at this allocation's {placed.concurrent} trial(s) at once (then as nodes join and leave)"
+              if args.stored_study else
+              f"at its first run's concurrency ({out} predates its stored study: it keeps it in memory)")
         print(f"resuming {out / EXPERIMENT} {at}: finished trials are kept, unfinished ones continue from their "
               f"checkpoints with {placed.cpus_per_worker} CPU(s) per worker", flush=True)
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
-    (out / STUDY_DB).unlink(missing_ok=True)  # left by a start that never made an experiment: not this sweep's
+    (out / args.study).unlink(missing_ok=True)  # left by a start that never made an experiment: not this sweep's
     console = SweepConsole(str(out), sweep, goal.metric, goal.mode, goal.label, args.n_trials,
                            concurrent=placed.concurrent)
     # In-actor trials checkpoint through Tune (OUT/tune/<trial>/checkpoint_*): the two newest are kept, as Ray

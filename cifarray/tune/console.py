@@ -20,6 +20,7 @@ from rich.text import Text
 
 from ray.tune import Callback
 
+from cifarray.tune.elastic import NodeLoss, Nodes, quiet_node_losses
 from cifarray.tune.layout import DONE
 from cifarray.tune.results import resources_line, trial_status, write_trials
 from cifarray.tune.trial import INFEASIBLE
@@ -57,6 +58,9 @@ class SweepConsole(Callback):
         self.trials: list = []
         self.durations: list[float] = []
         self._starts: dict[str, float] = {}
+        self.nodes, self.node_loss = Nodes(), NodeLoss()  # the cluster's nodes as they come and go
+        self._recovering: set[str] = set()
+        quiet_node_losses()
 
     # Tune pickles its RunConfig, callbacks included, so that Tuner.restore brings this console back:
     # the terminal handles and timers are this process's and are made afresh.
@@ -134,11 +138,24 @@ class SweepConsole(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials = trials
+        self.node_loss.seen(trial)
+        if trial.trial_id in self._recovering:  # a retry after a lost or drained node: the same trial, continued
+            self._recovering.discard(trial.trial_id)
+            return
         self._starts[trial.trial_id] = time.time()
         self._event(f"trial {trial.trial_id} started: {self._describe(trial)}")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.trials = trials
+        self._recovering.add(trial.trial_id)
+        self._event(self.node_loss.on_recover(trial, self.nodes))
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.trials = trials
+        if result.get("drained"):
+            self._event(f"trial {trial.trial_id} saved at step {result.get('step')} on draining "
+                        f"{self.nodes.name(result.get('ray_node'))}")
+            return
         self._changed()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -161,6 +178,8 @@ class SweepConsole(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.trials = trials
+        for line in self.nodes.poll():
+            self._event(line)
         now = time.time()
         if self._live is not None and now - self._last_render >= 1.0:
             self._render()

@@ -7,7 +7,12 @@ from pathlib import Path
 EXPERIMENT = "tune"  # Tune's experiment folder inside OUT; a stable name lets --resume find it
 SWEEP_COPY = "sweep.toml"  # the sweep file as the experiment began
 ARGS_FILE = "tune_args.json"  # the tuner's settings that --resume reads back
-STUDY_DB = "optuna.db"  # the Optuna study (SQLite): optuna-dashboard sqlite:///OUT/optuna.db
+# The Optuna study: Optuna's journal file, which its docs give as the storage for a shared (NFS) file system, the
+# sweep's trials on other nodes writing into OUT (optuna-dashboard OUT/optuna.journal). Sweeps started before kept
+# it in SQLite (optuna.db), which Optuna's FAQ advises against on NFS; they resume with it.
+STUDY_DB = "optuna.journal"
+LEGACY_STUDY_DB = "optuna.db"
+SWEEP_CLUSTER = "ray-cluster.json"  # the Ray cluster a running sweep is on, for join jobs (hpc.join.SWEEP_CLUSTER)
 TRIALS = "trials"  # OUT/trials/<trial id>: each trial's run folder
 DONE = ("complete", "early-stopped", "infeasible", "diverged", "error")  # statuses of a trial that has ended
 

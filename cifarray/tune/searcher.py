@@ -1,4 +1,4 @@
-"""The sweep's searcher: Optuna TPE with its study stored in OUT/optuna.db, behind a concurrency limit that a
+"""The sweep's searcher: Optuna TPE with its study stored in OUT/optuna.journal, behind a concurrency limit that a
 resumed sweep takes from the allocation it resumes on.
 
 Tune restores an experiment's searcher, scheduler and concurrency limit from what it pickled when the sweep began,
@@ -8,8 +8,9 @@ another path would look for its study where it was. So what Tune pickles here le
 that builds or restores a Tuner first says where (`bind`: the sweep folder, the trials at once its cluster holds),
 and an unpickled searcher or limiter takes both from it.
 
-- `StoredOptunaSearch` is Ray's `OptunaSearch` with an Optuna RDB storage (SQLite, OUT/optuna.db): the study is
-  on disk while the sweep runs, so `optuna-dashboard sqlite:///OUT/optuna.db` shows every trial, its parameters,
+- `StoredOptunaSearch` is Ray's `OptunaSearch` with an Optuna storage in OUT: the journal file (OUT/optuna.journal,
+  Optuna's storage for NFS, with its open(O_EXCL) lock; sweeps begun before it keep SQLite, OUT/optuna.db). The
+  study is on disk while the sweep runs, so `optuna-dashboard OUT/optuna.journal` shows every trial, its parameters,
   value, intermediate values and feasibility (the budget constraint), and Optuna's own API reads it after. Each
   Optuna trial carries the Tune trial's id and parameter count as user attributes. Pickled (Tune's checkpoints of
   it), it keeps its sampler's state and which Optuna trial each Tune trial is, by number: never the storage.
@@ -28,7 +29,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from cifarray.tune.layout import STUDY_DB
+from cifarray.tune.layout import LEGACY_STUDY_DB, STUDY_DB
 
 DASHBOARD_CONSTRAINTS = "constraints"  # optuna.study._constrained_optimization._CONSTRAINTS_KEY, the list form
 
@@ -36,16 +37,21 @@ DASHBOARD_CONSTRAINTS = "constraints"  # optuna.study._constrained_optimization.
 @dataclass(frozen=True)
 class Binding:
     out: Path  # the sweep folder, as this process reaches it
-    concurrent: int  # trials at once on the cluster this process runs the sweep on
+    concurrent: int  # trials at once on the cluster this process runs the sweep on, when it started
+    study: str = STUDY_DB  # the study's file in OUT (optuna.journal; optuna.db in sweeps from before it)
+    live: Any = None  # cifarray.tune.planning.Live: trials at once as nodes join and leave (None: fixed)
+
+    def current(self) -> int:
+        return self.live.concurrent() if self.live is not None else self.concurrent
 
 
 _BOUND: Binding | None = None
 
 
-def bind(out: str | Path, concurrent: int) -> Binding:
+def bind(out: str | Path, concurrent: int, study: str = STUDY_DB, live: Any = None) -> Binding:
     """Where this process runs the sweep; set before a Tuner is built or restored."""
     global _BOUND
-    _BOUND = Binding(Path(out), int(concurrent))
+    _BOUND = Binding(Path(out), int(concurrent), study, live)
     return _BOUND
 
 
@@ -57,18 +63,30 @@ def bound() -> Binding:
 
 
 def storage_url(out: str | Path) -> str:
-    return f"sqlite:///{Path(out).resolve() / STUDY_DB}"
+    """The legacy SQLite study's URL (sweeps begun before the journal)."""
+    return f"sqlite:///{Path(out).resolve() / LEGACY_STUDY_DB}"
+
+
+def open_storage(out: str | Path, study: str = STUDY_DB):
+    """The study's storage in OUT: the journal file, or SQLite for a sweep that began with it."""
+    import optuna
+
+    if study == LEGACY_STUDY_DB:
+        # SQLite waits up to 60 s for a lock (an optuna-dashboard reading the study) instead of failing at once.
+        return optuna.storages.RDBStorage(storage_url(out), engine_kwargs={"connect_args": {"timeout": 60}})
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(Path(out).resolve() / study)
+    # JournalFileOpenLock: the lock Optuna documents for NFS (open with O_CREAT|O_EXCL, atomic there since NFSv3).
+    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
 def _storage(out: Path):
-    import optuna
-
-    # SQLite waits up to 60 s for a lock (an optuna-dashboard reading the study) instead of failing at once.
-    return optuna.storages.RDBStorage(storage_url(out), engine_kwargs={"connect_args": {"timeout": 60}})
+    return open_storage(out, bound().study)
 
 
 class StoredOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch, its study in OUT/optuna.db (see the module's docstring)."""
+    """Ray's OptunaSearch, its study in OUT (see the module's docstring)."""
 
     def __init__(self, *, study_name: str, **kwargs: Any):
         super().__init__(study_name=study_name, storage=_storage(bound().out), **kwargs)
@@ -98,6 +116,8 @@ class StoredOptunaSearch(OptunaSearch):
         return self._storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self._metric not in result:  # a drained trial's checkpoint report: nothing was evaluated at that step
+            return
         # Intermediate values at the trial's own step (what ASHA's rungs and the curves use), not Tune's count of
         # reports: the dashboard's intermediate-value plot then reads in steps.
         if "step" in result:
@@ -147,7 +167,9 @@ class StoredOptunaSearch(OptunaSearch):
 
 
 class AllocationLimiter(ConcurrencyLimiter):
-    """ConcurrencyLimiter at the bound allocation's trials at once (see the module's docstring).
+    """ConcurrencyLimiter at the bound allocation's trials at once (see the module's docstring), worked out again
+    from the live cluster before each suggestion (`Binding.live`): nodes that join raise it, nodes that leave or
+    drain lower it.
 
     Tune brings it back twice on a resume: unpickled from the Tuner's pickle, then its state (the limit and the
     trials it counts as running) set from the newest experiment checkpoint. Either way the limit is the bound one;
@@ -160,3 +182,7 @@ class AllocationLimiter(ConcurrencyLimiter):
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         self.max_concurrent = bound().concurrent
+
+    def suggest(self, trial_id: str) -> dict | None:
+        self.max_concurrent = bound().current()
+        return super().suggest(trial_id)
