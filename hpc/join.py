@@ -245,6 +245,7 @@ def _drain_states(gcs, node_id: str) -> dict[bytes, bytes]:
 
 def _kill_raylet(proc: subprocess.Popen) -> None:
     """SIGKILL the raylet (a graceful raylet stop is recorded as an expected termination, not a preemption)."""
+    import ray  # noqa: F401  (Ray puts its bundled psutil on the path)
     import psutil
 
     try:

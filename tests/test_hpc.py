@@ -491,9 +491,15 @@ def running_on(out: Path, node: str) -> str | None:
 
 
 def ray_processes_of(tmp: str) -> list[int]:
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if any(tmp in a for a in (p.info["cmdline"] or []))]
+    """PIDs of the processes whose command line names `tmp` (a Ray node's temp dir: its raylet and agents)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and tmp.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
 
 
 def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_notice(slurm, tmp_path):
@@ -505,7 +511,9 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     log = tmp_path / "head.out"
     sweep = tmp_path / "elastic.toml"
     text = (REPO / "sweeps" / "ci_cluster.toml").read_text()
-    sweep.write_text(text.replace("steps = 60", "steps = 3000").replace("grace_period = 59", "grace_period = 2999")
+    # Six trials of 1,500 steps (about 40 s each here), checkpointed every 200: trials keep landing on node2.
+    sweep.write_text(text.replace("trials = 4", "trials = 6").replace("steps = 60", "steps = 1500")
+                     .replace("grace_period = 59", "grace_period = 1499")
                      .replace("eval_every = 20", "eval_every = 200").replace("log_every = 20", "log_every = 10"))
     blocker = sbatch(slurm, "--nodelist=node2", "--cpus-per-task=2", f"--output={tmp_path}/blocker.out",
                      "--wrap", "sleep 600")
@@ -539,7 +547,7 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     def fresh_on_node2():
         t = running_on(out, "node2")
         return t if t and t != on2 else None
-    killed = wait_for(fresh_on_node2, 240, "another trial on node2\n" + job_logs(slurm, head))
+    killed = wait_for(fresh_on_node2, 300, "another trial on node2\n" + job_logs(slurm, head))
     wait_for(lambda: any(int(r["step"]) >= 250 for r in csv.DictReader(open(out / "trials" / killed / "metrics.csv"))),
              120, "the trial on node2 past its first checkpoint")
     for pid in ray_processes_of(f"/tmp/ray-{second}-join-node2"):
@@ -572,7 +580,7 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     import optuna
 
     rows = trial_rows(out)
-    assert len(rows) == 4 and {r["status"] for r in rows} <= {"complete", "early-stopped", "infeasible"}, rows
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"complete", "early-stopped", "infeasible"}, rows
     study = optuna.load_study(study_name="elastic", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
     by_trial = {t.user_attrs["trial_id"]: t for t in study.trials}

@@ -748,3 +748,50 @@ def test_a_long_console_event_stays_one_line_in_a_log(tmp_path):
     view.on_step_end(0, [])  # the periodic status line
     lines = log.getvalue().splitlines()
     assert lines[0] == event and len(lines) == 2, lines
+
+
+def test_a_lost_node_is_given_back_to_the_trials_failure_budget_and_a_code_error_is_not(tmp_path):
+    from types import SimpleNamespace
+
+    from cifarray.tune.elastic import MAX_NODE_LOSSES, NodeLoss, Nodes
+
+    def node(nid, name, alive=True):
+        return {"NodeID": nid, "Alive": alive, "Labels": {"slurm-node": name}, "Resources": {"CPU": 2}}
+
+    cluster = [[node("n1", "node1"), node("n2", "node2")], set()]
+    nodes = Nodes(read=lambda: (cluster[0], cluster[1]))
+    assert nodes.poll(force=True) == []  # the first look says nothing: the sweep's first line did
+    cluster[0] = [node("n1", "node1"), node("n2", "node2"), node("n3", "node3")]
+    assert nodes.poll(force=True) == ["node node3 joined: 2 CPU(s), 0 GPU(s); the sweep now has 3 node(s), 6 CPU(s), "
+                                      "0 GPU(s)"]
+    error = tmp_path / "error.txt"
+
+    def trial(tid, on, failures):
+        return SimpleNamespace(trial_id=tid, last_result={"ray_node": on}, error_file=str(error), local_path="x",
+                               run_metadata=SimpleNamespace(num_failures=failures),
+                               latest_checkpoint_result=SimpleNamespace(metrics={"step": 400}))
+
+    loss = NodeLoss()
+    lost = trial("aaaa", "n3", 0)
+    loss.seen(lost)
+    cluster[0] = [node("n1", "node1"), node("n2", "node2"), node("n3", "node3", alive=False)]
+    error.write_text("Failure # 1\nActorDiedError: The actor died because its node has died.")
+    lost.run_metadata.num_failures = 1  # as Tune counted it
+    assert loss.on_recover(lost, nodes) == "trial aaaa: node node3 lost; it continues from step 400 (its last " \
+                                           "checkpoint) on another node"
+    assert lost.run_metadata.num_failures == 0  # given back
+    code = trial("bbbb", "n1", 0)  # the training code raised on a node that lives on: its one retry is spent
+    loss.seen(code)
+    error.write_text("Failure # 1\nRayTaskError(ValueError): boom")
+    code.run_metadata.num_failures = 1
+    assert loss.on_recover(code, nodes).startswith("trial bbbb failed and is retried from step 400")
+    assert code.run_metadata.num_failures == 1
+    drained = trial("cccc", "n2", 1)  # a code error before; then its node was drained: Tune did not count it
+    loss.seen(drained)
+    cluster[0][1] = node("n2", "node2", alive=False)
+    error.write_text("Failure # 2\nActorDiedError: its node has died (preempted)")
+    assert "node node2 drained" in loss.on_recover(drained, nodes) and drained.run_metadata.num_failures == 1
+    for _ in range(MAX_NODE_LOSSES + 1):  # a trial that loses every node it gets is stopped in the end
+        lost.run_metadata.num_failures += 1
+        loss.on_recover(lost, nodes)
+    assert lost.run_metadata.num_failures == 2

@@ -19,9 +19,9 @@ from typing import Any
 
 MAX_NODE_LOSSES = 20  # per trial: lost nodes that do not count as failures
 POLL_S = 2.0
-# What Ray's errors say when the actor's process or node went away rather than the code raising (RayActorError).
-LOST_MARKERS = ("ActorDiedError", "ActorUnavailableError", "The actor died unexpectedly", "is unavailable",
-                "its node has died", "node has died", "preempted")
+# What Ray's errors say when the actor's node went away (RayActorError); an actor process killed on a node that
+# lives on is a failure of the trial, as before.
+LOST_MARKERS = ("ActorUnavailableError", "is unavailable", "its node has died", "node has died", "preempted")
 
 
 def node_name(node: dict) -> str:
@@ -31,7 +31,8 @@ def node_name(node: dict) -> str:
 class Nodes:
     """The cluster's nodes as last seen: id -> (name, CPUs, GPUs), and which are draining."""
 
-    def __init__(self) -> None:
+    def __init__(self, read=None) -> None:
+        self.read = read or _read_cluster  # () -> (every node as ray.nodes() gives it, ids of draining nodes)
         self.alive: dict[str, tuple[str, float, float]] = {}
         self.draining: set[str] = set()
         self.gone: dict[str, str] = {}  # id -> name of nodes that left
@@ -44,13 +45,10 @@ class Nodes:
             return []
         first, self._at = not self._at, now
         try:
-            import ray
-            from ray._private.state import state
-
-            nodes = {n["NodeID"]: n for n in ray.nodes()}
-            draining = set(state.get_draining_nodes())
+            found, draining = self.read()
         except Exception:  # the GCS is briefly unreachable: try again at the next poll
             return []
+        nodes = {n["NodeID"]: n for n in found}
         alive = {nid: (node_name(n), n.get("Resources", {}).get("CPU", 0), n.get("Resources", {}).get("GPU", 0))
                  for nid, n in nodes.items() if n.get("Alive")}
         lines = []
@@ -79,6 +77,13 @@ class Nodes:
         if node_id in self.alive:
             return f"node {self.alive[node_id][0]}"
         return f"node {self.gone.get(node_id, node_id[:8])}"
+
+
+def _read_cluster() -> tuple[list[dict], set[str]]:
+    import ray
+    from ray._private.state import state  # the GCS's draining nodes, as Ray Data reads them
+
+    return ray.nodes(), set(state.get_draining_nodes())
 
 
 class NodeLoss:
