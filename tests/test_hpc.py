@@ -548,8 +548,13 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
         t = running_on(out, "node2")
         return t if t and t != on2 else None
     killed = wait_for(fresh_on_node2, 300, "another trial on node2\n" + job_logs(slurm, head))
-    wait_for(lambda: any(int(r["step"]) >= 250 for r in csv.DictReader(open(out / "trials" / killed / "metrics.csv"))),
-             120, "the trial on node2 past its first checkpoint")
+    def past_first_checkpoint():
+        try:
+            with open(out / "trials" / killed / "metrics.csv") as f:
+                return any(int(r["step"]) >= 250 for r in csv.DictReader(f))
+        except OSError:
+            return False
+    wait_for(past_first_checkpoint, 120, "the trial on node2 past its first checkpoint")
     for pid in ray_processes_of(f"/tmp/ray-{second}-join-node2"):
         try:
             os.kill(pid, 9)
