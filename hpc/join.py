@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,8 +167,6 @@ def join(out: Path) -> int:
         _ignore_stop_signals()
         stop(proc, STOP_GRACE_S, "the Ray worker")
         keep_logs(tmp, job_dir, f"join-{alloc.job_id}-{node}", alloc.restart_count)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"{node} left the sweep in {out}")
 

@@ -285,26 +285,22 @@ def publish_cluster(out: Path):
     """OUT/ray-cluster.json while the sweep runs on an hpc.ray_cluster job: what `python -m hpc.join OUT` joins (the
     cluster's address and its token file's path, never the token). `state` ends as `ended` once the sweep has
     finished, `stopped` if it was stopped first (a requeue: join jobs leave, and are submitted again)."""
-    path = out / SWEEP_CLUSTER
+    from cifarray.rundir import RunDir
+
+    run = RunDir(out)
     if not (os.environ.get("HPC_JOB_DIR") and os.environ.get("RAY_AUTH_TOKEN_PATH") and os.environ.get("RAY_ADDRESS")):
         yield
         return
     info = {"address": os.environ["RAY_ADDRESS"], "token_file": os.environ["RAY_AUTH_TOKEN_PATH"],
             "dashboard": os.environ.get("HPC_DASHBOARD"), "job_dir": os.environ["HPC_JOB_DIR"], "pid": os.getpid(),
             "state": "running", "started": time.time()}
-    _write_json(path, info)
+    run.write_json(SWEEP_CLUSTER, info)
     finished = False
     try:
         yield
         finished = True
     finally:
-        _write_json(path, {**info, "state": "ended" if finished else "stopped", "stopped": time.time()})
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+        run.write_json(SWEEP_CLUSTER, {**info, "state": "ended" if finished else "stopped", "stopped": time.time()})
 
 
 def tuner(args: TuneArgs, placed: Plan, context, goal):
