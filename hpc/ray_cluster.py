@@ -331,13 +331,13 @@ class Cluster:
         if self.info:
             self.info["state"] = "stopping"
             write_json(self.job_dir / CLUSTER_FILE, self.info)
+        # Slurm SIGKILLs a requeued or cancelled job KillWait seconds after its SIGTERM, which can fall before the
+        # driver and the head have stopped (measured: the two-node requeue test lost the head's logs, twice): a copy
+        # first, of what the run wrote, and the whole of them again once the head has stopped.
+        keep_logs(self.tmp, self.job_dir, self.alloc.this_node, self.alloc.restart_count, so_far=True)
         if self.driver is not None and self.driver.poll() is None:
             log("stopping the driver")
             stop(self.driver, 60, "the driver")
-        # Slurm SIGKILLs a requeued or cancelled job KillWait seconds after its SIGTERM, which can fall before the
-        # head has stopped (measured: the two-node requeue test lost the head's logs once): a copy now, with
-        # what the run wrote, and the whole of them again once the head has stopped.
-        keep_logs(self.tmp, self.job_dir, self.alloc.this_node, self.alloc.restart_count, so_far=True)
         if self.worker_jobs:
             self.worker_jobs.cancel()
         if self.workers is not None and self.workers.poll() is None:

@@ -477,15 +477,16 @@ def test_gpu_shares_that_cannot_work_are_refused_before_ray(tmp_path, gpus_per_t
     ((2, 0.0), 0.0, (2, 1)),  # CPU only: one CPU per trial
 ])
 def test_trials_per_gpu_follow_gpus_over_the_share(cluster, share, expected):
-    from cifarray.tune.planning import plan, trial_resources
+    from cifarray.tune.planning import plan
+    from cifarray.tune.runners import RUNNERS
 
     assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=None, trials=8) == expected
     assert plan(*cluster, share, workers=1, cpus_per_trial=None, max_concurrent=1, trials=8)[0] == 1
     # An in-actor trial holds its own CPUs and GPU share (no driver sliver); a TorchTrainer trial's driver holds
     # a sliver of a CPU, and its workers the rest.
     cpus = expected[1]
-    assert trial_resources("tune", cpus, share) == {"CPU": cpus, **({"GPU": share} if share else {})}
-    assert trial_resources("train", cpus, share) == {"CPU": 0.01}
+    assert RUNNERS["tune"].resources(cpus, share) == {"CPU": cpus, **({"GPU": share} if share else {})}
+    assert RUNNERS["train"].resources(cpus, share) == {"CPU": 0.01}
 
 
 def test_gpu_fractions_pack_per_gpu():
@@ -499,9 +500,9 @@ def test_gpu_fractions_pack_per_gpu():
 def test_the_trial_runner_follows_the_workers_per_trial_and_cannot_change_on_resume(tmp_path):
     import shutil
 
-    from cifarray.tune.planning import trial_runner
+    from cifarray.tune.runners import trial_runner
 
-    assert (trial_runner("auto", 1), trial_runner("auto", 2), trial_runner("train", 1)) == ("tune", "train", "train")
+    assert [trial_runner(*a).name for a in (("auto", 1), ("auto", 2), ("train", 1))] == ["tune", "train", "train"]
     out = tmp_path / "sweep"
     (out / "tune").mkdir(parents=True)
     shutil.copyfile(CI_SWEEP, out / "sweep.toml")
@@ -601,7 +602,7 @@ import ray
 from ray import tune
 from cifarray.data.synth import write_synthetic
 from cifarray.family import Objective, RunContext
-from cifarray.tune.planning import trial_resources
+from cifarray.tune.runners import RUNNERS
 from cifarray.tune.sweep import load
 from cifarray.tune.trial import run_trial
 
@@ -615,12 +616,13 @@ layout = {"batch_size": 32, "growth_rate": 4, "num_blocks": 2, "layers_0": 1, "l
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 def sweep_of(name, runner, lrs):
+    runner = RUNNERS[runner]
     trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(root / name),
                                      objective=Objective("val_acc", "max", "validation accuracy"),
                                      context=RunContext(), runner=runner)
-    tuner = tune.Tuner(tune.with_resources(trainable, trial_resources(runner, 1, 0)),
+    tuner = tune.Tuner(tune.with_resources(trainable, runner.resources(1, 0)),
                        param_space={**layout, "lr": tune.grid_search(lrs)},
-                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=runner == "tune"),
+                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=runner.reuse_actors),
                        run_config=tune.RunConfig(name="tune", storage_path=str(root / name), verbose=0))
     grid = tuner.fit()
     assert not grid.errors, grid.errors
@@ -786,12 +788,44 @@ def test_a_lost_node_is_given_back_to_the_trials_failure_budget_and_a_code_error
     code.run_metadata.num_failures = 1
     assert loss.on_recover(code, nodes).startswith("trial bbbb failed and is retried from step 400")
     assert code.run_metadata.num_failures == 1
-    drained = trial("cccc", "n2", 1)  # a code error before; then its node was drained: Tune did not count it
+    # Node2 drains: its trial said it saved, and its actor then died with the raylet, the node still listed alive.
+    cluster[1] = {"n2"}
+    assert nodes.poll(force=True)[0].startswith("node node2 is draining")
+    drained = trial("cccc", "n2", 1)  # one failure of its own before
+    drained.last_result["drained"] = 1
     loss.seen(drained)
-    cluster[0][1] = node("n2", "node2", alive=False)
-    error.write_text("Failure # 2\nActorDiedError: its node has died (preempted)")
-    assert "node node2 drained" in loss.on_recover(drained, nodes) and drained.run_metadata.num_failures == 1
+    error.write_text("Failure # 2\nThe actor died unexpectedly before finishing this task.")
+    drained.run_metadata.num_failures = 2  # whether or not Tune counted it, the trial's budget is as before
+    assert loss.on_recover(drained, nodes) == "trial cccc: node node2 drained; it continues from step 400 (its last " \
+                                              "checkpoint) on another node"
+    assert drained.run_metadata.num_failures == 1
+    # Another trial on node2 had not reported since the drain began; node2 has gone by the time Tune retries it.
+    cluster[0][1], cluster[1] = node("n2", "node2", alive=False), set()
+    assert nodes.poll(force=True)[0].startswith("node node2 left (drained)")
+    late = trial("dddd", "n2", 0)
+    loss.seen(late)
+    error.write_text("Failure # 1\nThe actor died unexpectedly before finishing this task.")
+    assert "trial dddd: node node2 drained" in loss.on_recover(late, nodes) and late.run_metadata.num_failures == 0
     for _ in range(MAX_NODE_LOSSES + 1):  # a trial that loses every node it gets is stopped in the end
         lost.run_metadata.num_failures += 1
         loss.on_recover(lost, nodes)
     assert lost.run_metadata.num_failures == 2
+
+
+def test_rays_messages_of_a_node_gone_stay_out_of_the_sweeps_output(capsys):
+    """The console says a node left in one line; Ray's dead-raylet log tail and the GCS's failed bundle removals
+    (40 lines a node) are not printed, while a trial's own output still is."""
+    from ray._private import worker
+
+    from cifarray.tune.elastic import quiet_node_losses
+
+    quiet_node_losses()
+    quiet_node_losses()  # a second console in the same process does not wrap twice
+    for pid, line in [("raylet", "Raylet is terminated. Termination is unexpected. Last 20 lines"),
+                      ("raylet", "The node with node id: 26049 has been marked dead because the detector ..."),
+                      ("gcs_server", "[E] Failed to remove 1 bundle(s) for placement group 4bec at node c42"),
+                      ("1234", "trial output: Restored from checkpoint")]:
+        worker.print_worker_logs({"pid": pid, "lines": [line], "is_err": False, "ip": "1.2.3.4"}, sys.stdout)
+    out = capsys.readouterr().out
+    assert "trial output: Restored from checkpoint" in out
+    assert "Raylet is terminated" not in out and "marked dead" not in out and "bundle" not in out

@@ -36,6 +36,7 @@ class Nodes:
         self.alive: dict[str, tuple[str, float, float]] = {}
         self.draining: set[str] = set()
         self.gone: dict[str, str] = {}  # id -> name of nodes that left
+        self.drained: set[str] = set()  # ids of nodes that were draining: alive, or gone since
         self._at = 0.0
 
     def poll(self, force: bool = False) -> list[str]:
@@ -69,6 +70,7 @@ class Nodes:
             total = sum(c for _, c, _ in alive.values()), sum(g for _, _, g in alive.values())
             lines[-1] += f"; the sweep now has {len(alive)} node(s), {total[0]:g} CPU(s), {total[1]:g} GPU(s)"
         self.alive, self.draining = alive, draining & set(alive)
+        self.drained |= self.draining
         return lines
 
     def name(self, node_id: str | None) -> str:
@@ -98,10 +100,14 @@ class NodeLoss:
 
     def on_recover(self, trial: Any, nodes: Nodes) -> str:
         """Called as Tune retries `trial`: give a lost node back to its budget; the line that says what happened."""
-        node = (trial.last_result or {}).get("ray_node")
+        last = trial.last_result or {}
+        node = last.get("ray_node")
         error = _last_failure(trial)
         nodes.poll(force=True)
-        lost = any(m in error for m in LOST_MARKERS) or bool(node and node not in nodes.alive)
+        # A drained trial's actor dies with the node's raylet: Ray says only that "the actor died unexpectedly",
+        # and the node may still be listed alive until its heartbeats time out. The trial said it saved.
+        drained = bool(last.get("drained")) or bool(node and node in nodes.drained)
+        lost = drained or any(m in error for m in LOST_MARKERS) or bool(node and node not in nodes.alive)
         counted = trial.run_metadata.num_failures > self.counted.get(trial.trial_id, 0)
         step = _checkpoint_step(trial)
         whence = f"step {step} (its last checkpoint)" if step else "step 0 (no checkpoint yet)"
@@ -110,7 +116,7 @@ class NodeLoss:
             trial.run_metadata.num_failures -= 1  # a lost node is not the trial's failure
         self.counted[trial.trial_id] = trial.run_metadata.num_failures
         if lost:
-            how = "lost" if counted else "drained"  # Tune itself does not count an actor Ray reports as preempted
+            how = "drained" if drained else "lost"
             return f"trial {trial.trial_id}: {nodes.name(node)} {how}; it continues from {whence} on another node"
         return f"trial {trial.trial_id} failed and is retried from {whence}: its error is in {trial.local_path}"
 
@@ -140,6 +146,33 @@ class _NodeLossFilter(logging.Filter):
         return not isinstance(exc, RayActorError)
 
 
+# What Ray publishes to every driver when a node goes: the dead raylet's last 20 log lines (40 lines of state dump
+# in the job log, each time), that the node "has been marked dead", and the GCS failing to free the dead node's
+# placement-group bundles. The console's node lines say which node left; its raylet.out is kept with its Ray logs.
+NODE_GONE_NOISE = (("raylet", "Raylet is terminated"), ("raylet", "has been marked dead because"),
+                   ("gcs_server", "Failed to remove"))
+
+
+def _is_node_gone_noise(data: dict) -> bool:
+    text = "".join(data.get("lines") or [])[:400]
+    return any(data.get("pid") == pid and marker in text for pid, marker in NODE_GONE_NOISE)
+
+
 def quiet_node_losses() -> None:
-    """Tune logs each failed trial with its traceback; a lost actor's is said in one line by the console."""
+    """Tune logs each failed trial with its traceback; a lost actor's is said in one line by the console. Ray's
+    own messages of a node gone (NODE_GONE_NOISE) are left out of the driver's output."""
     logging.getLogger("ray.tune.execution.tune_controller").addFilter(_NodeLossFilter())
+    try:  # Ray has no public switch for these; its driver looks this function up at each message
+        from ray._private import worker
+    except ImportError:
+        return
+    printer = worker.print_worker_logs
+    if getattr(printer, "_cifarray_quiet", False):
+        return
+
+    def print_worker_logs(data, *args, **kwargs):
+        if not _is_node_gone_noise(data):
+            printer(data, *args, **kwargs)
+
+    print_worker_logs._cifarray_quiet = True
+    worker.print_worker_logs = print_worker_logs
