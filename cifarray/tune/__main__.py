@@ -33,7 +33,8 @@ from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
 from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_CLUSTER, SWEEP_COPY
 from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
-from cifarray.tune.planning import Live, Plan, plan_on_cluster, trial_resources, trial_runner, trial_workers
+from cifarray.tune.planning import Live, Plan, plan_on_cluster, trial_workers
+from cifarray.tune.runners import RUNNERS, TrialRunner, trial_runner
 
 RESUME_KEYS = ("data_dir", "synthetic", "no_verify", "workers_per_trial", "gpus_per_trial", "cpus_per_trial",
                "max_concurrent", "trials", "trial_runner")  # what --resume reads back from OUT when not given again
@@ -98,6 +99,10 @@ class TuneArgs:
     def n_trials(self) -> int:
         return self.trials or self.sweep.trials
 
+    @property
+    def runner(self) -> TrialRunner:
+        return RUNNERS[self.trial_runner]
+
     def saved(self, gpus_per_trial: float) -> dict:
         """tune_args.json: what --resume reads back (the GPUs per trial as `auto` resolved them)."""
         return {**{k: getattr(self, k) for k in RESUME_KEYS}, "gpus_per_trial": gpus_per_trial,
@@ -137,7 +142,7 @@ def resolve_args(ns, out: Path) -> TuneArgs:
         if values[name] is not None and values[name] < 1:
             raise UserError(f"{flag_of(name)} must be at least 1, got {values[name]}")
     workers = trial_workers(values["gpus_per_trial"], values["workers_per_trial"])
-    values["trial_runner"] = trial_runner(values["trial_runner"] or sweep.trial_runner, workers)
+    values["trial_runner"] = trial_runner(values["trial_runner"] or sweep.trial_runner, workers).name
     _check_batches(sweep, workers)
     data = out / "data" if values["synthetic"] else Path(values["data_dir"]).expanduser().resolve()
     args = TuneArgs(out=out, sweep=sweep, resume=resume, data=data, auto_gpus=auto_gpus, workers=workers,
@@ -269,7 +274,7 @@ def launch(args: TuneArgs) -> int:
           f"({goal.mode}), budget {sweep.budget:,} params; ASHA grace {sweep.grace_period} steps, reduction "
           f"x{sweep.reduction_factor}, max {sweep.steps} steps; {placed.concurrent} trial(s) at once, "
           f"{args.workers} worker(s) x {per_worker} each; trials "
-          f"{'in their own Tune actors (reused)' if args.trial_runner == 'tune' else 'through TorchTrainer'}; "
+          f"{args.runner.how}; "
           f"out {args.out}", flush=True)
     started = time.time()
     with publish_cluster(args.out):
@@ -313,7 +318,7 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
     from cifarray.tune.searcher import AllocationLimiter, StoredOptunaSearch, bind
     from cifarray.tune.trial import SpaceSampler, run_trial
 
-    sweep, out, runner = args.sweep, args.out, args.trial_runner
+    sweep, out, runner = args.sweep, args.out, args.runner
     base = {**sweep.train, "data_dir": str(args.data), "synthetic": False,
             "no_verify": True if args.synthetic else args.no_verify, "workers": args.workers,
             "gpu": bool(placed.gpus_per_trial), "cpus_per_worker": placed.cpus_per_worker,
@@ -321,8 +326,7 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
     trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), objective=goal,
                                      context=context, runner=runner,
                                      gpus_per_worker=placed.gpus_per_trial / args.workers)
-    trainable = tune.with_resources(trainable, trial_resources(runner, placed.cpus_per_worker,
-                                                               placed.gpus_per_trial))
+    trainable = tune.with_resources(trainable, runner.resources(placed.cpus_per_worker, placed.gpus_per_trial))
     # What Tune's pickles of the searcher and limiter take from this process: where, the study, and the live count.
     bind(out, placed.concurrent, args.study, Live(placed, args.workers, args.max_concurrent, args.n_trials))
     if args.resume:
@@ -348,10 +352,8 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
                                max_concurrent=placed.concurrent)
     scheduler = ResumableASHA(out=str(out), time_attr="step", metric=goal.metric, mode=goal.mode, max_t=sweep.steps,
                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
-    # reuse_actors: Tune 2.60 reuses a function trainable's actor only when asked (measured: 8 processes for 8
-    # trials without it, 2 with it); then imports, the CUDA context and the data set are paid once per actor.
     return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
-        search_alg=search, scheduler=scheduler, num_samples=args.n_trials, reuse_actors=runner == "tune"))
+        search_alg=search, scheduler=scheduler, num_samples=args.n_trials, reuse_actors=runner.reuse_actors))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""How a sweep uses its Ray cluster: workers and runner per trial, what Tune reserves for a trial, how many trials
+"""How a sweep uses its Ray cluster: workers per trial, how many trials
 run at once, and how that number follows the live cluster as nodes join, drain and leave.
 
 The resources of one trial are fixed when the sweep starts (`plan_on_cluster`): a restored trial keeps them, and
@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 from cifarray.errors import UserError
-from cifarray.tune.trial import DRIVER_CPU
 
 WAIT_LINE_S = 60  # how often a sweep with nowhere to run a trial says so again
 
@@ -35,16 +34,6 @@ def trial_workers(gpus_per_trial: float, workers_per_trial: int | None) -> int:
         raise UserError(f"--gpus-per-trial {g:g} must equal --workers-per-trial {workers} (one GPU per DDP "
                         "worker), or be a fraction <= 1 for one-worker trials")
     return workers
-
-
-def trial_runner(asked: str, workers: int) -> str:
-    """auto: a one-worker trial trains in its own Tune actor; a DDP trial needs a TorchTrainer's workers."""
-    if asked == "auto":
-        return "tune" if workers == 1 else "train"
-    if asked == "tune" and workers > 1:
-        raise UserError(f"--trial-runner tune trains one worker inside each trial's actor, but a trial has {workers} "
-                        "workers; pass --trial-runner train (or auto) for DDP trials, or --workers-per-trial 1")
-    return asked
 
 
 def plan(cpus: int, gpus: float, gpus_per_trial: float, workers: int, cpus_per_trial: int | None,
@@ -71,19 +60,6 @@ def plan(cpus: int, gpus: float, gpus_per_trial: float, workers: int, cpus_per_t
         raise UserError(f"one trial needs {workers * cpus_per_worker} CPUs but the Ray cluster has {cpus}; "
                         "lower --workers-per-trial or --cpus-per-trial")
     return min(fit_by, max_concurrent or fit_by, trials), cpus_per_worker
-
-
-def trial_resources(runner: str, cpus_per_worker: int, gpus_per_trial: float) -> dict[str, float]:
-    """What Tune reserves for one trial's actor.
-
-    In-actor trials hold their own CPUs and GPU share. A TorchTrainer trial's driver only waits on its trainer;
-    Tune cannot place a trial that asks for nothing, so it holds a sliver of a CPU that its workers give up (see
-    run_trial): a trial then takes exactly workers x cpus_per_worker CPUs, and 2 one-CPU trials fit on 2 CPUs."""
-    if runner == "tune":
-        return {"CPU": cpus_per_worker, **({"GPU": gpus_per_trial} if gpus_per_trial else {})}
-    return {"CPU": DRIVER_CPU}
-
-
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from typing import Any
 
 from cifarray.family import Objective, RunContext
 from cifarray.tune.layout import trial_dir
+from cifarray.tune.runners import RUNNERS, TrialRunner
 from cifarray.tune.sweep import Sweep
 
 INFEASIBLE = "infeasible"
 CONSTRAINT = "params_over_budget"
-DRIVER_CPU = 0.01  # what a TorchTrainer trial's driver holds; each of its workers asks for that much less
 
 
 class SpaceSampler:
@@ -45,11 +45,8 @@ class SpaceSampler:
 
 
 def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: str, objective: Objective,
-              context: RunContext, runner: str = "train", gpus_per_worker: float = 1.0) -> None:
-    """The Tune trainable: train the sampled config (or refuse it), in this actor or through a TorchTrainer.
-
-    runner `tune`: the engine runs here, in the trial's own actor (one worker), which Tune reuses for the next
-    trial; `train`: this function is a driver that builds and fits the trial's TorchTrainer (DDP workers)."""
+              context: RunContext, runner: TrialRunner = RUNNERS["train"], gpus_per_worker: float = 1.0) -> None:
+    """The Tune trainable: train the sampled config (or refuse it), as `runner` trains (cifarray.tune.runners)."""
     import time
 
     from ray import tune
@@ -65,7 +62,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
         tune.report({"step": 0, metric: objective.worst, INFEASIBLE: True, "params": config["params"]})
         return
     from cifarray.config import from_dict
-    from cifarray.train.runfolder import drop_unregistered_checkpoints, prepare_run, take_divergence
+    from cifarray.train.runfolder import prepare_run, take_divergence
 
     sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
     cfg = from_dict(sweep.cls, {**base, **sweep.overrides(sampled), "out": str(trial_dir(out, trial_id))})
@@ -74,45 +71,17 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
         tune.report(final_result(run, objective))
         return
     # The trial's own timestamps (bench sweep: its wall against its training seconds), and where it ran.
-    run.write_json("trial.json", {"entered": entered, "runner": runner, "pid": os.getpid(),
+    run.write_json("trial.json", {"entered": entered, "runner": runner.name, "pid": os.getpid(),
                                   "process_started": _process_started()})
     trial_context = replace(context, sweep_trial=True, objective=objective)
-    if runner == "tune":
-        _train_in_actor(sweep, cfg, resolved, trial_context)
-    else:
-        _train_through_trainer(sweep, cfg, run, resolved, trial_context, gpus_per_worker)
+    runner.train(sweep, cfg, run, resolved, trial_context, gpus_per_worker)
     if not run.read_json("summary.json"):
         diverged = take_divergence(run)
         if diverged:
             tune.report({"step": int(diverged["step"]), metric: objective.worst, "diverged": True})
             return
         raise RuntimeError(f"trial {trial_id} ended without a summary.json in {run.path}")
-    if runner != "tune":
-        drop_unregistered_checkpoints(run)
-
-
-def _train_in_actor(sweep: Sweep, cfg: Any, resolved: dict, context: RunContext) -> None:
-    from cifarray.train.engine import train
-    from cifarray.train.session import TuneSession
-
-    try:
-        train(sweep.family, resolved, TuneSession(cfg.gpu), context)
-    finally:  # also when Tune ends the thread after the final report (SystemExit)
-        TuneSession.release()
-
-
-def _train_through_trainer(sweep: Sweep, cfg: Any, run: Any, resolved: dict, context: RunContext,
-                           gpus_per_worker: float) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from cifarray.train.launch import build_trainer
-
-    # Each worker gives up the driver's whole sliver: a worker may share a node with the driver, and on nodes of
-    # one CPU (a worker each) a share of it would leave the driver's node short (measured: the trial waited).
-    cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU
-    trainer = build_trainer(cfg, run, sweep.family.train_fn(context), resolved, cpus,
-                            callbacks=[TuneReportCallback()], gpus=gpus_per_worker)
-    trainer.fit()
+    runner.finished(run)
 
 
 def _process_started() -> float | None:
