@@ -142,7 +142,7 @@ def rank0(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if_uninterrupted(tmp_path, request):
-    """One run, three interruptions, then the same run never interrupted, compared bit for bit.
+    """One run, three interruptions and a damaged folder, then the same run never interrupted, compared bit for bit.
 
     1. A second `train` on the live folder is refused in one line naming the first; it starts no Ray
        and changes nothing in the folder.
@@ -151,6 +151,7 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
        exit 130 with "interrupted", no summary; a rerun resumes. (Ray Train's own SIGINT handler, which the
        driver avoids, exited 1 without a word. SIGTERM takes the same path in the driver:
        test_tune.py::test_sigterm_to_the_whole_process_group_ends_a_local_ray_run_at_once.)
+    4. Ray's oldest listed checkpoint evicted but left on disk, every newer one truncated: the rerun resumes from it.
     Augmentation chunks of 7 batches put every resume point (a multiple of 30) mid-chunk, and the 150
     steps cross an epoch (78 batches) in a cut chunk. (One test, not three: each run costs ~45 s of
     Ray start-up on 2 cores.)
@@ -197,11 +198,25 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
     assert proc.returncode == 130 and output.rstrip().endswith("interrupted"), output[-2000:]
     assert not (out / "summary.json").exists()
     resumed_from = last_checkpoint(out)
+    # 4. The folder as a kill between Ray's snapshot and its deletion of an evicted checkpoint leaves it, and then a
+    # full disk: the oldest listed checkpoint is off Ray's list but on disk and intact; every other one is cut short.
+    # The rerun resumes from the evicted one, and deletes no checkpoint that loads before it has finished.
+    snapshot = out / "ray" / "checkpoint_manager_snapshot.json"
+    listed = json.loads(snapshot.read_text())
+    assert len(listed["checkpoint_results"]) == 2, listed
+    evicted = listed["checkpoint_results"][0]
+    snapshot.write_text(json.dumps({**listed, "checkpoint_results": listed["checkpoint_results"][1:],
+                                    "checkpoint_report_indices": listed["checkpoint_report_indices"][1:]}))
+    for folder in (out / "ray").glob("checkpoint_*"):
+        if folder.is_dir() and folder.name != evicted["checkpoint_dir_name"]:
+            state = folder / "state.pt"
+            state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming (last checkpoint written: step {resumed_from})" in result.stdout
+    assert "does not load (truncated or corrupt" in result.stdout + result.stderr
     start = rank0(out)
-    assert start["attempt"] == 2 and start["start_step"] % 30 == 0 and 30 <= start["start_step"] <= resumed_from
+    assert start["attempt"] == 2 and start["start_step"] == evicted["metrics"]["step"] >= 30
     assert json.loads((out / "attempts.json").read_text()) == {"attempts": 3}
     assert summary(out)["steps"] == 150
     rows = metrics(out)
