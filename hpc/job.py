@@ -49,8 +49,8 @@ class RayJob:
 
 
 class JoinJob:
-    """A join job submitted with submitit (`python -m hpc.submit join OUT`): one node for the sweep in OUT. It is
-    not checkpointable: a node that leaves is drained (hpc.join) and the sweep goes on without it."""
+    """A join job submitted with submitit (`python -m hpc.submit [--nodes N] join OUT`): its nodes join the sweep in
+    OUT. It is not checkpointable: a node that leaves is drained (hpc.join) and the sweep goes on without it."""
 
     def __init__(self, out: str):
         self.out = out
@@ -60,4 +60,5 @@ class JoinJob:
 
         from hpc import join
 
+        os.environ["HPC_JOIN_TASK"] = "1"  # submitit runs this in one task a node already
         return join.join(Path(self.out).expanduser().resolve())

@@ -31,13 +31,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from hpc.errors import UserError, run_cli
 from hpc.ray_cluster import (CLUSTER_FILE, START_ATTEMPTS, STARTED, STOP_GRACE_S, _ignore_stop_signals, keep_logs,
                              log, log_since, log_size, failure_line, ray_env, start_node, stop, temp_dir)
-from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip
+from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip, signal_step
 
 SWEEP_CLUSTER = "ray-cluster.json"  # in a sweep's OUT: the Ray cluster it runs on (written by the sweep's driver)
 DRAIN_NAMESPACE = "hpc-drain"
@@ -45,6 +46,7 @@ DRAIN_DEADLINE_S = 25  # Slurm SIGKILLs KillWait (default 30 s) after SIGTERM; U
 SETTLE_S = 3.0  # how long a draining workload may take to notice (sweep trials poll every 0.5 s)
 NOTICE = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)
 ENDED_EXIT = 0  # a join after its sweep ended is no failure: the rest of an array must not count as failed
+JOIN_STEP = "hpc-join"  # the step of a join job of several nodes: one task a node
 
 
 class Ended(Exception):
@@ -119,11 +121,11 @@ class Notice:
     def _set(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            log(f"{signal.Signals(signum).name}: leaving the sweep; draining this node first")
+            log(f"{signal.Signals(signum).name}: leaving the sweep; draining first")
 
 
 def join(out: Path) -> int:
-    """One node of a join job: join OUT's sweep, stay until it ends or until notice, then leave drained."""
+    """Join OUT's sweep on each node of this job; stay until it ends or until notice, then leave drained."""
     notice = Notice()
     try:
         info = read_sweep(out)
@@ -131,6 +133,30 @@ def join(out: Path) -> int:
         log(str(exc))
         return ENDED_EXIT
     alloc = Allocation.from_env()
+    if len(alloc.nodes) > 1 and not os.environ.get("HPC_JOIN_TASK"):
+        return _join_every_node(out, alloc, notice)
+    return _join_this_node(out, info, alloc, notice)
+
+
+def _join_every_node(out: Path, alloc: Allocation, notice: Notice) -> int:
+    """The batch script of a join job of several nodes: one task a node, each joining as a one-node job does.
+    The notice goes to the batch script (`--signal=B:...`, `scancel --batch`): it is passed to every task, and
+    each drains its own node."""
+    n = len(alloc.nodes)
+    log(f"job {alloc.job_id}: {n} nodes ({', '.join(alloc.nodes)}) join the sweep in {out}")
+    step = subprocess.Popen(["srun", f"--job-name={JOIN_STEP}", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1",
+                             sys.executable, "-m", "hpc.join", str(out)], stdin=subprocess.DEVNULL,
+                            env={**os.environ, "HPC_JOIN_TASK": "1"})
+    passed = False
+    while step.poll() is None:
+        if notice.signum is not None and not passed:
+            signal_step(alloc.job_id, JOIN_STEP, signal.Signals(notice.signum).name.removeprefix("SIG"))
+            passed = True
+        time.sleep(0.5)
+    return step.returncode
+
+
+def _join_this_node(out: Path, info: dict, alloc: Allocation, notice: Notice) -> int:
     token_file = Path(info["token_file"])
     env = ray_env(token_file)
     ip, node = node_ip(alloc.this_node), alloc.this_node
@@ -188,7 +214,7 @@ def _stay(proc: subprocess.Popen, out: Path, info: dict, notice: Notice) -> str:
         if notice.signum is not None:
             return "notice"
         if proc.poll() is not None:
-            log(f"this node's Ray exited ({proc.returncode}): the sweep's cluster is gone")
+            log(f"this node's Ray stopped ({proc.returncode}; killed, or its head gone): leaving the sweep")
             return "exited"
         try:
             state = json.loads((out / SWEEP_CLUSTER).read_text()).get("state")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from hpc.errors import UserError, handle_sigterm, run_cli
 from hpc.dashboard import Dashboard, DashboardError
-from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip
+from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip, signal_step
 
 CLUSTER_FILE = "cluster.json"
 NODE_LABEL = "slurm-node"
@@ -341,13 +341,7 @@ class Cluster:
         if self.worker_jobs:
             self.worker_jobs.cancel()
         if self.workers is not None and self.workers.poll() is None:
-            # SIGTERM to srun itself makes it SIGKILL the tasks, which then cannot stop their Ray nodes
-            # or remove their temp dirs; the tasks are signalled instead and srun exits after them.
-            steps = subprocess.run(["squeue", "-h", "-s", "-j", self.alloc.job_id, "-o", "%i %j"],
-                                   capture_output=True, text=True).stdout.split("\n")
-            for line in steps:
-                if line.endswith(" " + WORKER_STEP):
-                    subprocess.run(["scancel", "--signal=TERM", line.split()[0]], capture_output=True)
+            signal_step(self.alloc.job_id, WORKER_STEP, "TERM")  # srun exits after its tasks
             try:
                 self.workers.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:

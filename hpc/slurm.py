@@ -64,6 +64,16 @@ class Allocation:
         return jobs_root() / self.job_id
 
 
+def signal_step(job_id: str, step_name: str, signame: str) -> None:
+    """Signal the tasks of this job's step named `step_name` (scancel --signal=NAME JOB.STEP), not srun itself:
+    SIGTERM to srun makes it SIGKILL its tasks, which then cannot stop their Ray nodes or leave drained."""
+    steps = subprocess.run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i %j"],
+                           capture_output=True, text=True).stdout.split("\n")
+    for line in steps:
+        if line.endswith(" " + step_name):
+            subprocess.run(["scancel", f"--signal={signame}", line.split()[0]], capture_output=True)
+
+
 def node_ip(node: str | None) -> str:
     """The address other nodes reach `node` at: Slurm's NodeAddr, resolved. A loopback address (single-host
     test clusters) is replaced by this host's outward address, as Ray itself would do."""

@@ -3,6 +3,7 @@
 # One more node for a running sweep: a Ray worker joins the sweep in OUT and leaves it drained.
 #   sbatch slurm/join.sh runs/tune-densenet-4242
 #   sbatch --array=1-8 slurm/join.sh runs/tune-densenet-4242     # eight nodes, each as Slurm frees one
+#   sbatch -N 4 slurm/join.sh runs/tune-densenet-4242            # four nodes at once (a Ray worker on each)
 #   sbatch --gpus-per-node=0 -c 16 slurm/join.sh OUT               # a CPU node
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

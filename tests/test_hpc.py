@@ -507,14 +507,15 @@ def ray_processes_of(tmp: str) -> list[int]:
 def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_notice(slurm, tmp_path):
     """The head job takes node1 while another job holds node2; a join job queued for node2 starts once node2 is
     freed, and trials run there. That join job is then told to leave (its notice signal): the trial on node2 saves
-    at its next step and continues from exactly there. A second join job's Ray processes are SIGKILLed: its trial
-    continues from its last checkpoint. The sweep completes, and trials.csv and the Optuna study agree."""
+    at its next step and continues from exactly there. A second join job, of two nodes, starts a Ray worker on
+    each; its node2 worker's Ray processes are SIGKILLed: its trial continues from its last checkpoint. The sweep
+    completes, and trials.csv and the Optuna study agree."""
     out = tmp_path / "tune"
     log = tmp_path / "head.out"
     sweep = tmp_path / "elastic.toml"
     text = (REPO / "sweeps" / "ci_cluster.toml").read_text()
-    # Five trials of 800 steps (about 20 s each here), checkpointed every 100: trials keep landing on node2.
-    sweep.write_text(text.replace("trials = 4", "trials = 5").replace("steps = 60", "steps = 800")
+    # Six trials of 800 steps (about 20 s each here), checkpointed every 100: trials keep landing on node2.
+    sweep.write_text(text.replace("trials = 4", "trials = 6").replace("steps = 60", "steps = 800")
                      .replace("grace_period = 59", "grace_period = 799")
                      .replace("eval_every = 20", "eval_every = 100").replace("log_every = 20", "log_every = 10"))
     blocker = sbatch(slurm, "--nodelist=node2", "--cpus-per-task=2", f"--output={tmp_path}/blocker.out",
@@ -543,8 +544,12 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     assert "node2 drained in" in said and "1 of 1 workload(s) saved their state" in said, said[-3000:]
 
     # A second node2 worker; its Ray processes are SIGKILLed mid-trial (leaving without notice).
-    second = sbatch(slurm, *join, f"--output={tmp_path}/join2.out", "slurm/join.sh", str(out))
+    # A join job of two nodes: a Ray worker on each (node1 has a CPU left beside the head job).
+    second = sbatch(slurm, "-N", "2", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={tmp_path}/join2.out",
+                    "slurm/join.sh", str(out))
     slurm.wait_state(second, {"RUNNING"}, 120)
+    wait_for(lambda: all(f"job {second}: {n} (" in (tmp_path / "join2.out").read_text() for n in ("node1", "node2")),
+             120, "both nodes of the second join job to join")
 
     def fresh_on_node2():
         t = running_on(out, "node2")
@@ -565,7 +570,10 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     state = slurm.wait_state(head, {"COMPLETED", "FAILED", "CANCELLED"}, 600)
     text = log.read_text()
     assert state == "COMPLETED", text[-4000:]
-    slurm.wait_state(second, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+    # The second join job ends with the sweep: its node1 worker stayed to the end, its node2 one was lost.
+    assert slurm.wait_state(second, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED", \
+        (tmp_path / "join2.out").read_text()[-3000:]
+    assert "has ended" in (tmp_path / "join2.out").read_text()
 
     # The drained trial saved at the step it was at and continued from exactly there: no step trained twice.
     saved = re.search(rf"trial {on2} saved at step (\d+) on draining node node2", text)
@@ -588,7 +596,7 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     import optuna
 
     rows = trial_rows(out)
-    assert len(rows) == 5 and {r["status"] for r in rows} <= {"complete", "early-stopped", "infeasible"}, rows
+    assert len(rows) == 6 and {r["status"] for r in rows} <= {"complete", "early-stopped", "infeasible"}, rows
     study = optuna.load_study(study_name="elastic", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
     by_trial = {t.user_attrs["trial_id"]: t for t in study.trials}
