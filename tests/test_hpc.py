@@ -582,7 +582,8 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     assert re.search(rf"trial {on2}: node node2 drained; it continues from step {step} ", text), text[-4000:]
     rows = list(csv.DictReader(open(out / "trials" / on2 / "metrics.csv")))
     steps = [int(r["step"]) for r in rows]
-    assert steps == sorted(set(steps)) and step in steps
+    assert steps == sorted(set(steps)) and step in steps  # none repeats ...
+    assert all(0 < b - a <= 10 for a, b in zip(steps, steps[1:])) and steps[-1] == 800, steps  # ... none is missing
     assert [r["attempt"] for r in rows if int(r["step"]) <= step][-1] == "0"
     assert all(r["attempt"] == "1" for r in rows if int(r["step"]) > step)  # the next attempt began right after
     # The lost node's trial continued from its last checkpoint (a multiple of 100 steps).
