@@ -126,10 +126,40 @@ def test_augmix_statistics_close_to_torchvision(images):
         assert s_ours[key] == pytest.approx(s_ref[key], rel=0.12, abs=0.5), (key, s_ours, s_ref)
 
 
-def test_reference_pipeline_is_comparable(images):
-    ref = reference_pipeline(AugmentConfig(), MEAN, STD)
-    out = torch.stack([ref(im) for im in images[:8]])
-    assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
+@pytest.mark.parametrize("mode", ["none", "basic", "augmix"])
+def test_reference_pipeline_is_comparable(images, mode):
+    """The bench's baseline (torchvision v2, image by image) augments as DeviceAugment does: the same images without
+    augmentation, a reflect-padded crop and flip of each image for basic, outputs of the same statistics for
+    AugMix; and both change the images where they should."""
+    config = AugmentConfig(mode=mode)
+    x = images[:128] if mode == "augmix" else images[:48]
+    torch.manual_seed(0)
+    pipeline = reference_pipeline(config, MEAN, STD)
+    ref = torch.stack([pipeline(im) for im in x])
+    ours = DeviceAugment(config, MEAN, STD)(x, torch.Generator().manual_seed(0))
+    plain = DeviceAugment(AugmentConfig(mode="none"), MEAN, STD)
+    assert ref.shape == ours.shape == x.shape and ref.dtype == ours.dtype == torch.float32
+    if mode == "none":
+        assert torch.allclose(ref, ours, atol=1e-5)
+        return
+    centre = plain(x, None)
+    for out in (ref, ours):  # not the identity
+        assert (out - centre).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.5
+    if mode == "basic":  # each output is one of the 9 x 9 x 2 crops and flips of its image
+        top, left = torch.arange(9).repeat_interleave(18), torch.arange(9).repeat_interleave(2).repeat(9)
+        flip = torch.tensor([False, True]).repeat(81)
+        for i in range(len(x)):
+            every = plain(crop_flip(x[i:i + 1].expand(162, -1, -1, -1), top, left, flip, pad=4), None)
+            for out in (ref, ours):
+                assert (every - out[i]).abs().amax(dim=(1, 2, 3)).min() < 1e-5, i
+        return
+    augmix = [t for t in pipeline.transforms if isinstance(t, v2.AugMix)]
+    assert [(t.severity, t.mixture_width, t.chain_depth, t.alpha) for t in augmix] == \
+        [(config.severity, config.width, config.depth, config.alpha)]
+    for channel in range(3):  # AugMix: the same distribution of outputs, channel by channel
+        for stat in (torch.mean, torch.std):
+            a, b = stat(ref[:, channel]).item(), stat(ours[:, channel]).item()
+            assert a == pytest.approx(b, rel=0.1, abs=0.05), (channel, stat.__name__, a, b)
 
 
 def test_config_validation():
