@@ -388,21 +388,41 @@ def test_the_holder_keeps_its_lock_fresh(tmp_path):
     with RunLock(tmp_path, "me", heartbeat=0.1) as lock:
         old = time.time() - 3600
         os.utime(lock.path, (old, old))
-        time.sleep(0.5)
+        end = time.monotonic() + 30  # a heartbeat due every 0.1 s; a loaded machine may run it late, not never
+        while time.time() - lock.path.stat().st_mtime > 5 and time.monotonic() < end:
+            time.sleep(0.05)
         assert time.time() - lock.path.stat().st_mtime < 5
 
 
 def test_of_runs_started_together_exactly_one_gets_the_lock(tmp_path):
-    code = ("import sys, time; from cifarray.runlock import RunLock, FolderLocked\n"
-            "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
+    """Six processes try at once (each waits, ready, for the same go file); the one that gets the lock holds it
+    until the other five have been refused, however slowly this machine starts them."""
+    code = ("import os, sys, time; from pathlib import Path; from cifarray.runlock import RunLock, FolderLocked\n"
+            "sync = Path(sys.argv[2]); (sync / f'ready-{os.getpid()}').touch()\n"
+            "while not (sync / 'go').exists(): time.sleep(0.001)\n"
             "try:\n    lock = RunLock(sys.argv[1], 'racer'); lock.acquire()\n"
             "except FolderLocked:\n    sys.exit(3)\n"
-            "time.sleep(1.5); lock.release()\n")
-    start = time.time() + 3
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), str(start)], cwd=REPO)
+            "while not (sync / 'done').exists(): time.sleep(0.01)\n"
+            "lock.release()\n")
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), str(sync)], cwd=REPO)
              for _ in range(6)]
+    try:
+        wait_until(lambda: len(list(sync.glob("ready-*"))) == 6, 120, "six racers ready")
+        (sync / "go").touch()
+        wait_until(lambda: sum(p.poll() is not None for p in procs) >= 5, 120, "five racers refused")
+    finally:
+        (sync / "done").touch()
     codes = sorted(p.wait(timeout=60) for p in procs)
     assert codes == [0, 3, 3, 3, 3, 3], codes
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out after {timeout} s: {what}"
+        time.sleep(0.01)
 
 
 def test_a_local_ray_counts_only_the_cpus_and_gpus_this_process_may_use(monkeypatch):
