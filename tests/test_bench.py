@@ -144,3 +144,42 @@ def test_bench_sweep_bad_input_is_one_line_error():
     for args, text in ((["--runners", "tune,nope"], "--runners 'tune,nope'"), (["--steps", "3"], "--steps even")):
         result = run_cli_here("cifarray.bench", "sweep", *args)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and text in result.stderr, result.stderr
+
+
+def test_bench_startup_phases_add_up_to_the_run_and_a_missing_mark_is_named():
+    from cifarray.bench.startup import PHASES, phases_of
+
+    names = [end for _, _, end in PHASES if end != "exit"]
+    marks = [{"mark": name, "t": 100.0 + 2 * i, "pid": 1, **({"rank": 0} if i > 3 else {})}
+             for i, name in enumerate(names)]
+    marks.append({"mark": "set_up", "t": 500.0, "rank": 1})  # another rank's marks do not count
+    phases = phases_of(marks, spawned=99.0, exited=120.0)
+    assert list(phases) == [name for name, _, _ in PHASES]
+    assert phases["interpreter and imports"] == 1.0 and phases["worker set-up (data, model)"] == 2.0
+    assert sum(phases.values()) == pytest.approx(21.0)  # spawn to exit, every second in one phase
+    with pytest.raises(RuntimeError, match="no first_step"):
+        phases_of([m for m in marks if m["mark"] != "first_step"], 99.0, 120.0)
+
+
+@pytest.mark.slow
+def test_bench_startup_times_each_phase_of_a_real_run():
+    result = run_module("cifarray.bench", "startup", "--ways", "default", "--steps", "2")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"^bench startup: .+, \d+ cores; a 2-step .* precision (bf16|fp32)", out, re.M), out
+    rows = dict(re.findall(r"^  (\S.*?)\s{2,}(\d+\.\d\d|needs CUDA)$", out, re.M))
+    from cifarray.bench.startup import GPU_ONLY, PHASES
+
+    times = {name: float(rows[name]) for name, _, _ in PHASES}
+    assert all(t >= 0 for t in times.values()) and times["Ray up"] > 0 and times["training"] > 0
+    assert sum(times.values()) == pytest.approx(float(rows["total (process start to exit)"]), abs=0.05)
+    if not torch.cuda.is_available():
+        assert all(rows[name] == "needs CUDA" for name in GPU_ONLY)
+    assert re.search(r"^default: \d+\.\d s besides training \(\d+% of the run; runner ray-train\)$", out, re.M), out
+
+
+def test_bench_startup_bad_input_is_one_line_error():
+    for args, text in ((["--ways", "default,nope"], "--ways 'default,nope'"), (["--steps", "0"], "--steps must be")):
+        result = run_cli_here("cifarray.bench", "startup", *args)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {text}"), result.stderr
+        assert "Traceback" not in result.stderr

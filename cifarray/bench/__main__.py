@@ -1,4 +1,4 @@
-"""python -m cifarray.bench {augment,train,gpu,sweep} [options]"""
+"""python -m cifarray.bench {augment,train,gpu,sweep,startup} [options]"""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from cifarray.errors import run_cli
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifarray.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from cifarray.bench import augment, gpu, sweep, train
+    from cifarray.bench import augment, gpu, startup, sweep, train
 
     augment.add_parser(sub)
     train.add_parser(sub)
     gpu.add_parser(sub)
     sweep.add_parser(sub)
+    startup.add_parser(sub)
     return parser
 
 

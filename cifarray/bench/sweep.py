@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cifarray.bench import machine
 from cifarray.errors import UserError
 from cifarray.tune.layout import TRIALS
 
@@ -115,14 +114,7 @@ def run(args: argparse.Namespace) -> int:
                                            grace=args.steps - 1))
         for runner in runners:
             rows.append(_sweep(runner, args, sweep_file, Path(tmp) / runner))
-    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")) + \
-                f", {os.cpu_count()} cores"
-    except (OSError, StopIteration):
-        pass
-    print(f"bench sweep: {cpu}; {args.trials} one-worker trials x {args.steps} steps of DenseNet k=4 blocks 2,2 "
+    print(f"bench sweep: {machine()}; {args.trials} one-worker trials x {args.steps} steps of DenseNet k=4 blocks 2,2 "
           f"({rows[0]['params']:,} params), batch 32, precision {rows[0]['precision']}, no early stopping")
     print(f"  {'runner':<7} {'sweep wall':>10} {'train s (sum)':>13} {'overhead/trial median':>22} {'max':>6} "
           f"{'actors':>6}  actor start (median)")

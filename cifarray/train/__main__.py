@@ -57,18 +57,23 @@ def parse(argv: Sequence[str] | None = None) -> Parsed:
 
 def main(argv: Sequence[str] | None = None) -> int:
     job, cfg, auto, force = parse(argv)
+    from cifarray.phases import mark
     from cifarray.report import make_report
     from cifarray.runlock import RunLock
     from cifarray.train import cluster, launch
 
+    mark("imported")
     family = registry.get(job)
     n_train = launch.check_inputs(cfg, family, auto)  # every input error before Ray and the lock
+    mark("checked")
     with RunLock(cfg.out, f"python -m cifarray.train {job}", force=force):
         if auto:
             cfg = cluster.scale_to_cluster(cfg)
             launch.check_data_fits(cfg, n_train, cfg.data_dir or "the procedural data set")
         summary = launch.fit(cfg, family)
+        mark("fitted")
         figures = make_report(cfg.out)  # the same as `python -m cifarray.report RUN_DIR`
+    mark("reported")
     print(f"figures and tables: {', '.join(p.name for p in figures)} in {Path(cfg.out).resolve()}")
     print(json.dumps({k: summary.get(k) for k in family.display.summary_keys or summary}))
     return 0

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from cifarray.data.loader import PreparedData, ShardedBatches
 from cifarray.device import autocast, resolve_precision
 from cifarray.family import Family, Pieces, RunContext, TrainState
+from cifarray.phases import ENV as PHASES_ENV, mark
 from cifarray.provenance import provenance
 from cifarray.rundir import MetricsLog, RunDir, read_metrics
 from cifarray.train.checkpoint import restore, send_result, snapshot
@@ -88,6 +89,7 @@ def train(family: Family, config: dict, session: Session, context: RunContext = 
     from cifarray.config import from_dict
 
     entered = time.perf_counter()
+    mark("worker_entered", rank=session.rank)
     cfg = from_dict(family.config, config)
     # A sweep trial's folder is OUT/trials/<trial id>: its lines in the job log are headed with that id.
     voice = (worker_log(label(Path(cfg.out).name if context.sweep_trial else None, session.rank))
@@ -98,15 +100,18 @@ def train(family: Family, config: dict, session: Session, context: RunContext = 
 
 def _train(family: Family, cfg: Any, session: Session, context: RunContext, entered: float) -> None:
     worker, state, stateful = _set_up(family.pieces, cfg, session, context)
+    mark("set_up", rank=worker.rank)
     started = time.perf_counter()
     last = _loop(family.pieces, worker, state, stateful)
     if last is None:
         return  # diverged: reported
     trained = time.perf_counter()
+    mark("trained", rank=worker.rank)
     write_worker_info(worker.run, worker.rank, params_sha256=params_sha256(state.primary), final_step=cfg.steps)
     if worker.rank == 0:
         _write_summary(family, worker, state, {"startup_s": started - entered, "train_s": trained - started,
                                                "trained": trained})
+        mark("finished", rank=worker.rank)
     if worker.start < cfg.steps:
         # Last, so that whoever acts on the final result (Tune's scheduler may end the trial on it) finds
         # the final weights and summary.json already written.
@@ -173,6 +178,8 @@ def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> 
     single = worker.world == 1
     for step in range(worker.start + 1, cfg.steps + 1):
         window.add(pieces.step(state, worker.sampler.next()))
+        if step == worker.start + 1:
+            first_step_done(worker)
         is_last = step == cfg.steps
         # A draining node (cifarray.train.drain): one worker checks a flag every step; DDP ranks agree at log
         # points (one more all-reduce there), so that every rank checkpoints at the same step.
@@ -213,6 +220,14 @@ def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> 
             send_result(session, run, row, checkpoint, rank)
         window.restart()
     return row, checkpoint
+
+
+def first_step_done(worker: Worker) -> None:
+    """The first step's mark, once its work has run (a GPU's queue drained: only when the bench asks)."""
+    if os.environ.get(PHASES_ENV):
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize(worker.device)
+        mark("first_step", rank=worker.rank)
 
 
 def _write_summary(family: Family, worker: Worker, state: TrainState, timing: dict[str, float]) -> None:

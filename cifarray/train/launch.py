@@ -23,6 +23,7 @@ from cifarray.models.budget import enforce_budget
 from cifarray.rundir import RunDir
 from cifarray.train.cluster import check_cluster_fits, check_local_gpus, check_reachable, init_ray
 from cifarray.train.progress import Progress
+from cifarray.phases import mark
 from cifarray.train.runfolder import (RAY_RUN_NAME, check_checkpoints, divergence_error, drop_unregistered_checkpoints,
                                       resume_state, take_divergence, write_run)
 
@@ -93,6 +94,7 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
     import ray
 
     init_ray()
+    mark("ray_up")
     cpus = cfg.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.workers)
     # Before config.json is written: a run refused here can be rerun on the same --out with other --workers.
     check_cluster_fits(cfg, cpus, [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")])
@@ -108,6 +110,7 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
         from ray.train import TrainingFailedError
 
         try:
+            mark("fit")
             fit_off_the_main_thread(trainer)
         except TrainingFailedError as exc:
             raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {exc}") from exc

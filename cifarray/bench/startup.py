@@ -1,0 +1,109 @@
+"""Where a short training run's seconds go, phase by phase, for each way a run can execute: one table.
+
+    python -m cifarray.bench startup [--steps 2] [--ways default,ray,ddp]
+
+Each way runs the real command, `python -m cifarray.train densenet --synthetic --steps N` (the default model and
+procedural data), in a fresh process and a fresh run folder, with $CIFARRAY_PHASES set: the driver and rank 0
+mark when each phase ends (cifarray.phases), and this bench times the process from its start to its exit.
+
+Ways: `default` (the command as a user types it), `ray` (one Ray Train worker: the default today, so the same
+command again: its column shows the run-to-run spread) and `ddp` (two Ray Train workers, `--workers 2`). The rows
+that only a GPU run has (CUDA initialisation, cuDNN autotuning, CUDA-graph capture, FID's Inception features)
+say "needs CUDA" on a CPU. The last lines give each way's total against the default's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cifarray.bench import machine
+from cifarray.errors import UserError
+from cifarray.phases import ENV, read
+
+WAYS = {"default": ("default", []), "ray": ("Ray Train, 1 worker", []), "ddp": ("Ray Train DDP, 2 workers",
+                                                                           ["--workers", "2"])}
+# (phase, the mark it starts at, the mark it ends at): "spawn" and "exit" are this bench's own clock.
+PHASES = (
+    ("interpreter and imports", "spawn", "imported"),
+    ("input checks", "imported", "checked"),
+    ("Ray up", "checked", "ray_up"),
+    ("trainer or controller up", "ray_up", "worker_entered"),
+    ("worker set-up (data, model)", "worker_entered", "set_up"),
+    ("first step", "set_up", "first_step"),
+    ("training", "first_step", "trained"),
+    ("final evaluation", "trained", "finished"),
+    ("files and figures", "finished", "reported"),
+    ("exit", "reported", "exit"),
+)
+GPU_ONLY = ("CUDA initialisation", "cuDNN autotuning", "CUDA-graph capture", "FID Inception features")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("startup", help="seconds of a short run, phase by phase, for each way a run executes",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=2, help="training steps of each run (default 2)")
+    p.add_argument("--ways", default=",".join(WAYS), help=f"which ways, in order (default {','.join(WAYS)})")
+    p.set_defaults(func=run)
+
+
+def phases_of(marks: list[dict], spawned: float, exited: float) -> dict[str, float]:
+    """Seconds per phase from one run's marks (rank 0's, where the workers mark: the rank that writes the files)."""
+    at = {"spawn": spawned, "exit": exited}
+    for m in marks:
+        if m.get("rank", 0) == 0:
+            at.setdefault(m["mark"], m["t"])  # the first of each: one attempt
+    missing = [end for _, _, end in PHASES if end not in at]
+    if missing:
+        raise RuntimeError(f"the run marked no {', '.join(missing)}: marks {sorted(at)}")
+    return {name: at[end] - at[start] for name, start, end in PHASES}
+
+
+def _run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
+    label, extra = WAYS[way]
+    out, marks = tmp / way, tmp / f"{way}.phases"
+    cmd = [sys.executable, "-m", "cifarray.train", "densenet", "--synthetic", "--steps", str(args.steps),
+           "--out", str(out), *extra]
+    print(f"bench startup: {way}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    spawned = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, ENV: str(marks)})
+    exited = time.time()
+    if done.returncode != 0:
+        raise RuntimeError(f"the {way} run failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"way": way, "label": label, "phases": phases_of(read(marks), spawned, exited), "total": exited - spawned,
+            "precision": summary["precision"], "params": summary.get("params"), "runner": summary["runner"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    if not ways or len(set(ways)) != len(ways) or any(w not in WAYS for w in ways):
+        raise UserError(f"--ways {args.ways!r}: give each of {', '.join(WAYS)} at most once, comma-separated")
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    with tempfile.TemporaryDirectory(prefix="cifarray-bench-startup-") as tmp:
+        rows = [_run_way(way, args, Path(tmp)) for way in ways]
+    params = f"{rows[0]['params']:,} params" if rows[0]["params"] else "the default model"
+    print(f"bench startup: {machine()}; a {args.steps}-step `python -m cifarray.train densenet --synthetic` run "
+          f"({params}), precision {rows[0]['precision']}; seconds per phase")
+    width = max(len(r["label"]) for r in rows) + 2
+    print(f"  {'phase':<30}" + "".join(f"{r['label']:>{width}}" for r in rows))
+    for name, _, _ in PHASES:
+        print(f"  {name:<30}" + "".join(f"{r['phases'][name]:>{width}.2f}" for r in rows))
+    for name in GPU_ONLY:
+        print(f"  {name:<30}" + "".join(f"{'needs CUDA':>{width}}" for _ in rows))
+    print(f"  {'total (process start to exit)':<30}" + "".join(f"{r['total']:>{width}.2f}" for r in rows))
+    print(f"  {'of which training':<30}" + "".join(f"{r['phases']['training']:>{width}.2f}" for r in rows))
+    base = rows[0]
+    for r in rows[1:]:
+        print(f"ratio ({r['way']} / {base['way']} total): {r['total'] / base['total']:.2f}")
+    for r in rows:
+        fixed = r["total"] - r["phases"]["training"]
+        print(f"{r['way']}: {fixed:.1f} s besides training ({fixed / r['total']:.0%} of the run; runner {r['runner']})")
+    return 0
