@@ -163,7 +163,7 @@ def test_bench_startup_phases_add_up_to_the_run_and_a_missing_mark_is_named():
 
 @pytest.mark.slow
 def test_bench_startup_times_each_phase_of_a_real_run():
-    result = run_module("cifarray.bench", "startup", "--ways", "default", "--steps", "2")
+    result = run_module("cifarray.bench", "startup", "--ways", "default", "--steps", "2", "--small")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = result.stdout
     assert re.search(r"^bench startup: .+, \d+ cores; a 2-step .* precision (bf16|fp32)", out, re.M), out

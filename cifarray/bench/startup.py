@@ -1,9 +1,10 @@
 """Where a short training run's seconds go, phase by phase, for each way a run can execute: one table.
 
-    python -m cifarray.bench startup [--steps 2] [--ways default,ray,ddp]
+    python -m cifarray.bench startup [--steps 2] [--ways default,ray,ddp] [--small]
 
 Each way runs the real command, `python -m cifarray.train densenet --synthetic --steps N` (the default model and
-procedural data), in a fresh process and a fresh run folder, with $CIFARRAY_PHASES set: the driver and rank 0
+procedural data; --small: a tiny DenseNet on 1,200 procedural images, as the tests run it), in a fresh process
+and a fresh run folder, with $CIFARRAY_PHASES set: the driver and rank 0
 mark when each phase ends (cifarray.phases), and this bench times the process from its start to its exit.
 
 Ways: `default` (the command as a user types it), `ray` (one Ray Train worker: the default today, so the same
@@ -43,6 +44,8 @@ PHASES = (
     ("exit", "reported", "exit"),
 )
 GPU_ONLY = ("CUDA initialisation", "cuDNN autotuning", "CUDA-graph capture", "FID Inception features")
+SMALL = ["--synthetic-train-per-class", "12", "--synthetic-test-per-class", "2", "--val-size", "200", "--growth-rate",
+         "4", "--blocks", "1,1", "--init-channels", "8", "--augment", "basic", "--batch-size", "32"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2, help="training steps of each run (default 2)")
     p.add_argument("--ways", default=",".join(WAYS), help=f"which ways, in order (default {','.join(WAYS)})")
+    p.add_argument("--small", action="store_true", help="a tiny DenseNet on little procedural data (the tests')")
     p.set_defaults(func=run)
 
 
@@ -69,7 +73,7 @@ def _run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
     label, extra = WAYS[way]
     out, marks = tmp / way, tmp / f"{way}.phases"
     cmd = [sys.executable, "-m", "cifarray.train", "densenet", "--synthetic", "--steps", str(args.steps),
-           "--out", str(out), *extra]
+           "--out", str(out), *(SMALL if args.small else []), *extra]
     print(f"bench startup: {way}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     spawned = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, ENV: str(marks)})
@@ -90,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="cifarray-bench-startup-") as tmp:
         rows = [_run_way(way, args, Path(tmp)) for way in ways]
     params = f"{rows[0]['params']:,} params" if rows[0]["params"] else "the default model"
+    what = "a tiny DenseNet on little procedural data" if args.small else "the default DenseNet and procedural data"
     print(f"bench startup: {machine()}; a {args.steps}-step `python -m cifarray.train densenet --synthetic` run "
-          f"({params}), precision {rows[0]['precision']}; seconds per phase")
+          f"({what}, {params}), precision {rows[0]['precision']}; seconds per phase")
     width = max(len(r["label"]) for r in rows) + 2
     print(f"  {'phase':<30}" + "".join(f"{r['label']:>{width}}" for r in rows))
     for name, _, _ in PHASES:
