@@ -71,7 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = cluster.scale_to_cluster(cfg)
             launch.check_data_fits(cfg, n_train, cfg.data_dir or "the procedural data set")
         summary = launch.fit(cfg, family)
-        mark("fitted")
         figures = make_report(cfg.out)  # the same as `python -m cifarray.report RUN_DIR`
     mark("reported")
     print(f"figures and tables: {', '.join(p.name for p in figures)} in {Path(cfg.out).resolve()}")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from cifarray.data.loader import PreparedData, ShardedBatches
 from cifarray.device import autocast, resolve_precision
 from cifarray.family import Family, Pieces, RunContext, TrainState
-from cifarray.phases import ENV as PHASES_ENV, mark
+from cifarray.phases import enabled as timed, mark
 from cifarray.provenance import provenance
 from cifarray.rundir import MetricsLog, RunDir, read_metrics
 from cifarray.train.checkpoint import restore, send_result, snapshot
@@ -224,7 +224,7 @@ def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> 
 
 def first_step_done(worker: Worker) -> None:
     """The first step's mark, once its work has run (a GPU's queue drained: only when the bench asks)."""
-    if os.environ.get(PHASES_ENV):
+    if timed():
         if worker.device.type == "cuda":
             torch.cuda.synchronize(worker.device)
         mark("first_step", rank=worker.rank)

@@ -20,10 +20,10 @@ from cifarray.config import flag_of
 from cifarray.data.cifar import NUM_FINE, load_cifar100
 from cifarray.errors import UserError
 from cifarray.models.budget import enforce_budget
+from cifarray.phases import mark
 from cifarray.rundir import RunDir
 from cifarray.train.cluster import check_cluster_fits, check_local_gpus, check_reachable, init_ray
 from cifarray.train.progress import Progress
-from cifarray.phases import mark
 from cifarray.train.runfolder import (RAY_RUN_NAME, check_checkpoints, divergence_error, drop_unregistered_checkpoints,
                                       resume_state, take_divergence, write_run)
 
@@ -110,7 +110,6 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
         from ray.train import TrainingFailedError
 
         try:
-            mark("fit")
             fit_off_the_main_thread(trainer)
         except TrainingFailedError as exc:
             raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {exc}") from exc

@@ -37,15 +37,6 @@ class TrialRunner:
     def finished(self, run: Any) -> None:
         """After a trial that finished: remove what only a resume would have needed."""
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TrialRunner) and other.name == self.name
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
 
 class InActor(TrialRunner):
     name, reuse_actors, how = "tune", True, "in their own Tune actors (reused)"
