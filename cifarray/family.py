@@ -35,7 +35,10 @@ if TYPE_CHECKING:
     import torch
 
     from cifarray.rundir import RunDir
-    from cifarray.train.engine import Worker
+
+# What `build` gets: a `cifarray.train.engine.Worker`. Named, not imported: this module is the types the layers
+# above it share (tests/test_layering.py), and the engine is one of those layers.
+Worker = Any
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class RunContext:
 class TrainState(Protocol):
     """What the engine needs of the state a family's `build` returns."""
 
-    worker: "Worker"
+    worker: Worker
 
     @property
     def stateful(self) -> dict[str, Any]:
@@ -89,7 +92,7 @@ def _no_context(cfg: Any) -> RunContext:
 class Pieces:
     """What the training loop runs; see the module's docstring."""
 
-    build: Callable[[Any, "Worker"], TrainState]
+    build: Callable[[Any, Worker], TrainState]
     step: Callable[[Any, "torch.Tensor"], dict[str, "torch.Tensor"]]
     evaluate: Callable[[Any, int], dict[str, float]]
     finish: Callable[[Any, "RunDir"], dict[str, Any]]
@@ -172,8 +175,3 @@ class Family:
     display: Display
     driver_context: Callable[[Any], RunContext] = _no_context  # driver side, before Ray starts
 
-    def train_fn(self, context: RunContext) -> Callable[[dict], None]:
-        """The Ray Train per-worker function of this family (a `TorchTrainer`'s train_loop_per_worker)."""
-        from cifarray.train.engine import TrainLoop
-
-        return TrainLoop(self, context)

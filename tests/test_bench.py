@@ -159,6 +159,11 @@ def test_bench_startup_phases_add_up_to_the_run_and_a_missing_mark_is_named():
     assert sum(phases.values()) == pytest.approx(21.0)  # spawn to exit, every second in one phase
     with pytest.raises(RuntimeError, match="no first_step"):
         phases_of([m for m in marks if m["mark"] != "first_step"], 99.0, 120.0)
+    # The local runner starts no Ray: its "Ray up" is None and the next phase starts at the input checks' end.
+    local = phases_of([m for m in marks if m["mark"] != "ray_up"], 99.0, 120.0)
+    assert local["Ray up"] is None and local["trainer or controller up"] == phases["Ray up"] + phases[
+        "trainer or controller up"]
+    assert sum(v for v in local.values() if v is not None) == pytest.approx(21.0)
 
 
 @pytest.mark.slow
@@ -167,15 +172,16 @@ def test_bench_startup_times_each_phase_of_a_real_run():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = result.stdout
     assert re.search(r"^bench startup: .+, \d+ cores; a 2-step .* precision (bf16|fp32)", out, re.M), out
-    rows = dict(re.findall(r"^  (\S.*?)\s{2,}(\d+\.\d\d|needs CUDA)$", out, re.M))
+    rows = dict(re.findall(r"^  (\S.*?)\s{2,}(\d+\.\d\d|needs CUDA|no Ray)$", out, re.M))
     from cifarray.bench.startup import GPU_ONLY, PHASES
 
-    times = {name: float(rows[name]) for name, _, _ in PHASES}
-    assert all(t >= 0 for t in times.values()) and times["Ray up"] > 0 and times["training"] > 0
+    assert rows.pop("Ray up") == "no Ray"  # the default runner for one worker on one machine: this process
+    times = {name: float(rows[name]) for name, _, _ in PHASES if name != "Ray up"}
+    assert all(t >= 0 for t in times.values()) and times["training"] > 0
     assert sum(times.values()) == pytest.approx(float(rows["total (process start to exit)"]), abs=0.05)
     if not torch.cuda.is_available():
         assert all(rows[name] == "needs CUDA" for name in GPU_ONLY)
-    assert re.search(r"^default: \d+\.\d s besides training \(\d+% of the run; runner ray-train\)$", out, re.M), out
+    assert re.search(r"^default: \d+\.\d s besides training \(\d+% of the run; runner local\)$", out, re.M), out
 
 
 def test_bench_startup_bad_input_is_one_line_error():

@@ -25,10 +25,11 @@ TINY = dict(synthetic=True, synthetic_train_per_class=12, synthetic_test_per_cla
             cpus_per_worker=1)
 
 
-def run_locally(out: Path, keep: int = 2, family=FAMILY, **settings) -> LocalSession:
+def run_locally(out: Path, keep: int = 2, family=FAMILY, session: LocalSession | None = None,
+                **settings) -> LocalSession:
     cfg = DenseNetTrainConfig(**{**TINY, **settings, "out": str(out)})
     runfolder.prepare_run(cfg)  # the procedural data and config.json, as the CLI writes them
-    session = LocalSession(out)
+    session = session or LocalSession(out)
     session.keep = keep
     train(family, to_dict(cfg) | {"out": str(out)}, session)
     return session
@@ -52,7 +53,7 @@ def test_the_loop_logs_evaluates_checkpoints_and_reports_in_order_with_final_fil
     assert [(m["step"], step) for m, step, _ in session.reports] == [(4, None), (6, 6), (8, None), (12, 12)]
     assert [written for _, _, written in session.reports] == [False, False, False, True]
     assert all("val_acc" in m for m, _, _ in session.reports if m["step"] % 4 == 0)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint_0000006",
+    assert sorted(p.name for p in (tmp_path / "run" / "ray").iterdir()) == ["checkpoint_0000006",
                                                                                   "checkpoint_0000012"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["runner"] == "local" and summary["steps"] == 12 and (tmp_path / "run" / "model.pt").is_file()
@@ -67,8 +68,8 @@ def test_a_run_whose_newest_checkpoint_is_truncated_resumes_from_the_one_before_
     shutil.copytree(whole, cut)
     for name in ("summary.json", "model.pt", "test_predictions.pt", "config.json"):  # config.json names its --out
         (cut / name).unlink(missing_ok=True)
-    shutil.rmtree(cut / "checkpoints" / "checkpoint_0000012")
-    state = cut / "checkpoints" / "checkpoint_0000008" / "state.pt"
+    shutil.rmtree(cut / "ray" / "checkpoint_0000012")
+    state = cut / "ray" / "checkpoint_0000008" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     capfd.readouterr()
     run_locally(cut, keep=5, steps=12, log_every=2, eval_every=4, checkpoint_every=4)
@@ -86,17 +87,46 @@ def test_a_run_whose_newest_checkpoint_is_truncated_resumes_from_the_one_before_
     assert sha[0] == sha[1]
 
 
+def test_a_run_resumes_from_the_newest_checkpoint_whichever_runner_wrote_it(tmp_path):
+    """A run that Ray Train checkpointed at step 4 and the local runner then took to step 8: Ray's own record still
+    names its step-4 folder, and the run resumes from step 8, not 4 (and the same way the other way round)."""
+    whole = tmp_path / "whole"
+    run_locally(whole, keep=5, steps=12, log_every=2, eval_every=4, checkpoint_every=4)
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    for name in ("summary.json", "model.pt", "test_predictions.pt", "config.json"):
+        (cut / name).unlink(missing_ok=True)
+    shutil.rmtree(cut / "ray" / "checkpoint_0000012")
+    ray_named = cut / "ray" / "checkpoint_2026-12-03_10-00-00.000000"  # how Ray Train names its folders
+    (cut / "ray" / "checkpoint_0000004").rename(ray_named)
+
+    class RayNamesItsOwn(LocalSession):
+        def latest_checkpoint(self):
+            return ray_named
+
+    run_locally(cut, keep=5, session=RayNamesItsOwn(cut), steps=12, log_every=2, eval_every=4, checkpoint_every=4)
+    assert json.loads((cut / "workers" / "rank0.json").read_text())["start_step"] == 8
+    assert read_metrics(cut / "metrics.csv") and json.loads((cut / "workers" / "rank0.json").read_text())[
+        "params_sha256"] == json.loads((whole / "workers" / "rank0.json").read_text())["params_sha256"]
+    # Ray's folder the newest: the local runner resumes from it.
+    (cut / "summary.json").unlink()
+    shutil.rmtree(cut / "ray" / "checkpoint_0000012")
+    shutil.rmtree(cut / "ray" / "checkpoint_0000008")
+    ray_named.touch()
+    run_locally(cut, keep=5, steps=12, log_every=2, eval_every=4, checkpoint_every=4)
+    assert json.loads((cut / "workers" / "rank0.json").read_text())["start_step"] == 4
+
+
 def test_a_run_none_of_whose_checkpoints_loads_says_so_in_one_line(tmp_path):
     out = tmp_path / "run"
     run_locally(out, keep=5, steps=8, log_every=2, eval_every=4, checkpoint_every=4)
     (out / "summary.json").unlink()
-    for state in (out / "checkpoints").glob("*/state.pt"):
+    for state in (out / "ray").glob("*/state.pt"):
         state.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match=r"no checkpoint of this run loads \(2 in .*checkpoints; the newest: "
-                                        r"corrupt: not a torch file\); move .*checkpoints aside"):
+    with pytest.raises(UserError, match=r"no checkpoint of this run loads \(2 in .*ray; the newest: "
+                                        r"corrupt: not a torch file\); move .*ray aside"):
         run_locally(out, keep=5, steps=8, log_every=2, eval_every=4, checkpoint_every=4)
-    # The trainer's CLI says it before Ray starts, about Ray Train's checkpoints in RUN_DIR/ray.
-    shutil.move(str(out / "checkpoints"), str(out / "ray"))
+    # The trainer's CLI says it before anything starts.
     args = ["densenet", "--out", str(out), *[f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                                              for k, v in TINY.items() if k != "synthetic"],
             "--synthetic", "--steps", "8", "--log-every", "2", "--eval-every", "4", "--checkpoint-every", "4"]

@@ -226,6 +226,38 @@ def test_a_ray_address_that_does_not_answer_is_refused_before_anything_is_writte
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--runner", "local", "--workers", "2"],
+     ["--runner local trains one worker in this process, not --workers 2", "drop --runner local", "--workers 1"]),
+    (["--runner", "local", "--workers", "auto"], ["--workers auto sizes a run to a Ray cluster", "drop --runner local"]),
+    (["--runner", "local", "--address", "127.0.0.1:6379"], ["cannot join --address 127.0.0.1:6379", "drop --address"]),
+    (["--runner", "nowhere"], ["invalid choice: 'nowhere'"]),
+])
+def test_a_runner_that_cannot_run_the_job_is_refused_before_anything_is_written(tmp_path, args, expected):
+    out = tmp_path / "out"
+    result = run_cli_here("cifarray.train", "densenet", "--synthetic", "--out", str(out), *TINY, "--val-size", "1000",
+                          *args)
+    if args[1] == "nowhere":  # argparse's own refusal (exit 2, usage line first)
+        assert result.returncode == 2 and expected[0] in result.stderr and "Traceback" not in result.stderr
+    else:
+        assert_one_line_error(result, *expected)
+    assert not out.exists()
+
+
+def test_auto_picks_the_local_runner_for_one_worker_and_no_ray_cluster(monkeypatch):
+    from cifarray.train.launch import pick_runner
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert pick_runner("auto", 1, False, None) == "local"
+    assert pick_runner("auto", 2, False, None) == "ray"  # DDP
+    assert pick_runner("auto", None, True, None) == "ray"  # --workers auto: sized to a Ray cluster
+    assert pick_runner("auto", 1, False, "10.0.0.1:6379") == "ray"
+    assert pick_runner("ray", 1, False, None) == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a job script's cluster
+    assert pick_runner("auto", 1, False, None) == "ray"
+    assert pick_runner("local", 1, False, None) == "local"  # asked for by name: the environment does not refuse it
+
+
 def test_workers_that_fit_count_per_node_with_gpu_shares():
     from cifarray.train.cluster import workers_that_fit
 

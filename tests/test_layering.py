@@ -1,4 +1,5 @@
-"""The package's layering, read from the source: which modules may import which (issue 28's floor plan)."""
+"""The package's layering, read from the source: which packages may import which (issue 28's floor plan, made whole
+in issue 35: every pair of packages is checked, not two named rules)."""
 
 from __future__ import annotations
 
@@ -7,32 +8,96 @@ from pathlib import Path
 
 from conftest import REPO
 
+# The floor plan, lowest first: a package may import only from the floors below its own (within itself, anything).
+# The CLIs (every `__main__` module: `python -m cifarray.train`, ...) are the top floor, which nothing imports; the
+# registry is the wiring under them, where the built-in families meet the name lookup that the report and the tuner
+# use. `family` holds only the types a family is made of, so that the engine and the families stand above it.
+FLOORS = (
+    {"errors", "device", "metrics", "phases", "provenance"},
+    {"config", "rundir", "runlock"},
+    {"data", "models", "figures"},
+    {"eval"},
+    {"family"},
+    {"train"},
+    {"registry"},
+    {"report"},
+    {"tune"},
+    {"bench"},
+)
+FLOOR = {unit: n for n, units in enumerate(FLOORS) for unit in units}
+CLI = len(FLOORS)  # the floor of every __main__ module
+
 
 def imports(path: Path) -> set[str]:
-    """Every module a file imports, at its top or inside functions."""
+    """Every module a file imports, at its top, inside functions, or for type checking only."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
+            if node.module == "cifarray":  # `from cifarray import registry`
+                found |= {f"cifarray.{a.name}" for a in node.names}
     return found
 
 
-def modules_under(*packages: str) -> list[Path]:
-    return [p for package in packages for p in sorted((REPO / "cifarray" / package).rglob("*.py"))]
+def unit_of(module: str) -> str:
+    """cifarray.train.engine -> train; cifarray.family -> family (a top-level module is a unit of its own)."""
+    return module.split(".")[1]
 
 
-def test_training_models_data_and_evaluation_import_nothing_from_the_tuner():
-    offenders = {str(p.relative_to(REPO)): sorted(m for m in imports(p) if m.startswith("cifarray.tune"))
-                 for p in modules_under("train", "models", "data", "eval")}
-    assert not {k: v for k, v in offenders.items() if v}
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)
 
 
-def test_evaluation_imports_nothing_from_training():
-    offenders = {str(p.relative_to(REPO)): sorted(m for m in imports(p) if m.startswith("cifarray.train"))
-                 for p in modules_under("eval")}
-    assert not {k: v for k, v in offenders.items() if v}
+def edges() -> list[tuple[str, str]]:
+    """(importing module, imported module) for every cifarray import from one unit into another."""
+    found = []
+    for path in sorted((REPO / "cifarray").rglob("*.py")):
+        name = module_name(path)
+        if name in ("cifarray.__init__", "cifarray.__main__"):
+            continue
+        found += [(name, target) for target in sorted(imports(path))
+                  if target.startswith("cifarray.") and target.count(".") >= 1 and unit_of(target) != unit_of(name)]
+    return found
+
+
+def floor_of(module: str) -> int:
+    return CLI if module.endswith(".__main__") else FLOOR[unit_of(module)]
+
+
+def test_every_package_has_a_floor_and_imports_only_from_the_floors_below_it():
+    units = {unit_of(module_name(p)) for p in (REPO / "cifarray").rglob("*.py")} - {"__init__", "__main__"}
+    assert units <= set(FLOOR), f"give {sorted(units - set(FLOOR))} a floor in FLOORS"
+    assert not [dst for _, dst in edges() if dst.endswith(".__main__")]  # nothing imports a CLI
+    upward = [f"{src} imports {dst} (floor {floor_of(dst)}, not below {floor_of(src)})" for src, dst in edges()
+              if floor_of(dst) >= floor_of(src)]
+    assert not upward, upward
+
+
+def test_no_two_packages_import_each_other_even_through_others():
+    """The package graph (the CLIs aside) has no cycle: no unit reaches itself through the imports of others."""
+    graph: dict[str, set[str]] = {}
+    for src, dst in edges():
+        if not src.endswith(".__main__"):
+            graph.setdefault(unit_of(src), set()).add(unit_of(dst))
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    cyclic = sorted(unit for unit in graph if unit in reach(unit))
+    assert not cyclic, f"{cyclic} reach themselves: {graph}"
+
+
+def test_the_family_types_need_nothing_above_the_run_folder():
+    used = {unit_of(m) for m in imports(REPO / "cifarray" / "family.py") if m.startswith("cifarray.")}
+    assert used <= FLOORS[0] | FLOORS[1], used
 
 
 def test_no_function_outside_tests_is_longer_than_60_lines_unless_its_docstring_says_why():

@@ -72,8 +72,8 @@ def last_checkpoint(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
-    out = tmp_path / "run"
+def test_each_runner_learns_as_well_as_a_plain_loop_and_writes_the_same_rows(tmp_path):
+    out, through_ray = tmp_path / "run", tmp_path / "ray"
     # The must-show command's budget (300 steps, batch 128, basic augmentation) on a model small enough
     # for CI, on the `hard` procedural set (generator v3), where accuracy is far from saturated: the
     # plain fp32 loop measured 0.0945 test accuracy (seed 0) on the 2-core EPYC dev VM. At 8k parameters
@@ -83,8 +83,19 @@ def test_ray_train_learns_as_well_as_a_plain_loop(tmp_path):
     # schedule is therefore checked on the curve the trainer logged: warm-up over the first 15 % (45
     # steps), then a decay to ~0 by the last step; a backwards schedule rises to its peak at 85 %.
     args = [*TINY_HARD, "--steps", "300", "--batch-size", "128", "--checkpoint-every", "100", "--eval-every", "100"]
-    result = run_train("densenet", out, *args)
+    result = run_train("densenet", out, *args)  # --runner auto: one worker, no Ray cluster named -> local
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "runner local" in result.stdout
+    # The same run through a Ray Train TorchTrainer writes the same rows, bit for bit, and the same weights.
+    result = run_train("densenet", through_ray, *args, "--runner", "ray")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (summary(out)["runner"], summary(through_ray)["runner"]) == ("local", "ray-train")
+    timing = {"images_per_s", "seconds"}
+    assert ([{k: v for k, v in r.items() if k not in timing} for r in metrics(out)]
+            == [{k: v for k, v in r.items() if k not in timing} for r in metrics(through_ray)])
+    assert len({json.loads((d / "workers" / "rank0.json").read_text())["params_sha256"] for d in (out, through_ray)}) == 1
+    assert summary(out)["test_acc"] == summary(through_ray)["test_acc"]
+    assert sorted(p.name for p in (out / "ray").iterdir()) == ["checkpoint_0000200", "checkpoint_0000300"]
     got = summary(out)
     for key in ("model", "params", "steps", "workers", "batch_size", "seconds", "images_per_s", "train_acc",
                 "val_acc", "test_acc", "seed", "versions", "git_commit", "device"):
@@ -162,7 +173,7 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
     out = tmp_path / "again"
     args = (*TINY, "--steps", "150", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "30",
             "--eval-every", "30", "--augment-chunk", "7")
-    cmd = train_cmd("densenet", out, *args)
+    cmd = train_cmd("densenet", out, *args, "--runner", "ray")  # Ray Train's restarts, its checkpoint records
     # Its own process group, with SIGINT handled as in a terminal (a shell's background job ignores it).
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -229,8 +240,8 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
     assert not (out / LOCK_NAME).exists()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)  # a finished run is not retrained
     assert again.returncode == 0 and "already complete" in again.stdout
-    whole = run_train("densenet", tmp_path / "whole", *args)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    whole = run_train("densenet", tmp_path / "whole", *args)  # the local runner: the same maths without Ray
+    assert whole.returncode == 0 and "runner local" in whole.stdout, whole.stderr[-3000:]
     sha = [json.loads((d / "workers" / "rank0.json").read_text())["params_sha256"] for d in (out, tmp_path / "whole")]
     assert sha[0] == sha[1]
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "whole")]

@@ -7,8 +7,9 @@ procedural data; --small: a tiny DenseNet on 1,200 procedural images, as the tes
 and a fresh run folder, with $CIFARRAY_PHASES set: the driver and rank 0
 mark when each phase ends (cifarray.phases), and this bench times the process from its start to its exit.
 
-Ways: `default` (the command as a user types it), `ray` (one Ray Train worker: the default today, so the same
-command again: its column shows the run-to-run spread) and `ddp` (two Ray Train workers, `--workers 2`). The rows
+Ways: `default` (the command as a user types it: `--runner auto`, which trains one worker in the driver's own
+process, no Ray), `ray` (one Ray Train worker, `--runner ray`) and `ddp` (two Ray Train workers, `--workers 2`). A
+phase a way does not have (Ray up, for the local runner) says "no Ray". The rows
 that only a GPU run has (CUDA initialisation, cuDNN autotuning, CUDA-graph capture, FID's Inception features)
 say "needs CUDA" on a CPU. The last lines give each way's total against the default's.
 """
@@ -28,8 +29,8 @@ from cifarray.bench import machine
 from cifarray.errors import UserError
 from cifarray.phases import ENV, read
 
-WAYS = {"default": ("default", []), "ray": ("Ray Train, 1 worker", []), "ddp": ("Ray Train DDP, 2 workers",
-                                                                           ["--workers", "2"])}
+WAYS = {"default": ("default", []), "ray": ("Ray Train, 1 worker", ["--runner", "ray"]),
+        "ddp": ("Ray Train DDP, 2 workers", ["--workers", "2"])}
 # (phase, the mark it starts at, the mark it ends at): "spawn" and "exit" are this bench's own clock.
 PHASES = (
     ("interpreter and imports", "spawn", "imported"),
@@ -43,6 +44,7 @@ PHASES = (
     ("files and figures", "finished", "reported"),
     ("exit", "reported", "exit"),
 )
+SKIPPABLE = {"ray_up"}  # the local runner starts no Ray
 GPU_ONLY = ("CUDA initialisation", "cuDNN autotuning", "CUDA-graph capture", "FID Inception features")
 SMALL = ["--synthetic-train-per-class", "12", "--synthetic-test-per-class", "2", "--val-size", "200", "--growth-rate",
          "4", "--blocks", "1,1", "--init-channels", "8", "--augment", "basic", "--batch-size", "32"]
@@ -57,16 +59,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def phases_of(marks: list[dict], spawned: float, exited: float) -> dict[str, float]:
-    """Seconds per phase from one run's marks (rank 0's, where the workers mark: the rank that writes the files)."""
+def phases_of(marks: list[dict], spawned: float, exited: float) -> dict[str, float | None]:
+    """Seconds per phase from one run's marks (rank 0's, where the workers mark: the rank that writes the files).
+
+    A phase whose end mark the run may skip (SKIPPABLE) is None when skipped; the next phase starts where the
+    one before it ended."""
     at = {"spawn": spawned, "exit": exited}
     for m in marks:
         if m.get("rank", 0) == 0:
             at.setdefault(m["mark"], m["t"])  # the first of each: one attempt
-    missing = [end for _, _, end in PHASES if end not in at]
+    missing = [end for _, _, end in PHASES if end not in at and end not in SKIPPABLE]
     if missing:
         raise RuntimeError(f"the run marked no {', '.join(missing)}: marks {sorted(at)}")
-    return {name: at[end] - at[start] for name, start, end in PHASES}
+    phases: dict[str, float | None] = {}
+    since = "spawn"
+    for name, _, end in PHASES:
+        if end not in at:
+            phases[name] = None
+            continue
+        phases[name], since = at[end] - at[since], end
+    return phases
 
 
 def _run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
@@ -100,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(r["label"]) for r in rows) + 2
     print(f"  {'phase':<30}" + "".join(f"{r['label']:>{width}}" for r in rows))
     for name, _, _ in PHASES:
-        print(f"  {name:<30}" + "".join(f"{r['phases'][name]:>{width}.2f}" for r in rows))
+        print(f"  {name:<30}" + "".join(f"{'no Ray':>{width}}" if r["phases"][name] is None
+                                        else f"{r['phases'][name]:>{width}.2f}" for r in rows))
     for name in GPU_ONLY:
         print(f"  {name:<30}" + "".join(f"{'needs CUDA':>{width}}" for _ in rows))
     print(f"  {'total (process start to exit)':<30}" + "".join(f"{r['total']:>{width}.2f}" for r in rows))

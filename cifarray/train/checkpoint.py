@@ -2,8 +2,8 @@
 
 A checkpoint is a folder holding `state.pt`: every stateful component's state_dict and the step it was taken
 at. Rank 0 writes it into a temporary folder and hands it to its session (`cifarray.train.session`), whose
-runner persists it (Ray Train into RUN_DIR/ray, Tune into OUT/tune/<trial>, the local session into
-RUN_DIR/checkpoints). A run resumes from the newest one that loads (`load_resume_point`).
+runner persists it (Ray Train and the local session into RUN_DIR/ray, Tune into OUT/tune/<trial>). A run resumes
+from the newest one that loads (`load_resume_point`), whichever runner wrote it.
 """
 
 from __future__ import annotations
@@ -38,15 +38,20 @@ def send_result(session, run: RunDir, metrics: dict[str, Any], state: dict[str, 
     run.write_json("last_checkpoint.json", {"step": state["step"]})
 
 
-def checkpoint_candidates(latest: Path | None) -> list[Path]:
-    """The runner's newest checkpoint folder first, then the others beside it, newest first."""
-    if latest is None:
-        return []
-    others = [d for d in latest.parent.glob("checkpoint_*") if d.is_dir() and d != latest]
-    return [latest, *sorted(others, key=lambda d: d.stat().st_mtime, reverse=True)]
+def checkpoint_candidates(latest: Path | None, also: Path | None = None) -> list[Path]:
+    """Every checkpoint folder beside the runner's newest one and in `also` (the run's own checkpoint folder), the
+    newest first.
+
+    By age, not by what the runner lists: a run that changed runner (`--runner local`, then Ray Train) resumes
+    from the newest checkpoint either wrote, and a checkpoint Ray Train persisted but never registered (its
+    worker killed before the controller's next poll) is newer than the one Ray names, and as good."""
+    folders = {latest} if latest is not None else set()
+    for parent in {p for p in (latest and latest.parent, also) if p is not None and p.is_dir()}:
+        folders.update(d for d in parent.glob("checkpoint_*") if d.is_dir())
+    return sorted(folders, key=lambda d: (d.stat().st_mtime, d.name), reverse=True)
 
 
-def load_resume_point(latest: Path | None, say=None) -> dict[str, Any] | None:
+def load_resume_point(latest: Path | None, say=None, also: Path | None = None) -> dict[str, Any] | None:
     """The state of the newest checkpoint that loads, skipping (and naming, through `say`) those that do not.
 
     A truncated or corrupt checkpoint (a full disk, a flaky network file system) costs the steps since the one
@@ -54,7 +59,7 @@ def load_resume_point(latest: Path | None, say=None) -> dict[str, Any] | None:
     from cifarray.errors import UserError
     from cifarray.rundir import torch_load_problem
 
-    candidates = checkpoint_candidates(latest)
+    candidates = checkpoint_candidates(latest, also)
     why = ""
     for folder in candidates:
         state, why = torch_load_problem(folder / CHECKPOINT_FILE)
@@ -71,9 +76,12 @@ def load_resume_point(latest: Path | None, say=None) -> dict[str, Any] | None:
                     "--out")
 
 
-def restore(components: dict[str, Any], session) -> int:
-    """Load the newest loadable checkpoint into named stateful components; returns its step (0: none)."""
-    state = load_resume_point(session.latest_checkpoint(), say=lambda line: print(line, file=sys.stderr, flush=True))
+def restore(components: dict[str, Any], session, also: Path | None = None) -> int:
+    """Load the newest loadable checkpoint into named stateful components; returns its step (0: none).
+
+    `also`: the run's checkpoint folder (RUN_DIR/ray), searched besides the runner's own."""
+    state = load_resume_point(session.latest_checkpoint(), also=also,
+                              say=lambda line: print(line, file=sys.stderr, flush=True))
     if state is None:
         return 0
     for name, component in components.items():

@@ -30,6 +30,7 @@ from cifarray.phases import enabled as timed, mark
 from cifarray.provenance import provenance
 from cifarray.rundir import MetricsLog, RunDir, read_metrics
 from cifarray.train.checkpoint import restore, send_result, snapshot
+from cifarray.train.runfolder import RAY_RUN_NAME
 from cifarray.train.session import LocalSession, Session
 from cifarray.train.workerlog import label, worker_log
 
@@ -132,7 +133,7 @@ def _set_up(pieces: Pieces, cfg: Any, session: Session, context: RunContext) -> 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank, whatever loading the data drew
     state = pieces.build(cfg, worker)
     stateful = {**state.stateful, "sampler": sampler}
-    start = worker.start = restore(stateful, session)
+    start = worker.start = restore(stateful, session, also=run.path / RAY_RUN_NAME)
     worker.gen.manual_seed(augment_seed(cfg.seed, rank, start))
     if rank == 0:
         MetricsLog(run.metrics, pieces.metrics_columns).truncate_after(start)

@@ -1,4 +1,5 @@
-"""The driver side of training: validate the inputs, then fit a TorchTrainer on the run folder.
+"""The driver side of training: validate the inputs, then train the run folder, in this process (the local runner)
+or through a Ray Train TorchTrainer.
 
 The Ray cluster's side is `cifarray.train.cluster`, the run folder's `cifarray.train.runfolder`, the progress
 display `cifarray.train.progress`.
@@ -8,6 +9,12 @@ starts (`check_inputs`): the config, the parameter budget, the data, and whether
 validation split, the batch and each worker's shard fit the data. Rerunning the same command with
 the same --out resumes from the last checkpoint (Ray Train V2 restores a run from
 its storage path and name); a finished run is not trained again.
+
+Runners (`--runner`): `local` trains one worker in this process through the same engine, with no Ray at all (a
+2-step run starts in seconds, not in the ~20 s of Ray and the TorchTrainer controller); `ray` is a TorchTrainer
+(DDP, a Ray cluster, worker restarts after a failure); `auto` picks `local` for one worker with no Ray cluster to
+join, else `ray`. Both write the same files and rows, and keep their checkpoints in RUN_DIR/ray: a run resumes
+from the newest one, whichever runner wrote it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,33 @@ if TYPE_CHECKING:
     from cifarray.family import Family, RunContext
 
 
+LOCAL, RAY = "local", "ray"
+RUNNERS = ("auto", LOCAL, RAY)
+
+
+def pick_runner(asked: str, workers: int | None, auto_workers: bool, address: str | None) -> str:
+    """`local` or `ray` for `--runner asked` (auto | local | ray); a runner that cannot run the job is a UserError.
+
+    `address`: --address (an explicit Ray cluster); $RAY_ADDRESS makes `auto` pick Ray but does not refuse an
+    explicit `local` (a job script may export it for other commands)."""
+    if asked == LOCAL:
+        fix = "drop --runner local (Ray Train runs it)"
+        if auto_workers:
+            raise UserError(f"--runner local trains one worker in this process, and --workers auto sizes a run to a "
+                            f"Ray cluster; {fix}, or pass --workers 1")
+        if (workers or 1) != 1:
+            raise UserError(f"--runner local trains one worker in this process, not --workers {workers} (DDP needs "
+                            f"Ray Train); {fix}, or pass --workers 1")
+        if address:
+            raise UserError(f"--runner local trains in this process without Ray, so it cannot join --address "
+                            f"{address}; drop --runner local, or drop --address")
+        return LOCAL
+    if asked == RAY:
+        return RAY
+    one = (workers or 1) == 1 and not auto_workers
+    return LOCAL if one and not (address or os.environ.get("RAY_ADDRESS")) else RAY
+
+
 def check_data_fits(cfg, n_train: int, source: str, flag=flag_of) -> None:
     """The validation split, the batch and each worker's shard must fit the data: checked before Ray starts.
 
@@ -51,7 +85,7 @@ def check_data_fits(cfg, n_train: int, source: str, flag=flag_of) -> None:
                         f"or {val}")
 
 
-def check_inputs(cfg, family: "Family", auto: bool = False) -> int:
+def check_inputs(cfg, family: "Family", auto: bool = False, runner: str = RAY) -> int:
     """Everything the config and the data can be wrong about, before Ray starts and before --out is touched
     (an --out that is a file is refused by the run lock, which comes next).
 
@@ -60,7 +94,7 @@ def check_inputs(cfg, family: "Family", auto: bool = False) -> int:
     enforce_budget(cfg)  # an over-budget model never reaches Ray (the one budget check of the CLI's path)
     n_train, source = training_images(cfg.synthetic, cfg.synthetic_train_per_class, cfg.data_dir, cfg.no_verify)
     check_data_fits(cfg, n_train, source)
-    if os.environ.get("RAY_ADDRESS"):
+    if runner == RAY and os.environ.get("RAY_ADDRESS"):
         check_reachable(os.environ["RAY_ADDRESS"])
     if cfg.gpu:  # `auto`: as many workers as GPUs, so one is enough
         workers = 1 if auto else cfg.workers
@@ -82,16 +116,60 @@ def training_images(synthetic: bool, per_class: int, data_dir, no_verify: bool) 
     return len(load_cifar100(data_dir, verify=not no_verify).train), str(data_dir)
 
 
-def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | None = None) -> dict:
+def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | None = None,
+        runner: str = RAY) -> dict:
     """Run training to completion (or resume it) and return summary.json.
 
-    `context`: what the workers get besides the config (default: the family's driver_context(cfg))."""
+    `context`: what the workers get besides the config (default: the family's driver_context(cfg));
+    `runner`: LOCAL (this process) or RAY (a TorchTrainer)."""
     run, resolved, done = resume_state(cfg)
     if done:
         print(f"{run.path}: run already complete; nothing to do (summary.json)")
         return run.read_json("summary.json")
     check_checkpoints(run)  # before Ray: a run none of whose checkpoints loads would fail in every worker restart
+    if runner == LOCAL:
+        _fit_here(cfg, family, run, resolved, context, what)
+    else:
+        _fit_with_ray(cfg, family, run, resolved, context, what)
+    diverged = take_divergence(run)
+    if diverged:
+        raise divergence_error(run, diverged)
+    summary = run.read_json("summary.json")
+    if not summary:
+        raise RuntimeError(f"training ended without writing {run.summary}")
+    drop_unregistered_checkpoints(run)
+    return summary
+
+
+def _starting(cfg, family: "Family", run: RunDir, what: str | None, where: str) -> None:
+    resumed = run.read_json("last_checkpoint.json")
+    start = f"resuming (last checkpoint written: step {resumed['step']})" if resumed else "starting"
+    print(f"{what or family.name}: {start}; {cfg.steps} steps, batch {cfg.batch_size}, {where}; run folder {run.path}",
+          flush=True)
+
+
+def _fit_here(cfg, family: "Family", run: RunDir, resolved: dict, context: "RunContext | None",
+              what: str | None) -> None:
+    """The local runner: the engine in this process (no Ray), on the GPU with --gpu (check_inputs found one).
+
+    Ctrl-C and SIGTERM interrupt the step in progress; the run resumes from its last checkpoint, as with Ray."""
+    from cifarray.train.engine import train
+    from cifarray.train.session import LocalSession
+
+    write_run(run, resolved, cfg)
+    if context is None:
+        context = family.driver_context(cfg)
+    session = LocalSession(run.path, "cuda" if cfg.gpu else "cpu")
+    _starting(cfg, family, run, what, f"1 worker in this process ({'GPU' if cfg.gpu else 'CPU'}; runner local)")
+    with Progress(run, cfg.steps, family.display.progress_keys):
+        train(family, resolved, session, context)
+
+
+def _fit_with_ray(cfg, family: "Family", run: RunDir, resolved: dict, context: "RunContext | None",
+                  what: str | None) -> None:
     import ray
+
+    from cifarray.train.engine import TrainLoop
 
     init_ray()
     mark("ray_up")
@@ -101,11 +179,8 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
     write_run(run, resolved, cfg)
     if context is None:
         context = family.driver_context(cfg)
-    trainer = build_trainer(cfg, run, family.train_fn(context), resolved, cpus)
-    resumed = run.read_json("last_checkpoint.json")
-    start = f"resuming (last checkpoint written: step {resumed['step']})" if resumed else "starting"
-    print(f"{what or family.name}: {start}; {cfg.steps} steps, batch {cfg.batch_size}, {cfg.workers} worker(s) "
-          f"({'GPU' if cfg.gpu else f'{cpus} CPU'} each); run folder {run.path}", flush=True)
+    trainer = build_trainer(cfg, run, TrainLoop(family, context), resolved, cpus)
+    _starting(cfg, family, run, what, f"{cfg.workers} worker(s) ({'GPU' if cfg.gpu else f'{cpus} CPU'} each)")
     with Progress(run, cfg.steps, family.display.progress_keys):
         from ray.train import TrainingFailedError
 
@@ -113,14 +188,6 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
             fit_off_the_main_thread(trainer)
         except TrainingFailedError as exc:
             raise RuntimeError(f"training failed after {cfg.max_failures} restart(s): {exc}") from exc
-    diverged = take_divergence(run)
-    if diverged:
-        raise divergence_error(run, diverged)
-    summary = run.read_json("summary.json")
-    if not summary:
-        raise RuntimeError(f"training ended without writing {run.summary}")
-    drop_unregistered_checkpoints(run)
-    return summary
 
 
 def fit_off_the_main_thread(trainer) -> object:

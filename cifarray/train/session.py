@@ -7,7 +7,9 @@
 - `TuneSession`: a Tune trial that trains inside its own actor (one worker, no trainer, no extra actors). Tune
   reuses the actor for the next trial, so torch, the CUDA context and the device-resident data set are paid
   once per actor (`TuneSession.data` keeps the data set per actor, keyed by what it was made from).
-- `LocalSession`: this process, no Ray at all (`bench`, tests). Checkpoints go to RUN_DIR/checkpoints.
+- `LocalSession`: this process, no Ray at all: `python -m cifarray.train --runner local` (what `auto` picks for
+  one worker on one machine), the benches and tests. Its checkpoints go where Ray Train's do (RUN_DIR/ray), so that
+  a run resumes whichever runner wrote its newest one (`cifarray.train.checkpoint.checkpoint_candidates`).
 
 A report carries the metrics and, at checkpoint steps, a folder holding the checkpoint file; the runner persists
 it (Ray Train and Tune copy it into their storage), and `latest_checkpoint` is where the runner says the newest
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 from cifarray.data.loader import PreparedData, data_identity, load_prepared
+from cifarray.train.runfolder import RAY_RUN_NAME
 
 
 class Session:
@@ -164,7 +167,7 @@ class TuneSession(_OnRayNode):
 
 
 class LocalSession(Session):
-    """In this process, without Ray: checkpoints in RUN_DIR/checkpoints (the newest `keep`), reports recorded.
+    """In this process, without Ray: checkpoints in RUN_DIR/ray (the newest `keep`), reports recorded.
 
     `reports` lists every report in order: (metrics, checkpoint step or None, summary.json written yet)."""
 
@@ -173,7 +176,7 @@ class LocalSession(Session):
 
     def __init__(self, run_dir: str | Path, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.folder = Path(run_dir) / "checkpoints"
+        self.folder = Path(run_dir) / RAY_RUN_NAME
         self.summary = Path(run_dir) / "summary.json"
         self.reports: list[tuple[dict[str, Any], int | None, bool]] = []
 
@@ -182,15 +185,21 @@ class LocalSession(Session):
         if checkpoint_dir:
             step = int(metrics.get("step", 0))
             target = self.folder / f"checkpoint_{step:07d}"
+            # Copied beside its final name, then renamed: a run killed mid-copy leaves no half checkpoint under it.
+            partial = self.folder / f".partial_{target.name}"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, partial)
             shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, target)
-            for old in sorted(self.folder.glob("checkpoint_*"))[:-self.keep]:
+            partial.rename(target)
+            # By age, not name: Ray Train's folders (named by date) may sit beside these after a change of runner.
+            folders = sorted((d for d in self.folder.glob("checkpoint_*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+            for old in folders[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.reports.append((dict(metrics), step, self.summary.is_file()))
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.folder.glob("checkpoint_*")) if self.folder.is_dir() else []
-        return found[-1] if found else None
+        found = [d for d in self.folder.glob("checkpoint_*") if d.is_dir()] if self.folder.is_dir() else []
+        return max(found, key=lambda d: d.stat().st_mtime) if found else None
 
 
 def _local(checkpoint: Any) -> Path | None:

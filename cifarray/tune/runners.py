@@ -66,12 +66,13 @@ class ThroughTrainer(TrialRunner):
     def train(self, sweep, cfg, run, resolved, context, gpus_per_worker) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from cifarray.train.engine import TrainLoop
         from cifarray.train.launch import build_trainer
 
         # Each worker gives up the driver's whole sliver: a worker may share a node with the driver, and on nodes
         # of one CPU (a worker each) a share of it would leave the driver's node short (measured: the trial waited).
         cpus = (cfg.cpus_per_worker or 1) - DRIVER_CPU
-        trainer = build_trainer(cfg, run, sweep.family.train_fn(context), resolved, cpus,
+        trainer = build_trainer(cfg, run, TrainLoop(sweep.family, context), resolved, cpus,
                                 callbacks=[TuneReportCallback()], gpus=gpus_per_worker)
         trainer.fit()
 
