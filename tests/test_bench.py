@@ -166,6 +166,16 @@ def test_bench_startup_phases_add_up_to_the_run_and_a_missing_mark_is_named():
     assert sum(v for v in local.values() if v is not None) == pytest.approx(21.0)
 
 
+def test_bench_startup_gpu_rows_come_from_the_gpu_marks():
+    from cifarray.bench.startup import gpu_rows
+
+    assert set(gpu_rows([{"mark": "set_up", "t": 1.0}]).values()) == {"needs CUDA"}
+    marks = [{"mark": "cuda_init", "t": 10.0, "rank": 0}, {"mark": "cuda_ready", "t": 12.5, "rank": 0},
+             {"mark": "graph_capture", "t": 20.0}, {"mark": "graph_captured", "t": 20.25}]
+    assert gpu_rows(marks) == {"CUDA initialisation": "2.50", "cuDNN autotuning": "not used",
+                               "CUDA-graph capture": "0.25", "FID Inception features": "not in this run"}
+
+
 @pytest.mark.slow
 def test_bench_startup_times_each_phase_of_a_real_run():
     result = run_module("cifarray.bench", "startup", "--ways", "default", "--steps", "2", "--small")
@@ -180,7 +190,7 @@ def test_bench_startup_times_each_phase_of_a_real_run():
     assert all(t >= 0 for t in times.values()) and times["training"] > 0
     assert sum(times.values()) == pytest.approx(float(rows["total (process start to exit)"]), abs=0.05)
     if not torch.cuda.is_available():
-        assert all(rows[name] == "needs CUDA" for name in GPU_ONLY)
+        assert all(rows[name] == "needs CUDA" for name, _, _ in GPU_ONLY)
     assert re.search(r"^default: \d+\.\d s besides training \(\d+% of the run; runner local\)$", out, re.M), out
 
 

@@ -45,7 +45,15 @@ PHASES = (
     ("exit", "reported", "exit"),
 )
 SKIPPABLE = {"ray_up"}  # the local runner starts no Ray
-GPU_ONLY = ("CUDA initialisation", "cuDNN autotuning", "CUDA-graph capture", "FID Inception features")
+# Costs only a GPU run has, each inside one of the phases above: (row, start mark, end mark). The training step
+# sets no cudnn.benchmark, so a run pays no cuDNN autotuning (only `bench gpu` autotunes); FID's Inception features
+# are a DCGAN run's, at its first FID evaluation (later ones reuse the cached reference statistics).
+GPU_ONLY = (
+    ("CUDA initialisation", "cuda_init", "cuda_ready"),
+    ("cuDNN autotuning", None, None),
+    ("CUDA-graph capture", "graph_capture", "graph_captured"),
+    ("FID Inception features", "fid", "fid_done"),
+)
 SMALL = ["--synthetic-train-per-class", "12", "--synthetic-test-per-class", "2", "--val-size", "200", "--growth-rate",
          "4", "--blocks", "1,1", "--init-channels", "8", "--augment", "basic", "--batch-size", "32"]
 
@@ -93,8 +101,30 @@ def _run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"the {way} run failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    return {"way": way, "label": label, "phases": phases_of(read(marks), spawned, exited), "total": exited - spawned,
-            "precision": summary["precision"], "params": summary.get("params"), "runner": summary["runner"]}
+    found = read(marks)
+    return {"way": way, "label": label, "phases": phases_of(found, spawned, exited), "total": exited - spawned,
+            "gpu": gpu_rows(found), "precision": summary["precision"], "params": summary.get("params"),
+            "runner": summary["runner"]}
+
+
+def gpu_rows(marks: list[dict]) -> dict[str, str]:
+    """Each GPU-only cost of one run, as the table shows it: seconds, or why there is none."""
+    at = {}
+    for m in marks:
+        if m.get("rank", 0) == 0:
+            at.setdefault(m["mark"], m["t"])
+    on_gpu = "cuda_ready" in at  # the engine marks it on a CUDA device
+    rows = {}
+    for name, start, end in GPU_ONLY:
+        if not on_gpu:
+            rows[name] = "needs CUDA"
+        elif start is None:
+            rows[name] = "not used"
+        elif start in at and end in at:
+            rows[name] = f"{at[end] - at[start]:.2f}"
+        else:
+            rows[name] = "not in this run"
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
     for name, _, _ in PHASES:
         print(f"  {name:<30}" + "".join(f"{'no Ray':>{width}}" if r["phases"][name] is None
                                         else f"{r['phases'][name]:>{width}.2f}" for r in rows))
-    for name in GPU_ONLY:
-        print(f"  {name:<30}" + "".join(f"{'needs CUDA':>{width}}" for _ in rows))
+    for name, _, _ in GPU_ONLY:
+        print(f"  {name:<30}" + "".join(f"{r['gpu'][name]:>{width}}" for r in rows))
     print(f"  {'total (process start to exit)':<30}" + "".join(f"{r['total']:>{width}.2f}" for r in rows))
     print(f"  {'of which training':<30}" + "".join(f"{r['phases']['training']:>{width}.2f}" for r in rows))
     base = rows[0]

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cifarray.errors import UserError
+from cifarray.phases import mark
 
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth")
@@ -109,11 +110,13 @@ def compute(generated: torch.Tensor, reference: np.ndarray, *, split: str, weigh
     import torch_fidelity
 
     kid_subset = min(1000, len(generated), len(reference))
+    mark("fid")
     metrics = torch_fidelity.calculate_metrics(
         input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, isc=isc, kid=kid,
         kid_subset_size=kid_subset, feature_extractor_weights_path=str(weights.path),
         cache_root=str(cache_dir() / "fidelity"), input2_cache_name=reference_name(reference, split, weights.sha256),
         cuda=torch.cuda.is_available(), batch_size=batch_size, verbose=False, save_cpu_ram=True)
+    mark("fid_done")
     out = {"fid": float(metrics["frechet_inception_distance"])}
     if isc:
         out["isc"] = float(metrics["inception_score_mean"])

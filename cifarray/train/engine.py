@@ -124,6 +124,11 @@ def _set_up(pieces: Pieces, cfg: Any, session: Session, context: RunContext) -> 
     run = RunDir(cfg.out)
     device, rank, world = session.device, session.rank, session.world
     reset_global_state(cfg)
+    if device.type == "cuda" and timed():  # the CUDA context, apart from the data it is otherwise created for
+        mark("cuda_init", rank=rank)
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize(device)
+        mark("cuda_ready", rank=rank)
     data = session.data(cfg)
     sampler = ShardedBatches(len(data.train), cfg.batch_size, rank=rank, world=world, seed=cfg.seed, device=device)
     worker = Worker(cfg=cfg, run=run, device=device, rank=rank, world=world,

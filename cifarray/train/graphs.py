@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from cifarray.phases import mark
+
 MODES = ("auto", "on", "off")
 # `auto` turns graphs on for single-GPU runs once a GPU measurement has shown that the graphed path
 # trains like eager (docs/BENCHMARKS.md, "CUDA graphs"). No GPU run has shown it yet.
@@ -90,6 +92,7 @@ class GraphedStep:
         return out
 
     def _capture(self) -> bool:
+        mark("graph_capture")
         try:
             graph = torch.cuda.CUDAGraph()
             # thread_local: Ray's own threads may touch CUDA while this one captures.
@@ -101,6 +104,7 @@ class GraphedStep:
             self.on_fallback(f"cuda graphs: {self.failed}; training eagerly")
             return False
         self.graph = graph
+        mark("graph_captured")
         return True
 
     def __call__(self, *inputs: torch.Tensor) -> Sequence[torch.Tensor]:
