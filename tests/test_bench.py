@@ -138,6 +138,21 @@ def test_bench_sweep_runs_the_same_sweep_with_each_runner_and_prints_overhead_an
     # Printed to one decimal: the ratio of the unrounded medians lies within what the rounding allows.
     lo, hi = (table["train"][2] - 0.05) / (overhead + 0.05), (table["train"][2] + 0.05) / max(overhead - 0.05, 1e-9)
     assert lo - 0.005 <= ratio <= hi + 0.005, out
+    for runner in ("tune", "train"):
+        outside = re.search(rf"^{runner}: slot-s per trial outside the trial function \((\d+) slots\): (-?\d+\.\d\d) "
+                            r"for all 2$", out, re.M)
+        assert outside and int(outside.group(1)) >= 1, out
+
+
+def test_slot_seconds_outside_the_trial_function_count_the_idle_slots_per_trial():
+    from cifarray.bench.sweep import outside_slot_seconds
+
+    # Two slots; a pair of 1 s trials, 0.5 s of bookkeeping, another pair, then 1.5 s before each of the last two.
+    trials = [{"entered": e, "wall": 1.0} for e in (0.0, 0.0, 1.5, 1.5, 4.0, 5.0)]
+    assert outside_slot_seconds(trials, 2, 0.0, 2 / 3) == pytest.approx((2 * 2.5 - 4) / 4)
+    assert outside_slot_seconds(trials, 2, 2 / 3, 1.0) == pytest.approx((2 * (6.0 - 2.5) - 2) / 2)
+    assert outside_slot_seconds(trials, 2) == pytest.approx((2 * 6.0 - 6) / 6)
+    assert outside_slot_seconds(trials, 2, 0.5, 0.5) is None
 
 
 def test_bench_sweep_bad_input_is_one_line_error():

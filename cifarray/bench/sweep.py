@@ -9,6 +9,12 @@ loop, evaluations and checkpoints included: summary.json's train_s), and the per
 trial's own timestamps: from entering the trial function (trial.json) to its final files (summary.json's
 finished_at), minus its training seconds. A trial that reuses an actor finds torch imported and the data set
 loaded; the first trial of each actor also waited for the actor's process to start, shown apart.
+
+What a long sweep costs per trial outside the trial function (the driver's bookkeeping, Tune's, the searcher's)
+is in slot-seconds: over a stretch of consecutive finishes, the slots (trials that may run at once) times the
+stretch's seconds, less the seconds the trials finishing in it spent inside the trial function, per trial. It is
+printed for the whole sweep and for its first tenth and its last 40 %, which differ when that cost grows with the
+sweep (`--trials 1000 --steps 4 --runners tune` shows it).
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ def _sweep(runner: str, args: argparse.Namespace, sweep_file: Path, out: Path) -
     trials = _trial_figures(out)
     if len(trials) != args.trials:
         raise RuntimeError(f"the {runner} sweep finished {len(trials)} of {args.trials} trials:\n{done.stdout[-2000:]}")
+    slots = args.max_concurrent or _cpus()
     first = {}
     for t_ in sorted(trials, key=lambda f: f["entered"]):
         first.setdefault(t_["pid"], t_)
@@ -97,7 +104,31 @@ def _sweep(runner: str, args: argparse.Namespace, sweep_file: Path, out: Path) -
     return {"runner": runner, "wall": wall, "train_s": sum(f["train_s"] for f in trials),
             "median": statistics.median(f["overhead"] for f in trials), "max": max(f["overhead"] for f in trials),
             "actors": len(first), "actor_start": statistics.median(starts) if starts else None,
-            "precision": trials[0]["precision"], "params": trials[0]["params"]}
+            "precision": trials[0]["precision"], "params": trials[0]["params"], "slots": slots,
+            "outside": outside_slot_seconds(trials, slots), "early": outside_slot_seconds(trials, slots, 0.0, 0.1),
+            "late": outside_slot_seconds(trials, slots, 0.6, 1.0)}
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def outside_slot_seconds(trials: list[dict], slots: int, start: float = 0.0, end: float = 1.0) -> float | None:
+    """Slot-seconds per trial spent outside the trial function, over the finishes from fraction `start` to `end`
+    of the sweep (in finishing order): slots x the stretch's seconds, less its trials' walls, per trial.
+
+    The stretch runs from the finish before its first trial (the sweep's first entry, for the first) to its last
+    finish. None when the stretch holds no trial."""
+    done = sorted(trials, key=lambda f: f["entered"] + f["wall"])
+    lo, hi = int(round(start * len(done))), int(round(end * len(done)))
+    if hi <= lo:
+        return None
+    since = min(f["entered"] for f in done) if lo == 0 else done[lo - 1]["entered"] + done[lo - 1]["wall"]
+    until = done[hi - 1]["entered"] + done[hi - 1]["wall"]
+    inside = sum(f["wall"] for f in done[lo:hi])
+    return (slots * (until - since) - inside) / (hi - lo)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
         start = f"{r['actor_start']:.1f} s" if r["actor_start"] is not None else "n/a"
         print(f"  {r['runner']:<7} {r['wall']:>8.1f} s {r['train_s']:>11.1f} s {r['median']:>20.1f} s "
               f"{r['max']:>4.1f} s {r['actors']:>6}  {start}")
+    for r in rows:
+        parts = [f"{r['outside']:.2f} for all {args.trials}"]
+        if r["early"] is not None and r["late"] is not None and args.trials >= 10:
+            parts.append(f"{r['early']:.2f} for the first tenth, {r['late']:.2f} for the last 40 %")
+        print(f"{r['runner']}: slot-s per trial outside the trial function ({r['slots']} slots): {'; '.join(parts)}")
     by = {r["runner"]: r for r in rows}
     if "tune" in by:
         print(f"in-actor overhead per trial: {by['tune']['median']:.1f} s")
