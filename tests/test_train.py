@@ -247,6 +247,31 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "whole")]
 
 
+@pytest.mark.slow
+def test_sigterm_stops_a_local_run_which_a_rerun_resumes_without_a_step_lost_or_repeated(tmp_path):
+    """The local runner trains in the driver: SIGTERM (Slurm's notice, `kill`) interrupts the step in progress,
+    the CLI says "interrupted" (exit 130) and releases the folder, and the same command resumes."""
+    out = tmp_path / "run"
+    cmd = train_cmd("densenet", out, *TINY, "--steps", "200", "--batch-size", "32", "--log-every", "10",
+                    "--checkpoint-every", "20", "--eval-every", "200")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        wait_for(lambda: last_checkpoint(out) >= 20, 120, proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and output.rstrip().endswith("interrupted"), output[-2000:]
+    assert "runner local" in output and not (out / "summary.json").exists() and not (out / LOCK_NAME).exists()
+    saved = last_checkpoint(out)
+    assert saved < 200, "the run ended before the signal: give it more steps"
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming (last checkpoint written: step {saved})" in again.stdout
+    assert [int(r["step"]) for r in metrics(out)] == list(range(10, 201, 10))  # none lost, none twice
+    assert {r["attempt"] for r in metrics(out)} == {"0", "1"}
+
+
 def test_checkpoints_ray_never_registered_are_dropped_and_nothing_without_a_snapshot(tmp_path):
     from cifarray.rundir import RunDir
     from cifarray.train.runfolder import RAY_RUN_NAME, drop_unregistered_checkpoints
