@@ -125,3 +125,22 @@ def write_py2_copy(root: Path, data) -> Path:
         (folder / name).write_bytes(raw)
     (folder / "meta").write_bytes(py2_cpickle.meta_file(data.fine_names, data.coarse_names))
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """Which tests share a test process when the suite runs on several (pytest-xdist, pyproject's addopts).
+
+    The tests on the real two-node Slurm (tests/slurmctl.py: fixed ports, one cluster at a time) run one after
+    another in one process, and first: together they take the longest, and they mostly wait (on Slurm, Ray's
+    start, polls), which the other process fills. A module whose module-scoped fixture is costly to build keeps its
+    tests in one process, so that the fixture is built once. Every other test goes to whichever process is free."""
+    first = []
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {name: d[-1].scope for name, d in (defs.name2fixturedefs.items() if defs else ())}
+        if "slurm" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+            first.append(item)
+        elif "module" in scopes.values():
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items[:] = first + [item for item in items if item not in first]
