@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
+# The suite runs on several processes (pytest-xdist) on as few as 2 cores: OpenMP threads that wait by spinning take
+# the cores from the other process's work. Set before torch loads OpenMP, here and in every process a test starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -127,6 +132,7 @@ def write_py2_copy(root: Path, data) -> Path:
     return folder
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Which tests share a test process when the suite runs on several (pytest-xdist, pyproject's addopts).
 

@@ -366,7 +366,7 @@ def test_missing_data_is_named_before_ray(tmp_path):
 def test_config_precedence_and_errors(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('steps = 100\nlr = 0.05\ngrowth-rate = 4\nblocks = [2, 2]\nsynthetic = true\n')
-    _, cfg, auto, _ = parse(["densenet", "--config", str(f), "--steps", "50"])
+    _, cfg, auto, *_ = parse(["densenet", "--config", str(f), "--steps", "50"])
     assert (cfg.steps, cfg.lr, cfg.growth_rate, cfg.blocks) == (50, 0.05, 4, (2, 2))  # CLI beats file
     assert not auto
     f.write_text('synthetic = true\nworkers = "auto"\n')  # sized once Ray is joined (cluster.scale_to_cluster)

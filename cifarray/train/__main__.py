@@ -47,8 +47,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--runner", choices=launch.RUNNERS, default="auto",
                        help="local: one worker in this process, no Ray; ray: a Ray Train TorchTrainer; auto "
                             "(default): local for one worker with no Ray cluster named, else ray")
-        p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else a "
-                                         "local one, or none with the local runner)")
+        p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (when not given: $RAY_ADDRESS, "
+                                         "else a local one, or none with the local runner)")
         add_arguments(p, family.config)
     return parser
 
