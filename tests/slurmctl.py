@@ -22,11 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-NODES = {"node1": 17001, "node2": 17002}
+# Fixed ports, outside both Ray's worker ports (10002-19999 by default: a Ray of another test process, the suite
+# running on several, once took slurmctld's port) and the kernel's ephemeral range (32768-60999 here).
+NODES = {"node1": 27001, "node2": 27002}
 CPUS_PER_NODE = 2
 GPUS_PER_NODE = 1
 MEM_PER_NODE = 6000
-CTLD_PORT = 16817
+CTLD_PORT = 26817
 PACKAGES = ("slurmctld", "slurmd", "sbatch", "munged", "mariadbd", "slurmdbd")
 
 
