@@ -1,17 +1,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-# The suite runs on several processes (pytest-xdist) on as few as 2 cores: OpenMP threads that wait by spinning take
-# the cores from the other process's work. Set before torch loads OpenMP, here and in every process a test starts.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -131,22 +126,3 @@ def write_py2_copy(root: Path, data) -> Path:
     (folder / "meta").write_bytes(py2_cpickle.meta_file(data.fine_names, data.coarse_names))
     return folder
 
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Which tests share a test process when the suite runs on several (pytest-xdist, pyproject's addopts).
-
-    The tests on the real two-node Slurm (tests/slurmctl.py: fixed ports, one cluster at a time) run one after
-    another in one process, and first: together they take the longest, and they mostly wait (on Slurm, Ray's
-    start, polls), which the other process fills. A module whose module-scoped fixture is costly to build keeps its
-    tests in one process, so that the fixture is built once. Every other test goes to whichever process is free."""
-    first = []
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {name: d[-1].scope for name, d in (defs.name2fixturedefs.items() if defs else ())}
-        if "slurm" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-            first.append(item)
-        elif "module" in scopes.values():
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items[:] = first + [item for item in items if item not in first]
