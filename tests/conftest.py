@@ -125,4 +125,3 @@ def write_py2_copy(root: Path, data) -> Path:
         (folder / name).write_bytes(raw)
     (folder / "meta").write_bytes(py2_cpickle.meta_file(data.fine_names, data.coarse_names))
     return folder
-

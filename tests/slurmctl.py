@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-# Fixed ports, outside both Ray's worker ports (10002-19999 by default: a Ray of another test process, the suite
-# running on several, once took slurmctld's port) and the kernel's ephemeral range (32768-60999 here).
+# Fixed ports, outside both Ray's worker ports (10002-19999 by default: any Ray running on this host may hold one)
+# and the kernel's ephemeral range (32768-60999 here).
 NODES = {"node1": 27001, "node2": 27002}
 CPUS_PER_NODE = 2
 GPUS_PER_NODE = 1

@@ -9,6 +9,7 @@ from the newest one that loads (`load_resume_point`), whichever runner wrote it.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from cifarray.rundir import RunDir
 
 CHECKPOINT_FILE = "state.pt"
+LOCAL_NAME = re.compile(r"checkpoint_\d{7}")  # the local runner's folders (Ray Train names its by date)
 
 
 def send_result(session, run: RunDir, metrics: dict[str, Any], state: dict[str, Any] | None, rank: int) -> None:
@@ -39,16 +41,21 @@ def send_result(session, run: RunDir, metrics: dict[str, Any], state: dict[str, 
 
 
 def checkpoint_candidates(latest: Path | None, also: Path | None = None) -> list[Path]:
-    """Every checkpoint folder beside the runner's newest one and in `also` (the run's own checkpoint folder), the
-    newest first.
+    """Where a run may resume from, in order: the runner's newest checkpoint folder, then every other folder beside
+    it and in `also` (the run's own checkpoint folder), the newest first.
 
-    By age, not by what the runner lists: a run that changed runner (`--runner local`, then Ray Train) resumes
-    from the newest checkpoint either wrote, and a checkpoint Ray Train persisted but never registered (its
-    worker killed before the controller's next poll) is newer than the one Ray names, and as good."""
+    One exception puts a folder before the runner's: one the local runner wrote (`checkpoint_<step>`) after it. A
+    run that went from Ray Train to the local runner and back resumes from the newest checkpoint, which Ray's own
+    record does not know. (Ray's folders that it persisted but never registered keep their place after its pick.)"""
     folders = {latest} if latest is not None else set()
     for parent in {p for p in (latest and latest.parent, also) if p is not None and p.is_dir()}:
         folders.update(d for d in parent.glob("checkpoint_*") if d.is_dir())
-    return sorted(folders, key=lambda d: (d.stat().st_mtime, d.name), reverse=True)
+    by_age = sorted(folders, key=lambda d: (d.stat().st_mtime, d.name), reverse=True)
+    if latest is None:
+        return by_age
+    since = latest.stat().st_mtime
+    head = [d for d in by_age if LOCAL_NAME.fullmatch(d.name) and d.stat().st_mtime > since] + [latest]
+    return head + [d for d in by_age if d not in head]
 
 
 def load_resume_point(latest: Path | None, say=None, also: Path | None = None) -> dict[str, Any] | None:
