@@ -72,10 +72,7 @@ def phases_of(marks: list[dict], spawned: float, exited: float) -> dict[str, flo
 
     A phase whose end mark the run may skip (SKIPPABLE) is None when skipped; the next phase starts where the
     one before it ended."""
-    at = {"spawn": spawned, "exit": exited}
-    for m in marks:
-        if m.get("rank", 0) == 0:
-            at.setdefault(m["mark"], m["t"])  # the first of each: one attempt
+    at = {"spawn": spawned, "exit": exited, **rank0_marks(marks)}
     missing = [end for _, _, end in PHASES if end not in at and end not in SKIPPABLE]
     if missing:
         raise RuntimeError(f"the run marked no {', '.join(missing)}: marks {sorted(at)}")
@@ -107,12 +104,19 @@ def _run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
             "runner": summary["runner"]}
 
 
-def gpu_rows(marks: list[dict]) -> dict[str, str]:
-    """Each GPU-only cost of one run, as the table shows it: seconds, or why there is none."""
-    at = {}
+def rank0_marks(marks: list[dict]) -> dict[str, float]:
+    """When each mark was first made by rank 0 (the rank that writes the files; a mark with no rank is the
+    driver's): the first of each, one attempt."""
+    at: dict[str, float] = {}
     for m in marks:
         if m.get("rank", 0) == 0:
             at.setdefault(m["mark"], m["t"])
+    return at
+
+
+def gpu_rows(marks: list[dict]) -> dict[str, str]:
+    """Each GPU-only cost of one run, as the table shows it: seconds, or why there is none."""
+    at = rank0_marks(marks)
     on_gpu = "cuda_ready" in at  # the engine marks it on a CUDA device
     rows = {}
     for name, start, end in GPU_ONLY:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cifarray.bench import machine
 from cifarray.errors import UserError
+from cifarray.train.cluster import local_resources
 from cifarray.tune.layout import TRIALS
 
 RUNNERS = ("tune", "train")
@@ -96,7 +97,7 @@ def _sweep(runner: str, args: argparse.Namespace, sweep_file: Path, out: Path) -
     trials = _trial_figures(out)
     if len(trials) != args.trials:
         raise RuntimeError(f"the {runner} sweep finished {len(trials)} of {args.trials} trials:\n{done.stdout[-2000:]}")
-    slots = args.max_concurrent or _cpus()
+    slots = args.max_concurrent or local_resources()["num_cpus"]  # what the sweep's local Ray counts
     first = {}
     for t_ in sorted(trials, key=lambda f: f["entered"]):
         first.setdefault(t_["pid"], t_)
@@ -107,12 +108,6 @@ def _sweep(runner: str, args: argparse.Namespace, sweep_file: Path, out: Path) -
             "precision": trials[0]["precision"], "params": trials[0]["params"], "slots": slots,
             "outside": outside_slot_seconds(trials, slots), "early": outside_slot_seconds(trials, slots, 0.0, 0.1),
             "late": outside_slot_seconds(trials, slots, 0.6, 1.0)}
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def outside_slot_seconds(trials: list[dict], slots: int, start: float = 0.0, end: float = 1.0) -> float | None:

@@ -40,6 +40,13 @@ def send_result(session, run: RunDir, metrics: dict[str, Any], state: dict[str, 
     run.write_json("last_checkpoint.json", {"step": state["step"]})
 
 
+def checkpoint_folders(*parents: Path | None) -> list[Path]:
+    """The checkpoint folders (checkpoint_*) in those of `parents` that exist, the newest first: by age, not by name
+    (Ray Train names its folders by date, the local runner by step, and both may share RUN_DIR/ray)."""
+    found = {d for p in parents if p is not None and p.is_dir() for d in p.glob("checkpoint_*") if d.is_dir()}
+    return sorted(found, key=lambda d: (d.stat().st_mtime, d.name), reverse=True)
+
+
 def checkpoint_candidates(latest: Path | None, also: Path | None = None) -> list[Path]:
     """Where a run may resume from, in order: the runner's newest checkpoint folder, then every other folder beside
     it and in `also` (the run's own checkpoint folder), the newest first.
@@ -47,10 +54,7 @@ def checkpoint_candidates(latest: Path | None, also: Path | None = None) -> list
     One exception puts a folder before the runner's: one the local runner wrote (`checkpoint_<step>`) after it. A
     run that went from Ray Train to the local runner and back resumes from the newest checkpoint, which Ray's own
     record does not know. (Ray's folders that it persisted but never registered keep their place after its pick.)"""
-    folders = {latest} if latest is not None else set()
-    for parent in {p for p in (latest and latest.parent, also) if p is not None and p.is_dir()}:
-        folders.update(d for d in parent.glob("checkpoint_*") if d.is_dir())
-    by_age = sorted(folders, key=lambda d: (d.stat().st_mtime, d.name), reverse=True)
+    by_age = checkpoint_folders(latest and latest.parent, also)
     if latest is None:
         return by_age
     since = latest.stat().st_mtime

@@ -72,10 +72,9 @@ def write_run(run: RunDir, resolved: dict, cfg) -> None:
 def check_checkpoints(run: RunDir) -> None:
     """Name each of the run's checkpoints that does not load (the workers skip it and resume from the one before);
     when none loads, a one-line error with the fix, before Ray starts."""
-    from cifarray.train.checkpoint import load_resume_point
+    from cifarray.train.checkpoint import checkpoint_folders, load_resume_point
 
-    found = sorted((d for d in (run.path / RAY_RUN_NAME).glob("checkpoint_*") if d.is_dir()),
-                   key=lambda d: d.stat().st_mtime, reverse=True)
+    found = checkpoint_folders(run.path / RAY_RUN_NAME)
     if found:
         load_resume_point(found[0], say=lambda line: print(line, flush=True))
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from cifarray.data.loader import PreparedData, data_identity, load_prepared
+from cifarray.train.checkpoint import checkpoint_folders
 from cifarray.train.runfolder import RAY_RUN_NAME
 
 
@@ -191,15 +192,13 @@ class LocalSession(Session):
             shutil.copytree(checkpoint_dir, partial)
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
-            # By age, not name: Ray Train's folders (named by date) may sit beside these after a change of runner.
-            folders = sorted((d for d in self.folder.glob("checkpoint_*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
-            for old in folders[:-self.keep]:
+            for old in checkpoint_folders(self.folder)[self.keep:]:  # Ray Train's too, after a change of runner
                 shutil.rmtree(old, ignore_errors=True)
         self.reports.append((dict(metrics), step, self.summary.is_file()))
 
     def latest_checkpoint(self) -> Path | None:
-        found = [d for d in self.folder.glob("checkpoint_*") if d.is_dir()] if self.folder.is_dir() else []
-        return max(found, key=lambda d: d.stat().st_mtime) if found else None
+        found = checkpoint_folders(self.folder)
+        return found[0] if found else None
 
 
 def _local(checkpoint: Any) -> Path | None:
