@@ -564,13 +564,18 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
         return next((t for t, info in trials_on(out, "node2").items() if t != on2 or info.get("attempt", 0) >= 1),
                     None)
     killed = wait_for(fresh_on_node2, 300, "another trial on node2\n" + job_logs(slurm, head))
-    def past_first_checkpoint():
+    attempt = str(trials_on(out, "node2")[killed].get("attempt", 0))
+
+    def past_a_checkpoint_on_node2():
+        # Checkpoints fall on multiples of 100 steps; the trial may have come with steps of an earlier attempt
+        # (the drained one, restored here), so the checkpoint must be one this attempt made.
         try:
             with open(out / "trials" / killed / "metrics.csv") as f:
-                return any(int(r["step"]) >= 150 for r in csv.DictReader(f))
+                steps = [int(r["step"]) for r in csv.DictReader(f) if r["attempt"] == attempt]
         except OSError:
             return False
-    wait_for(past_first_checkpoint, 120, "the trial on node2 past its first checkpoint")
+        return bool(steps) and max(steps) >= (steps[0] // 100 + 1) * 100 + 50
+    wait_for(past_a_checkpoint_on_node2, 180, "the trial on node2 past a checkpoint of its own there")
     for pid in ray_processes_of(f"/tmp/ray-{second}-join-node2"):
         try:
             os.kill(pid, 9)

@@ -758,7 +758,8 @@ def test_a_lost_node_is_given_back_to_the_trials_failure_budget_and_a_code_error
     from cifarray.tune.elastic import MAX_NODE_LOSSES, NodeLoss, Nodes
 
     def node(nid, name, alive=True):
-        return {"NodeID": nid, "Alive": alive, "Labels": {"slurm-node": name}, "Resources": {"CPU": 2}}
+        return {"NodeID": nid, "Alive": alive, "Labels": {"slurm-node": name}, "Resources": {"CPU": 2},
+                "NodeManagerAddress": f"10.0.0.{nid[1:]}"}
 
     cluster = [[node("n1", "node1"), node("n2", "node2")], set()]
     nodes = Nodes(read=lambda: (cluster[0], cluster[1]))
@@ -776,6 +777,7 @@ def test_a_lost_node_is_given_back_to_the_trials_failure_budget_and_a_code_error
     loss = NodeLoss()
     lost = trial("aaaa", "n3", 0)
     loss.seen(lost)
+    loss.reported(lost, lost.last_result)
     cluster[0] = [node("n1", "node1"), node("n2", "node2"), node("n3", "node3", alive=False)]
     error.write_text("Failure # 1\nActorDiedError: The actor died because its node has died.")
     lost.run_metadata.num_failures = 1  # as Tune counted it
@@ -784,6 +786,7 @@ def test_a_lost_node_is_given_back_to_the_trials_failure_budget_and_a_code_error
     assert lost.run_metadata.num_failures == 0  # given back
     code = trial("bbbb", "n1", 0)  # the training code raised on a node that lives on: its one retry is spent
     loss.seen(code)
+    loss.reported(code, code.last_result)
     error.write_text("Failure # 1\nRayTaskError(ValueError): boom")
     code.run_metadata.num_failures = 1
     assert loss.on_recover(code, nodes).startswith("trial bbbb failed and is retried from step 400")
@@ -794,6 +797,7 @@ def test_a_lost_node_is_given_back_to_the_trials_failure_budget_and_a_code_error
     drained = trial("cccc", "n2", 1)  # one failure of its own before
     drained.last_result["drained"] = 1
     loss.seen(drained)
+    loss.reported(drained, drained.last_result)
     error.write_text("Failure # 2\nThe actor died unexpectedly before finishing this task.")
     drained.run_metadata.num_failures = 2  # whether or not Tune counted it, the trial's budget is as before
     assert loss.on_recover(drained, nodes) == "trial cccc: node node2 drained; it continues from step 400 (its last " \
@@ -804,8 +808,24 @@ def test_a_lost_node_is_given_back_to_the_trials_failure_budget_and_a_code_error
     assert nodes.poll(force=True)[0].startswith("node node2 left (drained)")
     late = trial("dddd", "n2", 0)
     loss.seen(late)
+    loss.reported(late, late.last_result)
     error.write_text("Failure # 1\nThe actor died unexpectedly before finishing this task.")
     assert "trial dddd: node node2 drained" in loss.on_recover(late, nodes) and late.run_metadata.num_failures == 0
+    # A trial restored on node1 (Tune's last_result is now its checkpoint's: node2's drained save) loses node1
+    # before its first report there: the line names node1 from Ray's error, not the node2 of its last attempt.
+    cluster[0] = [node("n1", "node1", alive=False), node("n3", "node3", alive=False)]
+    nodes.poll(force=True)
+    loss.seen(drained)  # its retry started; nothing reported since
+    error.write_text("Failure # 3\nActorDiedError: The actor died unexpectedly before finishing this task.\n"
+                     "\tclass_name: ImplicitFunc\n\tip: 10.0.0.1\nThe actor is dead because its node has died.")
+    drained.run_metadata.num_failures = 2
+    assert loss.on_recover(drained, nodes) == "trial cccc: node node1 lost; it continues from step 400 (its last " \
+                                              "checkpoint) on another node"
+    assert drained.run_metadata.num_failures == 1
+    loss.seen(drained)  # and once more, where Ray's error names no IP that one node had
+    error.write_text("Failure # 4\nThe actor is dead because its node has died.")
+    drained.run_metadata.num_failures = 2
+    assert loss.on_recover(drained, nodes).startswith("trial cccc: its node lost; it continues from step 400")
     for _ in range(MAX_NODE_LOSSES + 1):  # a trial that loses every node it gets is stopped in the end
         lost.run_metadata.num_failures += 1
         loss.on_recover(lost, nodes)

@@ -152,6 +152,7 @@ class SweepConsole(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.trials = trials
+        self.node_loss.reported(trial, result)
         if result.get("drained"):
             self._event(f"trial {trial.trial_id} saved at step {result.get('step')} on draining "
                         f"{self.nodes.name(result.get('ray_node'))}")

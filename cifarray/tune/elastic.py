@@ -7,13 +7,16 @@
   notice (raylet killed, machine gone) is reported as an actor that died or is unavailable, and Tune counts it
   against `max_failures`: a trial could lose one node in its whole life. Such a failure is given back here (at
   most MAX_NODE_LOSSES times a trial, so that a trial that kills its own process every time still ends), while an
-  error raised by the training code still spends the trial's one retry.
+  error raised by the training code still spends the trial's one retry. Where the trial was is read from its own
+  reports in the attempt that failed: after a restore Tune's `last_result` is the restored checkpoint's, which
+  names the node of an earlier attempt (and says "drained" if that one was).
 - `quiet_node_losses` keeps Tune's traceback of a lost actor out of the job log: the sweep says it in one line.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -37,6 +40,7 @@ class Nodes:
         self.draining: set[str] = set()
         self.gone: dict[str, str] = {}  # id -> name of nodes that left
         self.drained: set[str] = set()  # ids of nodes that were draining: alive, or gone since
+        self.addresses: dict[str, str] = {}  # id -> IP of every node seen
         self._at = 0.0
 
     def poll(self, force: bool = False) -> list[str]:
@@ -50,6 +54,7 @@ class Nodes:
         except Exception:  # the GCS is briefly unreachable: try again at the next poll
             return []
         nodes = {n["NodeID"]: n for n in found}
+        self.addresses.update({nid: n["NodeManagerAddress"] for nid, n in nodes.items() if n.get("NodeManagerAddress")})
         alive = {nid: (node_name(n), n.get("Resources", {}).get("CPU", 0), n.get("Resources", {}).get("GPU", 0))
                  for nid, n in nodes.items() if n.get("Alive")}
         lines = []
@@ -80,6 +85,11 @@ class Nodes:
             return f"node {self.alive[node_id][0]}"
         return f"node {self.gone.get(node_id, node_id[:8])}"
 
+    def name_at(self, ip: str | None) -> str:
+        """The node at `ip`, where the nodes seen there all had one name (a node can join again), else 'its node'."""
+        names = {self.name(nid) for nid, address in self.addresses.items() if ip and address == ip}
+        return names.pop() if len(names) == 1 else "its node"
+
 
 def _read_cluster() -> tuple[list[dict], set[str]]:
     import ray
@@ -94,13 +104,19 @@ class NodeLoss:
     def __init__(self) -> None:
         self.counted: dict[str, int] = {}
         self.given_back: dict[str, int] = {}
+        self.reports: dict[str, dict] = {}  # trial id -> its newest result in its current attempt
 
     def seen(self, trial: Any) -> None:
+        """An attempt of `trial` starts: it has reported nothing yet."""
         self.counted.setdefault(trial.trial_id, trial.run_metadata.num_failures)
+        self.reports.pop(trial.trial_id, None)
+
+    def reported(self, trial: Any, result: dict) -> None:
+        self.reports[trial.trial_id] = result
 
     def on_recover(self, trial: Any, nodes: Nodes) -> str:
         """Called as Tune retries `trial`: give a lost node back to its budget; the line that says what happened."""
-        last = trial.last_result or {}
+        last = self.reports.pop(trial.trial_id, None) or {}  # {}: it failed before its first report
         node = last.get("ray_node")
         error = _last_failure(trial)
         nodes.poll(force=True)
@@ -117,7 +133,9 @@ class NodeLoss:
         self.counted[trial.trial_id] = trial.run_metadata.num_failures
         if lost:
             how = "drained" if drained else "lost"
-            return f"trial {trial.trial_id}: {nodes.name(node)} {how}; it continues from {whence} on another node"
+            # With no report in this attempt, Ray's error names the dead actor's IP (`\tip: ...`).
+            where = nodes.name(node) if node else nodes.name_at(_failed_ip(error))
+            return f"trial {trial.trial_id}: {where} {how}; it continues from {whence} on another node"
         return f"trial {trial.trial_id} failed and is retried from {whence}: its error is in {trial.local_path}"
 
 
@@ -127,6 +145,11 @@ def _checkpoint_step(trial: Any) -> int | None:
         return int(result.metrics.get("step")) if result is not None else None
     except Exception:
         return None
+
+
+def _failed_ip(error: str) -> str | None:
+    found = re.search(r"^\s*ip: (\S+)", error, re.MULTILINE)
+    return found.group(1) if found else None
 
 
 def _last_failure(trial: Any) -> str:
