@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,17 @@ def write_py2_copy(root: Path, data) -> Path:
         (folder / name).write_bytes(raw)
     (folder / "meta").write_bytes(py2_cpickle.meta_file(data.fine_names, data.coarse_names))
     return folder
+
+
+def snapshot_status(out: Path, trial_id: str) -> str | None:
+    """A trial's status in Tune's newest experiment snapshot (OUT/tune/experiment_state-*.json)."""
+    for state in sorted((out / "tune").glob("experiment_state-*.json"), reverse=True):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue  # being replaced
+        for data in trials:
+            info = json.loads(data[0])
+            if info.get("trial_id") == trial_id:
+                return info.get("status")
+    return None

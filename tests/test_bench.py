@@ -142,6 +142,10 @@ def test_bench_sweep_runs_the_same_sweep_with_each_runner_and_prints_overhead_an
         outside = re.search(rf"^{runner}: slot-s per trial outside the trial function \((\d+) slots\): (-?\d+\.\d\d) "
                             r"for all 2$", out, re.M)
         assert outside and int(outside.group(1)) >= 1, out
+        # What a resume needs stays in OUT/tune: Tune's experiment state, not the ended trials' checkpoints.
+        stored = re.search(rf"^{runner}: OUT/tune after the sweep: ([\d.]+) MB \(experiment state ([\d.]+) MB, "
+                           r"checkpoints ([\d.]+) MB, trial logs ([\d.]+) MB\)$", out, re.M)
+        assert stored and stored.group(3) == "0.0", out
 
 
 def test_slot_seconds_outside_the_trial_function_count_the_idle_slots_per_trial():

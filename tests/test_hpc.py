@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, digest
+from conftest import REPO, digest, snapshot_status
 from slurmctl import Slurm, SlurmUnavailable
 
 from hpc import ray_cluster
@@ -256,7 +256,8 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
         except OSError:
             return None
     first = wait_for(completed, 300, "a completed trial")
-    time.sleep(3)  # Tune snapshots its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
+    # Requeued once Tune's experiment snapshot (Tune's adaptive period: 10 s or more) holds them as finished.
+    wait_for(lambda: all(snapshot_status(out, t) == "TERMINATED" for t in first), 60, "Tune's snapshot of them")
     before = {t: digest(out / "trials" / t / "metrics.csv") for t in first}
     slurm.run(["scontrol", "requeue", job])
     slurm.wait_state(job, {"PENDING"}, 120)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, digest, run_cli_here, run_module
+from conftest import REPO, digest, run_cli_here, run_module, snapshot_status
 
 CI_SWEEP = REPO / "sweeps" / "ci_densenet.toml"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -119,20 +120,6 @@ def wait_until(predicate, timeout: float):
     raise AssertionError(f"timed out after {timeout} s")
 
 
-def snapshot_status(out: Path, trial_id: str) -> str | None:
-    """A trial's status in Tune's newest experiment snapshot (OUT/tune/experiment_state-*.json)."""
-    for state in sorted((out / "tune").glob("experiment_state-*.json"), reverse=True):
-        try:
-            trials = json.loads(state.read_text())["trial_data"]
-        except (OSError, ValueError, KeyError):
-            continue  # being replaced
-        for data in trials:
-            info = json.loads(data[0])
-            if info.get("trial_id") == trial_id:
-                return info.get("status")
-    return None
-
-
 def http_json(url: str):
     """The JSON a local server answers with, or None while it does not answer yet."""
     import urllib.error
@@ -226,14 +213,17 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
             time.sleep(0.1)
         assert finished and first.poll() is None, "no trial completed while the sweep ran"
         started |= descendants(first.pid)
-        # The next trial trains in seconds: freeze its actor (SIGSTOP) until Tune's experiment snapshot (every 2 s)
+        # The next trial trains in seconds: freeze its actor (SIGSTOP) until Tune's experiment snapshot (10 s or more apart)
         # holds the finished trials, so that the kill lands mid-sweep whatever the machine's speed.
         running = out / "trials" / sorted(others)[0] / "trial.json"
         pid = wait_until(lambda: running.is_file() and json.loads(running.read_text())["pid"], 30)
         os.kill(pid, signal.SIGSTOP)
         started.add(pid)
-        wait_until(lambda: all(snapshot_status(out, t["trial_id"]) == "TERMINATED" for t in finished), 30)
+        wait_until(lambda: all(snapshot_status(out, t["trial_id"]) == "TERMINATED" for t in finished), 60)
         before = {t["trial_id"]: digest(out / "trials" / t["trial_id"] / "metrics.csv") for t in finished}
+        # A trial that has ended keeps no Tune checkpoint (a resume never continues it); the running one keeps its.
+        for t in finished:
+            assert [d.name for d in (out / "tune").glob(f"*_{t['trial_id']}_*/checkpoint_*")] == [], t
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
     finally:
@@ -296,6 +286,7 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
         assert json.loads((out / "trials" / t["trial_id"] / "summary.json").read_text())["test_acc"] is None
     for name in ("val_vs_params.png", "learning_curves.png"):
         assert (out / name).read_bytes()[:8] == PNG
+    assert len(list((out / "tune").glob("*/params.json"))) >= 4 and not list((out / "tune").glob("*/checkpoint_*"))
     assert "Traceback" not in result.stderr
     assert "sweep done" in result.stdout and "0 on infeasible configs" in result.stdout
     # The Optuna study (OUT/optuna.journal) holds every trial, the killed run's and the resumed run's, each once, with
@@ -394,6 +385,56 @@ def test_a_resumed_sweeps_unfinished_trial_asks_for_what_the_new_plan_gives_a_tr
         ResumableASHA._follow_plan(t)
     assert unfinished.placement_group_factory.required_resources == {"CPU": 1}
     assert running.placement_group_factory.required_resources == {"CPU": 4}
+
+
+def test_the_console_writes_trials_csv_at_most_once_a_second_and_drops_an_ended_trials_checkpoints(tmp_path,
+                                                                                                monkeypatch):
+    """trials.csv holds every trial, so writing it on every result made a long sweep's cost per trial grow with its
+    size: it is written at most once per WRITE_EVERY seconds, and always at the end. An ended trial's Tune
+    checkpoints go (a resume never continues it); a running trial's stay."""
+    from rich.console import Console
+
+    from cifarray.tune import console as console_mod
+    from cifarray.tune.console import SweepConsole
+    from cifarray.tune.sweep import load
+
+    clock = [1000.0]
+    monkeypatch.setattr(console_mod.time, "time", lambda: clock[0])
+    writes = []
+    write_trials = console_mod.write_trials
+    monkeypatch.setattr(console_mod, "write_trials", lambda *a, **k: writes.append(clock[0]) or write_trials(*a, **k))
+    view = SweepConsole(str(tmp_path), load(CI_SWEEP), "val_acc", "max", "validation accuracy", total=2,
+                        console=Console(file=io.StringIO()), live=False)
+    folders = []
+    for n in (1, 2):
+        folders.append(tmp_path / "tune" / f"run_trial_aaaa000{n}_{n}")
+        for step in (20, 40):
+            (folders[-1] / f"checkpoint_00000{step // 20}").mkdir(parents=True)
+    trials = [SimpleNamespace(trial_id=f"aaaa000{n}", status="RUNNING", local_path=str(f), path=str(f),
+                              run_metadata=SimpleNamespace(num_failures=0),
+                              config={"batch_size": 32, "lr": 0.1, "growth_rate": 4, "num_blocks": 2, "layers_0": 1,
+                                      "layers_1": 1, "params": 2000, "infeasible": ""},
+                              last_result={"step": 0}, metric_analysis={}) for n, f in zip((1, 2), folders)]
+    view.on_trial_start(0, trials, trials[0])
+    assert writes == [1000.0]
+    for step in range(1, 200):  # 199 results within the same second: no write
+        trials[0].last_result = {"step": step, "val_acc": step / 1000}
+        view.on_trial_result(0, trials, trials[0], trials[0].last_result)
+        view.on_step_end(0, trials)
+    assert writes == [1000.0]
+    clock[0] += console_mod.WRITE_EVERY
+    view.on_step_end(0, trials)  # the second has passed: what changed is written, once
+    view.on_step_end(0, trials)
+    assert writes == [1000.0, 1001.0]
+    assert [r["steps"] for r in rows(tmp_path / "trials.csv")] == ["199", "0"]
+    trials[0].last_result = {"step": 200, "val_acc": 0.3}
+    view.on_trial_complete(0, trials, trials[0])
+    trials[0].status = "TERMINATED"
+    assert not list(folders[0].glob("checkpoint_*")) and len(list(folders[1].glob("checkpoint_*"))) == 2
+    view.on_experiment_end(trials)  # at the end, written whatever the clock says
+    assert writes == [1000.0, 1001.0, 1001.0]
+    assert {r["trial_id"]: (r["status"], r["steps"]) for r in rows(tmp_path / "trials.csv")} == {
+        "aaaa0001": ("complete", "200"), "aaaa0002": ("running", "0")}
 
 
 def test_console_renders_the_trial_table_and_header():

@@ -31,7 +31,7 @@ from pathlib import Path
 from cifarray.bench import machine
 from cifarray.errors import UserError
 from cifarray.train.cluster import local_resources
-from cifarray.tune.layout import TRIALS
+from cifarray.tune.layout import EXPERIMENT, TRIALS
 
 RUNNERS = ("tune", "train")
 
@@ -98,6 +98,7 @@ def _sweep(runner: str, args: argparse.Namespace, sweep_file: Path, out: Path) -
     if len(trials) != args.trials:
         raise RuntimeError(f"the {runner} sweep finished {len(trials)} of {args.trials} trials:\n{done.stdout[-2000:]}")
     slots = args.max_concurrent or local_resources()["num_cpus"]  # what the sweep's local Ray counts
+    stored = tune_storage(out)
     first = {}
     for t_ in sorted(trials, key=lambda f: f["entered"]):
         first.setdefault(t_["pid"], t_)
@@ -107,7 +108,20 @@ def _sweep(runner: str, args: argparse.Namespace, sweep_file: Path, out: Path) -
             "actors": len(first), "actor_start": statistics.median(starts) if starts else None,
             "precision": trials[0]["precision"], "params": trials[0]["params"], "slots": slots,
             "outside": outside_slot_seconds(trials, slots), "early": outside_slot_seconds(trials, slots, 0.0, 0.1),
-            "late": outside_slot_seconds(trials, slots, 0.6, 1.0)}
+            "late": outside_slot_seconds(trials, slots, 0.6, 1.0), "stored": stored}
+
+
+def tune_storage(out: Path) -> dict[str, int]:
+    """Bytes left in OUT/tune (Tune's experiment folder) once the sweep has ended, by what holds them."""
+    sizes = {"experiment state": 0, "checkpoints": 0, "trial logs": 0}
+    for path in (out / EXPERIMENT).rglob("*"):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(out / EXPERIMENT).parts
+        kind = ("checkpoints" if any(p.startswith("checkpoint_") for p in rel) else
+                "trial logs" if len(rel) > 1 else "experiment state")
+        sizes[kind] += path.stat().st_size
+    return sizes
 
 
 def outside_slot_seconds(trials: list[dict], slots: int, start: float = 0.0, end: float = 1.0) -> float | None:
@@ -153,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
         if r["early"] is not None and r["late"] is not None and args.trials >= 10:
             parts.append(f"{r['early']:.2f} for the first tenth, {r['late']:.2f} for the last 40 %")
         print(f"{r['runner']}: slot-s per trial outside the trial function ({r['slots']} slots): {'; '.join(parts)}")
+    for r in rows:
+        held = r["stored"]
+        print(f"{r['runner']}: OUT/tune after the sweep: {sum(held.values()) / 1e6:.1f} MB (" +
+              ", ".join(f"{kind} {n / 1e6:.1f} MB" for kind, n in held.items()) + ")")
     by = {r["runner"]: r for r in rows}
     if "tune" in by:
         print(f"in-actor overhead per trial: {by['tune']['median']:.1f} s")

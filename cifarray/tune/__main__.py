@@ -36,6 +36,7 @@ from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
 from cifarray.tune.planning import Live, Plan, plan_on_cluster, trial_workers
 from cifarray.tune.runners import RUNNERS, TrialRunner, trial_runner
 
+KEEP = 3  # Tune checkpoints kept per running trial (see `tuner`)
 RESUME_KEYS = ("data_dir", "synthetic", "no_verify", "workers_per_trial", "gpus_per_trial", "cpus_per_trial",
                "max_concurrent", "trials", "trial_runner")  # what --resume reads back from OUT when not given again
 
@@ -249,8 +250,11 @@ def _check_data(args: TuneArgs) -> None:
 
 def launch(args: TuneArgs) -> int:
     """Plan on the cluster, write the experiment, run it (or resume it), and summarise it."""
-    # Tune snapshots the experiment at most this often; a killed sweep loses at most these seconds of bookkeeping.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune's experiment snapshot holds every trial, so its cost grows with the sweep: Tune's own adaptive period (10 s
+    # or more, at most ~5 % of the driver's time) keeps that cost per trial flat, where a fixed 2 s did not (a
+    # 1,000-trial profile, docs/BENCHMARKS.md). A SIGKILLed sweep loses that much bookkeeping, no training: a trial
+    # that finished after the snapshot reports from its run folder on resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "auto")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
@@ -341,11 +345,14 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
     (out / args.study).unlink(missing_ok=True)  # left by a start that never made an experiment: not this sweep's
     console = SweepConsole(str(out), sweep, goal.metric, goal.mode, goal.label, args.n_trials,
                            concurrent=placed.concurrent)
-    # In-actor trials checkpoint through Tune (OUT/tune/<trial>/checkpoint_*): the two newest are kept, as Ray
-    # Train keeps them for TorchTrainer trials (their checkpoints live in OUT/trials/<id>/ray).
+    # In-actor trials checkpoint through Tune (OUT/tune/<trial>/checkpoint_*), TorchTrainer trials through Ray Train
+    # (OUT/trials/<id>/ray, the two newest). Tune keeps a trial's KEEP newest while it runs (the console removes
+    # them once it has ended), and snapshots the whole experiment whenever one trial has checkpointed KEEP times
+    # since the last snapshot, so that the snapshot never names a deleted checkpoint: at 2, every short trial
+    # forced a snapshot of every trial, a cost per trial that grew with the sweep.
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[console],
                                 failure_config=tune.FailureConfig(max_failures=1),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP))
     sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, max(2, args.n_trials // 3)))
     search = AllocationLimiter(StoredOptunaSearch(space=SpaceSampler(sweep), metric=goal.metric, mode=goal.mode,
                                                   sampler=sampler, study_name=Path(sweep.source).stem),

@@ -2,7 +2,7 @@
 
 - `InActor` (`tune`): a one-worker trial trains in its own Tune actor, which Tune reuses for the next trial
   (imports, the CUDA context and the data set are then paid once per actor). Its checkpoints are Tune's
-  (OUT/tune/<trial>/checkpoint_*).
+  (OUT/tune/<trial>/checkpoint_*), which the sweep's console removes once the trial has ended.
 - `ThroughTrainer` (`train`): the trial's actor is a driver that builds and fits a TorchTrainer (DDP workers, the
   Ray 2.60 Train + Tune pattern). Its checkpoints are Ray Train's (OUT/trials/<id>/ray), whose unregistered
   folders are removed once the trial has finished.

@@ -36,6 +36,8 @@ parameter budget at all.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +104,12 @@ class Sweep:
     def rules(self) -> SweepRules:
         return self.family.sweep.rules
 
-    @property
+    @functools.cached_property
     def base(self) -> Any:
-        """The fixed settings as a full training config (defaults filled in), procedural data assumed."""
+        """The fixed settings as a full training config (defaults filled in), procedural data assumed.
+
+        Made once: the console reads `steps` for every trial at every write of trials.csv, and building a config
+        per read made that write grow with the square of the sweep (a profile of a 400-trial sweep's driver)."""
         return self.config_for({})
 
     @property
@@ -277,7 +282,7 @@ def _with_asha(sweep: Sweep, asha: dict[str, Any], source: str) -> Sweep:
                         f"{sweep.eval_every}: trials report every eval_every steps; lower eval_every")
     if not isinstance(rf, int) or rf < 2:
         raise UserError(f"{source}: [asha] reduction_factor must be an integer >= 2, got {rf!r}")
-    return Sweep(**{**sweep.__dict__, "grace_period": grace, "reduction_factor": rf})
+    return dataclasses.replace(sweep, grace_period=grace, reduction_factor=rf)
 
 
 def load(path: str | Path) -> Sweep:
