@@ -22,6 +22,7 @@ from rich.text import Text
 
 from ray.tune import Callback
 
+from cifarray.train.checkpoint import checkpoint_folders
 from cifarray.tune.elastic import NodeLoss, Nodes, quiet_node_losses
 from cifarray.tune.layout import DONE
 from cifarray.tune.results import resources_line, trial_status, write_trials
@@ -198,7 +199,7 @@ class SweepConsole(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.trials = trials
-        self._changed()
+        self._dirty = True
         self._write(now=True)
         if self._live is not None:
             self._render()
@@ -243,7 +244,7 @@ def drop_checkpoints(trial: Any) -> None:
     path = getattr(trial, "path", None)
     if not path or "://" in str(path):  # Tune's storage is OUT, a local or shared file system; nothing else is ours
         return
-    for folder in Path(path).glob("checkpoint_*"):
+    for folder in checkpoint_folders(Path(path)):
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -51,10 +51,10 @@ def _best(rows: list[dict[str, str]], metric: str, mode: str) -> float | None:
 
 def trial_records(out: Path, sweep: Any, trials: list, metric: str, mode: str, exact: bool) -> list[dict[str, Any]]:
     """One record per trial. exact: read run folders (steps, best objective) instead of Tune's view."""
-    records, max_steps = [], sweep.steps
+    records = []
     for t in sorted(trials, key=lambda t: t.trial_id):
         config = dict(t.config)
-        status = trial_status(t, max_steps)
+        status = trial_status(t, sweep.steps)
         sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
         overrides = sweep.overrides(sampled)
         result = t.last_result or {}
