@@ -24,9 +24,11 @@ run: $(STAMP)
 		$(if $(wildcard $(RUN)/tune),--resume,)
 	$(PY) -m cifarray.data check $(RUN)/data --no-verify
 
-## The whole test suite, slow tests included (CI runs exactly this).
+## The whole test suite, slow tests included (CI runs exactly this), on two processes (pytest-xdist; the
+## grouping is tests/conftest.py's): the Slurm tests wait on Slurm about half of their time.
+TEST_PROCS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_PROCS)
 
 bench: $(STAMP)
 	$(PY) -m cifarray.bench augment

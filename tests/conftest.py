@@ -84,7 +84,11 @@ def synthetic_cache(tmp_path_factory) -> Path:
     Set in os.environ, so that the CLIs the tests start inherit it."""
     import os
 
-    path = tmp_path_factory.mktemp("cifarray-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for the run's workers: each set is made once
+        path = tmp_path_factory.getbasetemp().parent / "cifarray-cache"  # (synthetic_for_run renames it in)
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("cifarray-cache")
     os.environ["CIFARRAY_CACHE"] = str(path)
     return path
 
@@ -140,3 +144,35 @@ def snapshot_status(out: Path, trial_id: str) -> str | None:
             if info.get("trial_id") == trial_id:
                 return info.get("status")
     return None
+
+
+# `make test` runs the suite on two processes (pytest-xdist). Whole files go to one process where their tests share
+# an expensive module fixture: the real Slurm cluster, on fixed ports (tests/slurmctl.py), and the trained models
+# of the learning and FID tests; every other test goes wherever a process is free. (`--dist loadgroup` with
+# xdist_group marks would say the same, but on pytest 9.2 it silently stops grouping: pytest-xdist#1386.)
+WHOLE_FILES = ("tests/test_hpc.py", "tests/test_synth_learnable.py", "tests/test_fid.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """On xdist's processes: the slow tests first, so that the last minutes are not one long test beside an idle
+    process (xdist hands out the whole files above first: its largest units)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # the suite also runs on one process without xdist
+    pass
+else:
+    class WholeFilesScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in WHOLE_FILES else nodeid
+
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "load":  # what `-n N` uses unless told otherwise
+            return WholeFilesScheduling(config, log)
+        return None
