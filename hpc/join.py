@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +36,8 @@ from pathlib import Path
 
 from hpc.errors import UserError, run_cli
 from hpc.ray_cluster import (CLUSTER_FILE, START_ATTEMPTS, STARTED, STOP_GRACE_S, _ignore_stop_signals, keep_logs,
-                             log, log_since, log_size, failure_line, ray_env, start_node, stop, temp_dir)
+                             log, log_since, log_size, failure_line, ray_env, remove_temp_dir, start_node, stop,
+                             temp_dir)
 from hpc.slurm import Allocation, cpus_on_node, gpus_on_node, node_ip, signal_step
 
 SWEEP_CLUSTER = "ray-cluster.json"  # in a sweep's OUT: the Ray cluster it runs on (written by the sweep's driver)
@@ -161,7 +161,7 @@ def _join_this_node(out: Path, info: dict, alloc: Allocation, notice: Notice) ->
     env = ray_env(token_file)
     ip, node = node_ip(alloc.this_node), alloc.this_node
     job_dir = Path(info.get("job_dir") or out)
-    tmp = temp_dir(alloc.job_id, f"join-{node}")
+    tmp = temp_dir(alloc.job_id, alloc.restart_count)
     log_file = job_dir / f"ray-join-{alloc.job_id}-{node}.log"
     cpus, gpus = cpus_on_node(), gpus_on_node()
     proc = None
@@ -193,7 +193,7 @@ def _join_this_node(out: Path, info: dict, alloc: Allocation, notice: Notice) ->
         _ignore_stop_signals()
         stop(proc, STOP_GRACE_S, "the Ray worker")
         keep_logs(tmp, job_dir, f"join-{alloc.job_id}-{node}", alloc.restart_count)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp_dir(tmp)
         log(f"{node} left the sweep in {out}")
 
 

@@ -4,10 +4,11 @@
 
 Run by the batch step (the job's first node): a Ray head here, one Ray worker on each other node
 (one srun step), CPUs and GPUs as Slurm allocated them, ports picked free on each node so that
-two jobs sharing a node never collide, a short temp dir per node (Ray's socket paths must stay
-under 107 bytes). Token authentication is on: a random token in a 0600 file in the job's folder
-(~/.hpc-ray/jobs/<job id>/, or $HPC_JOBS_DIR/<job id>), so other users of the cluster cannot
-run code on this job's Ray cluster. When every node has joined, CMD runs with RAY_ADDRESS and
+two jobs sharing a node never collide, Ray's temp dir on each node inside a fresh private root (0700, a
+name nobody can predict, short enough for Ray's 107-byte socket paths). Token authentication is on: a random token
+in a 0600 file in the job's folder (~/.hpc-ray/jobs/<job id>/, or $HPC_JOBS_DIR/<job id>), checked
+at the head before the log says so, so other users of the cluster cannot run code on this job's Ray
+cluster. When every node has joined, CMD runs with RAY_ADDRESS and
 the token set; its exit status is this command's. Everything is torn down when CMD ends and on
 SIGTERM/SIGINT/SIGHUP (scancel, requeue, preemption, the --signal before the time limit); each node's
 Ray logs are then copied from its temp dir into the job's folder (ray-logs/<node>).
@@ -16,14 +17,18 @@ Ray logs are then copied from its temp dir into the job's folder (ray-logs/<node
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,9 +42,14 @@ TOKEN_FILE = "token"
 LOGS_DIR = "ray-logs"  # each node's Ray session logs, copied here at teardown (keep_logs)
 SOCKET_PATH_MAX = 107
 SESSION_SUFFIX = len("/session_2026-11-25_22-16-44_882869_4194304/sockets/plasma_store")
+MKDTEMP_CHARS = 8  # the random part of a tempfile.mkdtemp name
+RAY_DIR = "ray"  # Ray's temp dir, inside the job's private root on the node (temp_dir)
 NODE_PORTS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
 HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
+# The head's two Prometheus endpoints have no flag, only these variables, and fixed defaults (44227, 44217) that two
+# jobs on one node would collide on: picked per job too.
+HEAD_PORT_VARS = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
 WORKER_STEP = "ray-workers"
 INTERRUPTED = 130  # exit status when SIGTERM/SIGINT stopped the cluster (scancel, requeue, preemption)
 STOP_GRACE_S = 30  # `ray start --block` drains (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S) before it stops its processes
@@ -69,13 +79,65 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def temp_dir(job_id: str, role: str) -> Path:
+def temp_dir(job_id: str, restart_count: int) -> Path:
+    """This node's Ray temp dir (its --temp-dir), RAY_DIR inside a fresh private root made now by tempfile.mkdtemp:
+    mode 0700 and a name nobody can predict. Ray makes its temp dir and its session, sockets and logs folders mode
+    777 (ray._common.utils.try_to_create_directory); inside the private root, other users of the node can neither
+    read them nor replace a socket, and a folder or link planted beforehand at a name like it is never used. The
+    caller removes the root at teardown (remove_temp_dir); what an earlier run of a requeued job left (Slurm may
+    SIGKILL a teardown) is removed here, when it is this user's and private. Refused in one line, before anything
+    starts: an $HPC_RAY_TMP that is not a folder, that others may write to without the sticky bit (they could rename
+    this folder away: /tmp itself is fine), or that is too long for Ray's socket paths."""
     base = Path(os.environ.get("HPC_RAY_TMP") or "/tmp")
-    path = base / f"ray-{job_id}-{role}"
-    if len(str(path)) + SESSION_SUFFIX > SOCKET_PATH_MAX:
-        raise UserError(f"Ray temp dir {path} is too long for Ray's socket paths (max {SOCKET_PATH_MAX} bytes "
-                        "in all); set HPC_RAY_TMP to a short node-local folder such as /tmp")
-    return path
+    prefix = f"ray-{job_id}-r{restart_count}-"  # no role (head, a node's name): Ray's socket paths must stay short
+    try:
+        st = base.stat()
+    except OSError as exc:
+        raise UserError(f"HPC_RAY_TMP {base} cannot be used ({exc.strerror}); set it to a node-local folder such as "
+                        "/tmp") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"HPC_RAY_TMP {base} is not a folder; set it to a node-local folder such as /tmp")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UserError(f"HPC_RAY_TMP {base} can be written by other users and has no sticky bit, so they could "
+                        f"move this job's Ray folder away; use /tmp, or a folder only you can write "
+                        f"(chmod go-w {base})")
+    if len(str(base / prefix)) + MKDTEMP_CHARS + len(f"/{RAY_DIR}") + SESSION_SUFFIX > SOCKET_PATH_MAX:
+        raise UserError(f"Ray temp dir {base / prefix}... is too long for Ray's socket paths (max {SOCKET_PATH_MAX} "
+                        "bytes in all); set HPC_RAY_TMP to a short node-local folder such as /tmp")
+    _remove_earlier_runs(base, job_id, restart_count)
+    try:
+        root = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+        (root / RAY_DIR).mkdir()
+        return root / RAY_DIR
+    except OSError as exc:
+        raise UserError(f"cannot make Ray's temp dir in HPC_RAY_TMP {base} ({exc.strerror}); set HPC_RAY_TMP to a "
+                        "node-local folder you can write, such as /tmp") from None
+
+
+def remove_temp_dir(tmp: Path) -> None:
+    """A node's Ray temp dir (temp_dir's), with the private root it sits in."""
+    shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _remove_earlier_runs(base: Path, job_id: str, restart_count: int) -> None:
+    """The temp dirs of this job's earlier runs on this node (a requeue's processes are all gone before it starts
+    again), and only those: this user's own 0700 folders, never followed through a link."""
+    earlier = re.compile(rf"ray-{re.escape(job_id)}-r(\d+)-[^/]{{{MKDTEMP_CHARS}}}")
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        found = earlier.fullmatch(entry.name)
+        if not found or int(found.group(1)) >= restart_count:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log(f"removed {entry.path}: run {found.group(1)} of this job was stopped before its teardown")
 
 
 def ray_env(token_file: Path) -> dict[str, str]:
@@ -116,29 +178,52 @@ def start_node(*, head: str | None, dashboard: str | None, ip: str, node: str, c
                log_file: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict[str, int]]:
     """`ray start --block` for this node (the head when `head` is None); it stops its own processes when it
     gets SIGTERM."""
-    names = NODE_PORTS + (HEAD_PORTS if head is None else ())
+    names = NODE_PORTS + (HEAD_PORTS + HEAD_PORT_VARS if head is None else ())
     ports = dict(zip(names, free_ports(len(names))))
     if head is None:
         dashboard = f"http://{ip}:{ports['--dashboard-port']}"
     # Ray's state API, which Ray Train uses to clean up after trials that Tune ends, otherwise looks for
     # "the" Ray cluster on the node and fails when another job runs one there too.
-    env = {**env, "RAY_API_SERVER_ADDRESS": dashboard}
+    env = {**env, "RAY_API_SERVER_ADDRESS": dashboard, **{var: str(ports.pop(var)) for var in HEAD_PORT_VARS
+                                                          if var in ports}}
+    picked = {**{flag.strip("-"): port for flag, port in ports.items()},
+              **{var.lower().replace("_", "-"): int(env[var]) for var in HEAD_PORT_VARS if head is None}}
     argv = [ray_executable(), "start", "--block", "--node-ip-address", ip, "--num-cpus", str(cpus),
             "--num-gpus", str(gpus), "--temp-dir", str(tmp), "--disable-usage-stats",
             "--labels", f"{NODE_LABEL}={node}",  # the Slurm node name; nodes may share an IP
             # 0: each Ray worker process binds a port the kernel picks, never a fixed range shared by jobs
             "--min-worker-port", "0", "--max-worker-port", "0"]
     if head is None:
-        argv += ["--head", "--include-dashboard", "true", "--dashboard-host", "0.0.0.0"]
+        # The node's own address, as every other port: not every interface of the node (its users reach it by
+        # the SSH tunnel that the job log prints).
+        argv += ["--head", "--include-dashboard", "true", "--dashboard-host", ip]
     else:
         argv += ["--address", head]
     for flag, port in ports.items():
         argv += [flag, str(port)]
-    tmp.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_ignore_job_signals)
-    return proc, {flag.strip("-"): port for flag, port in ports.items()}
+    return proc, picked
+
+
+def check_token_auth(dashboard: Dashboard) -> None:
+    """What the job log's "token auth on" says, asked of the running head: its mode is token, and a request without
+    the token is refused (401). A Ray without token authentication (before 2.52) would otherwise serve anyone."""
+    try:
+        mode = dashboard.get("/api/authentication_mode").get("authentication_mode")
+    except (DashboardError, AttributeError) as exc:
+        mode = f"unknown: {exc}"
+    try:
+        Dashboard(dashboard.url).version()
+        tokenless = "HTTP 200"
+    except DashboardError as exc:
+        tokenless = f"HTTP {exc.status}" if exc.status else str(exc)
+    if mode != "token" or tokenless != "HTTP 401":
+        raise UserError(f"the Ray head at {dashboard.url} does not enforce its token (authentication mode {mode}; a "
+                        f"request without the token got {tokenless}, not HTTP 401); stopping, since anyone on the "
+                        "network could run code on this job's cluster: install ray>=2.60 "
+                        "(pip install -U 'ray[default]')")
 
 
 class NodeExited(UserError):
@@ -192,24 +277,70 @@ def new_token(job_dir: Path) -> Path:
     return path
 
 
+KEEP_LOGS_CAP_MB = 1000  # per node and copy: Ray's logs of a long sweep are tens of MB; a runaway one is not kept whole
+NOT_KEPT = "NOT_KEPT.txt"  # in a node's copy: what was left out, and why
+
+
+def _copy_regular_files(src: Path, dest: Path, budget: int) -> tuple[int, list[str]]:
+    """The regular files under `src` into `dest`, at most `budget` bytes, each at most as long as it was when opened.
+    A link is never followed (a link to /dev/zero or to another user's file is not a log), nor is anything else
+    that is not a regular file opened for reading (a FIFO would block). Returns the bytes copied and what was left
+    out."""
+    copied, left = 0, []
+    for root, dirs, files in os.walk(src):  # followlinks=False: a link to a folder is listed, never entered
+        rel = Path(root).relative_to(src)
+        left += [f"{rel / d} (a link)" for d in sorted(dirs) if os.path.islink(os.path.join(root, d))]
+        for name in sorted(files):
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as exc:
+                left.append(f"{rel / name} ({'a link' if exc.errno == errno.ELOOP else exc.strerror})")
+                continue
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    left.append(f"{rel / name} (not a regular file)")
+                    continue
+                if copied + st.st_size > budget:
+                    left.append(f"{rel / name} ({st.st_size / 1e6:.1f} MB: over the {budget / 1e6:.0f} MB cap)")
+                    continue
+                (dest / rel).mkdir(parents=True, exist_ok=True)
+                with open(dest / rel / name, "wb") as out:
+                    remaining = st.st_size
+                    while remaining > 0 and (chunk := fh.read(min(1 << 20, remaining))):
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                        copied += len(chunk)
+    return copied, left
+
+
 def keep_logs(tmp: Path, job_dir: Path, node: str, restart_count: int, so_far: bool = False) -> None:
     """Copy this node's Ray session logs (raylet, GCS, dashboard, each worker's stdout and stderr) from its temp
-    dir, which teardown removes, into the job folder: LOGS_DIR/<node> (<node>-restart<n> after a requeue)."""
+    dir, which teardown removes, into the job folder: LOGS_DIR/<node> (<node>-restart<n> after a requeue). Regular
+    files only, never through a link, at most KEEP_LOGS_CAP_MB; what was left out is listed in NOT_KEPT there."""
     dest = job_dir / LOGS_DIR / (node if not restart_count else f"{node}-restart{restart_count}")
-    sessions = sorted(p for p in tmp.glob("session_*") if p.is_dir() and not p.is_symlink() and (p / "logs").is_dir())
+    sessions = sorted(p for p in tmp.glob("session_*") if p.is_dir() and not p.is_symlink() and (p / "logs").is_dir()
+                      and not (p / "logs").is_symlink())
     if not sessions:
         return
-    size = 0
+    budget, left = KEEP_LOGS_CAP_MB * 10**6, []
     try:
         for session in sessions:  # one per `ray start` attempt
             target = dest / session.name if len(sessions) > 1 else dest
-            shutil.copytree(session / "logs", target, dirs_exist_ok=True, symlinks=False,
-                            ignore_dangling_symlinks=True)
-        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+            copied, skipped = _copy_regular_files(session / "logs", target, budget)
+            budget -= copied
+            left += [f"{session.name}/{item}" if len(sessions) > 1 else item for item in skipped]
+        (dest / NOT_KEPT).unlink(missing_ok=True)
+        if left:
+            (dest / NOT_KEPT).write_text(f"Not copied from {tmp} (regular files only, never through a link, at most "
+                                         f"{KEEP_LOGS_CAP_MB} MB; hpc.ray_cluster.keep_logs):\n"
+                                         + "\n".join(left) + "\n")
+        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file() and f.name != NOT_KEPT)
     except OSError as exc:  # a full or read-only job folder must not stop the teardown
         log(f"could not keep {node}'s Ray logs in {dest}: {exc}")
         return
-    log(f"{node}'s Ray logs{' (so far)' if so_far else ''} kept in {dest} ({size / 1e6:.1f} MB)")
+    note = f"; {len(left)} left out, listed in {dest / NOT_KEPT}" if left else ""
+    log(f"{node}'s Ray logs{' (so far)' if so_far else ''} kept in {dest} ({size / 1e6:.1f} MB){note}")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -232,7 +363,7 @@ class Cluster:
         self.head: subprocess.Popen | None = None
         self.workers: subprocess.Popen | None = None
         self.driver: subprocess.Popen | None = None
-        self.tmp = temp_dir(alloc.job_id, "head")
+        self.tmp = temp_dir(alloc.job_id, alloc.restart_count)
         self.info: dict = {}
 
     def start(self) -> None:
@@ -276,6 +407,7 @@ class Cluster:
         want = len(self.alloc.nodes)
         self._wait(lambda: len(self.dashboard.alive_nodes()) >= want, self.join_timeout,
                    f"all {want} nodes to join", self.job_dir / "ray-worker-*.log")
+        check_token_auth(self.dashboard)
         nodes = self.dashboard.alive_nodes()
         total = {k: sum(n.get("resources_total", {}).get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
         self.info.update(state="running", cpus=total["CPU"], gpus=total["GPU"])
@@ -349,7 +481,7 @@ class Cluster:
         if self.head is not None:
             stop(self.head, STOP_GRACE_S, "the Ray head")
         keep_logs(self.tmp, self.job_dir, self.alloc.this_node, self.alloc.restart_count)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_temp_dir(self.tmp)
         if self.info:
             self.info["state"] = "interrupted" if interrupted else "ended"
             write_json(self.job_dir / CLUSTER_FILE, self.info)
@@ -434,7 +566,7 @@ def join_cluster(job_dir: Path, head: str | None, dashboard: str | None, timeout
             raise UserError(f"no Ray head of job {alloc.job_id} appeared in {job_dir / CLUSTER_FILE} "
                             f"within {timeout:.0f} s")
         time.sleep(0.5)
-    tmp = temp_dir(alloc.job_id, alloc.this_node)
+    tmp = temp_dir(alloc.job_id, alloc.restart_count)
     log_file = job_dir / f"ray-worker-{alloc.this_node}.log"
     proc = None
     try:
@@ -464,7 +596,7 @@ def join_cluster(job_dir: Path, head: str | None, dashboard: str | None, timeout
         _ignore_stop_signals()
         stop(proc, STOP_GRACE_S, "the Ray worker")
         keep_logs(tmp, job_dir, alloc.this_node, alloc.restart_count)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temp_dir(tmp)
 
 
 def _head_stopping(job_dir: Path, restart_count: int) -> bool:

@@ -15,6 +15,10 @@ exits with CMD's status (--no-wait: print the job id and return).
 from __future__ import annotations
 
 import argparse
+import grp
+import os
+import pwd
+import stat
 import sys
 import time
 from pathlib import Path
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name} must be at least 1")
     if args.executor == "local" and args.nodes != 1:
         raise UserError("--executor local runs on this machine only: use --nodes 1, or --executor slurm")
+    check_folder_private(args.folder)
     import submitit
 
     if args.executor == "slurm":
@@ -105,6 +110,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"status: python -m hpc.status {job.job_id}    cancel: scancel {job.job_id}")
         return 0
     return wait(job)
+
+
+def check_folder_private(folder: str) -> None:
+    """submitit pickles the job into its folder, the job unpickles it on the node, and its result comes back the same
+    way: a folder that another user can write to would let them run code as this user. Refused in one line, before
+    anything is written: the folder (its part before the first %), or the nearest part of it that exists."""
+    path = Path(folder.split("%", 1)[0] or ".").expanduser()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = path.stat()
+    me = os.getuid()
+    try:
+        group = grp.getgrgid(st.st_gid)
+        own_group = group.gr_name == pwd.getpwuid(me).pw_name and set(group.gr_mem) <= {group.gr_name}
+    except KeyError:
+        own_group = False
+    # A sticky folder does not help: the job's folder inside it has a name anyone can predict (the job id).
+    why = (f"owned by uid {st.st_uid}" if st.st_uid not in (me, 0) else
+           "writable by every user" if st.st_mode & 0o002 else
+           "writable by its group" if st.st_mode & 0o020 and not own_group else None)
+    if why:
+        raise UserError(f"--folder: {path} is {why} (mode {stat.S_IMODE(st.st_mode):04o}), and the job unpickles what "
+                        f"submitit writes there; make it private (chmod go-w {path}) or pass a --folder of your own")
 
 
 def slurm_parameters(args: argparse.Namespace) -> dict:

@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,12 +37,158 @@ def test_gpus_on_node_reads_what_slurm_sets_for_gpus_and_gres_requests():
     assert gpus_on_node({}) == 0
 
 
-def test_ray_temp_dir_refuses_paths_too_long_for_ray_sockets(monkeypatch):
-    monkeypatch.setenv("HPC_RAY_TMP", "/tmp/" + "x" * 60)
-    with pytest.raises(ray_cluster.UserError, match="too long.*HPC_RAY_TMP"):
-        ray_cluster.temp_dir("123456", "head")
-    monkeypatch.setenv("HPC_RAY_TMP", "/tmp")
-    assert len(str(ray_cluster.temp_dir("123456", "node2"))) + ray_cluster.SESSION_SUFFIX <= 107
+def test_ray_temp_dir_is_a_fresh_private_folder_and_unsafe_places_are_refused(tmp_path, monkeypatch, request):
+    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    base = root / "b"
+    base.mkdir(mode=0o755)
+    monkeypatch.setenv("HPC_RAY_TMP", str(base))
+    # What another user of the node could plant beforehand at the names a job's temp dirs used to have.
+    planted = base / "ray-12-head"
+    planted.mkdir(mode=0o777)
+    (base / "ray-12-node2").symlink_to(tmp_path / "elsewhere")
+    ray_dirs = [ray_cluster.temp_dir("12", 0) for _ in range(3)]  # Ray's --temp-dir, which Ray makes mode 777 ...
+    made = [d.parent for d in ray_dirs]  # ... inside a private root of its own
+    assert all(d.is_dir() and d.name == ray_cluster.RAY_DIR for d in ray_dirs)
+    assert len(set(made)) == 3 and all(d.parent == base and d.is_dir() and not d.is_symlink() for d in made)
+    assert all(d.name.startswith("ray-12-r0-") and len(d.name) == len("ray-12-r0-") + 8 for d in made)
+    assert all(stat.S_IMODE(d.stat().st_mode) == 0o700 and d.stat().st_uid == os.getuid() for d in made)
+    assert not any(planted.iterdir()) and not (tmp_path / "elsewhere").exists()
+    assert len(str(ray_dirs[2])) + ray_cluster.SESSION_SUFFIX <= ray_cluster.SOCKET_PATH_MAX
+    ray_cluster.remove_temp_dir(ray_dirs[2])
+    assert not made[2].exists()
+    # A requeued run (restart 1) removes its job's earlier temp dirs on the node (a SIGKILLed teardown leaves them),
+    # and nothing else: not another user's folder, not a link, not another job's, not its own run's.
+    others = base / "ray-12-r0-NOBODY12", base / "ray-12-r0-alinkxyz", base / "ray-123-r0-otherjob"
+    others[0].mkdir(mode=0o700)
+    os.chown(others[0], 65534, 65534)  # the tests run as root (Slurm's daemons): another user's, as nobody
+    others[1].symlink_to(made[0])
+    others[2].mkdir(mode=0o700)
+    now = ray_cluster.temp_dir("12", 1)
+    assert not any(d.exists() for d in made) and all(os.path.lexists(p) for p in others)
+    assert ray_cluster.temp_dir("12", 1) != now and now.is_dir()  # the same run's other node on this host: kept
+
+    shared = root / "s"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: others may write, but not move what is not theirs
+    monkeypatch.setenv("HPC_RAY_TMP", str(shared))
+    assert ray_cluster.temp_dir("12", 0).parent.parent == shared
+    (root / "a-file").write_text("")
+    (root / ("x" * 60)).mkdir()
+    for value, expected in ((root / "a-file", "is not a folder"), (root / "missing", "cannot be used"),
+                            (root / ("x" * 60), "too long for Ray's socket paths")):
+        monkeypatch.setenv("HPC_RAY_TMP", str(value))
+        with pytest.raises(ray_cluster.UserError, match=f"{expected}.*HPC_RAY_TMP|HPC_RAY_TMP.*{expected}"):
+            ray_cluster.temp_dir("12", 0)
+    shared.chmod(0o777)  # others may write and move things: refused, naming the fix
+    monkeypatch.setenv("HPC_RAY_TMP", str(shared))
+    with pytest.raises(ray_cluster.UserError, match=r"written by other users and has no sticky bit.*chmod go-w"):
+        ray_cluster.temp_dir("12", 0)
+
+
+def test_token_auth_is_said_on_only_when_the_head_enforces_it():
+    """A head that serves requests without the token (a Ray before 2.52, or token auth switched off) stops the job;
+    one that says "token" and refuses a tokenless request passes."""
+    import http.server
+    import threading
+
+    answers = {}
+
+    class Head(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            has_token = self.headers.get("Authorization") == "Bearer secret"
+            if self.path == "/api/authentication_mode":
+                code, body = 200, {"authentication_mode": answers["mode"]}
+            else:
+                code, body = (200 if has_token else answers["tokenless"]), {"ray_version": "2.x"}
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Head)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        head = ray_cluster.Dashboard(f"http://127.0.0.1:{server.server_port}", "secret")
+        answers.update(mode="token", tokenless=401)
+        ray_cluster.check_token_auth(head)
+        for mode, tokenless, said in (("disabled", 200, "authentication mode disabled; a request without the token "
+                                       "got HTTP 200"), ("token", 200, "got HTTP 200, not HTTP 401"),
+                                      ("disabled", 401, "authentication mode disabled")):
+            answers.update(mode=mode, tokenless=tokenless)
+            with pytest.raises(ray_cluster.UserError, match="does not enforce its token") as err:
+                ray_cluster.check_token_auth(head)
+            assert said in str(err.value) and "ray>=2.60" in str(err.value)
+    finally:
+        server.shutdown()
+
+
+def test_a_bad_hpc_ray_tmp_stops_the_job_in_one_line_before_anything_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    (tmp_path / "a-file").write_text("")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    for value, expected in ((tmp_path / "a-file", "is not a folder"), (open_dir, "no sticky bit")):
+        jobs = tmp_path / f"jobs-{len(expected)}"
+        env.update(SLURM_JOB_ID="bad-tmp", SLURM_JOB_NODELIST="localhost", SLURM_CPUS_ON_NODE="1",
+                   HPC_JOBS_DIR=str(jobs), HPC_RAY_TMP=str(value))
+        proc = subprocess.run([PY, "-m", "hpc.ray_cluster", "--", PY, "-c", "print('DRIVER RAN')"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1 and said[0].startswith("error: ") and expected in said[0], \
+            proc.stdout + proc.stderr
+        assert "DRIVER RAN" not in proc.stdout and "Ray" not in proc.stdout  # no Ray started
+        assert not (jobs / "bad-tmp" / ray_cluster.TOKEN_FILE).exists()
+    assert sorted(p.name for p in open_dir.iterdir()) == []
+
+
+def test_a_submitit_folder_other_users_can_write_is_refused_before_anything_is_written(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chown(shared, -1, 65534)  # a group of others (nogroup), not the user's own private group
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for mode, why in ((0o777, "writable by every user"), (0o1777, "writable by every user"),
+                      (0o775, "writable by its group")):
+        shared.chmod(mode)
+        proc = subprocess.run([PY, "-m", "hpc.submit", "--executor", "local", "--folder", f"{shared}/submitit/%j", "--",
+                               "true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1, proc.stdout + proc.stderr
+        assert said[0] == (f"error: --folder: {shared} is {why} (mode {mode:04o}), and the job unpickles what "
+                           f"submitit writes there; make it private (chmod go-w {shared}) or pass a --folder of your "
+                           "own"), said
+        assert list(shared.iterdir()) == []
+
+
+def test_kept_logs_are_regular_files_only_never_through_a_link_and_capped(tmp_path, monkeypatch, capsys):
+    logs = tmp_path / "tmp" / "session_2026-12-04_01-00-00_000000_1" / "logs"
+    (logs / "events").mkdir(parents=True)
+    (logs / "raylet.out").write_text("raylet\n")
+    (logs / "events" / "event_GCS.log").write_text("gcs\n")
+    (logs / "worker-1.out").write_bytes(b"x" * 3_000_000)  # over the cap below, once the others are in
+    (logs / "zero.log").symlink_to("/dev/zero")  # a copy through it would never end
+    secret = tmp_path / "someone-elses"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("private")
+    (logs / "more").symlink_to(secret)  # a link to a folder is not entered
+    os.mkfifo(logs / "pipe.log")  # opening it to read would block
+    monkeypatch.setattr(ray_cluster, "KEEP_LOGS_CAP_MB", 2)
+    t = time.monotonic()
+    ray_cluster.keep_logs(tmp_path / "tmp", tmp_path / "job", "node1", 0)
+    assert time.monotonic() - t < 10
+    kept = tmp_path / "job" / ray_cluster.LOGS_DIR / "node1"
+    copied = sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if not p.is_dir())
+    assert copied == [ray_cluster.NOT_KEPT, "events/event_GCS.log", "raylet.out"]
+    assert not any(p.is_symlink() for p in kept.rglob("*"))
+    note = (kept / ray_cluster.NOT_KEPT).read_text()
+    for line in ("zero.log (a link)", "more (a link)", "pipe.log (not a regular file)",
+                 "worker-1.out (3.0 MB: over the 2 MB cap)"):
+        assert line in note, note
+    out = capsys.readouterr().out
+    assert f"node1's Ray logs kept in {kept} (0.0 MB); 4 left out, listed in {kept / ray_cluster.NOT_KEPT}" in out
 
 
 def test_cli_errors_are_one_line_without_slurm(tmp_path):
@@ -88,7 +236,7 @@ taken.listen()
 real, calls = ray_cluster.free_ports, []
 def free_ports(n):
     ports = real(n)
-    names = ray_cluster.NODE_PORTS + ray_cluster.HEAD_PORTS
+    names = ray_cluster.NODE_PORTS + ray_cluster.HEAD_PORTS + ray_cluster.HEAD_PORT_VARS
     if not calls and n == len(names):
         ports[names.index("--dashboard-port")] = taken.getsockname()[1]
     calls.append(n)
@@ -231,6 +379,7 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
         Path(sweep).write_text(text.replace("steps = 60", "steps = 300").replace("grace_period = 59", "grace_period = 299"))
     # The script's own header asks for a GPU per node (fake ones here: tests/slurmctl.py); the trials train
     # on CPU (GPUS_PER_TRIAL=0) because this machine's GPUs are only device files.
+    started = time.time()
     job = sbatch(slurm, "--nodes=2", "--cpus-per-task=1", f"--output={log}", "slurm/tune_densenet.sh",
                  "--workers-per-trial", workers,
                  env={"SWEEP": sweep, "SYNTHETIC": "1", "OUT": str(out), "GPUS_PER_TRIAL": "0"})
@@ -290,7 +439,8 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
             assert nodes == {"node1", "node2"}, (d, nodes)
     else:  # the trials' actors ran on both Ray nodes
         assert {s["slurm_node"] for s in summaries} == {"node1", "node2"}, summaries
-    assert not list(Path("/tmp").glob(f"ray-{job}-*")), "Ray temp dirs left behind"
+    assert not [p for p in Path("/tmp").glob(f"ray-{job}-r*") if p.stat().st_mtime >= started], \
+        "Ray temp dirs left behind"  # (job ids start again at 1 with each test Slurm: older ones may be there)
     # ... but each node's Ray logs, of both runs of the job, are kept in its folder.
     kept = slurm.jobs_dir / job / ray_cluster.LOGS_DIR
     for node in ("node1", "node2", "node1-restart1", "node2-restart1"):
@@ -341,6 +491,20 @@ def test_two_jobs_on_one_node_do_not_collide_and_refuse_tokenless_clients(slurm,
     assert all(slurm.job_state(j) == "RUNNING" for j in jobs)  # both at once, on node1
     ports = [set(i["ports"].values()) for i in infos]
     assert not ports[0] & ports[1], "two jobs on one node share ports"
+    # What the two jobs' Ray processes listen on, read from the kernel: no port in common, none of Ray's fixed
+    # defaults (the head's metrics endpoints included), and the dashboard on the node's address only.
+    for j in jobs:  # Ray's own folders (mode 777) sit in a private root: another user cannot even list them
+        roots = list(Path("/tmp").glob(f"ray-{j}-r0-*"))
+        assert len(roots) == 1 and stat.S_IMODE(roots[0].stat().st_mode) == 0o700, roots
+        assert list((roots[0] / ray_cluster.RAY_DIR).glob("session_*/sockets"))
+    listening = [listeners(ray_processes_of(f"/tmp/ray-{j}-")) for j in jobs]
+    used = [{port for _, port in sockets} for sockets in listening]
+    assert all(used) and not used[0] & used[1], listening
+    assert not (used[0] | used[1]) & {6379, 8265, 10001, 52365, 44217, 44227}, listening
+    for info, sockets in zip(infos, listening):
+        dashboard = int(info["dashboard_url"].rsplit(":", 1)[1])
+        assert {addr for addr, port in sockets if port == dashboard} == {info["head_ip"]}, sockets
+        assert {info["ports"]["dashboard-metric-port"], info["ports"]["autoscaler-metric-port"]} <= used[0] | used[1]
     tokens = [Path(i["token_file"]).read_text().strip() for i in infos]
     assert tokens[0] != tokens[1]
     for info, token, other in zip(infos, tokens, reversed(tokens)):
@@ -499,6 +663,26 @@ def running_on(out: Path, node: str) -> str | None:
     return next(iter(trials_on(out, node)), None)
 
 
+def listeners(pids: list[int]) -> set[tuple[str, int]]:
+    """The (address, port) of every TCP socket in LISTEN state that one of `pids` holds (/proc/net/tcp, IPv4)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:  # gone meanwhile
+            pass
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:
+            addr, port = fields[1].split(":")
+            found.add((".".join(str(b) for b in reversed(bytes.fromhex(addr))), int(port, 16)))
+    return found
+
+
 def ray_processes_of(tmp: str) -> list[int]:
     """PIDs of the processes whose command line names `tmp` (a Ray node's temp dir: its raylet and agents)."""
     found = []
@@ -577,7 +761,7 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
             return False
         return bool(steps) and max(steps) >= (steps[0] // 100 + 1) * 100 + 50
     wait_for(past_a_checkpoint_on_node2, 180, "the trial on node2 past a checkpoint of its own there")
-    for pid in ray_processes_of(f"/tmp/ray-{second}-join-node2"):
+    for pid in ray_processes_of(f"/tmp/ray-{second}-"):  # the second join job's only node: node2
         try:
             os.kill(pid, 9)
         except ProcessLookupError:

@@ -457,9 +457,36 @@ def wait_until(cond, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_a_local_ray_counts_only_the_cpus_and_gpus_this_process_may_use(monkeypatch):
+LOCAL_RAY = """
+import json, os, stat, urllib.error, urllib.request
+import ray
+from cifarray.train import cluster
+
+cluster.init_ray()
+path = os.environ["RAY_AUTH_TOKEN_PATH"]
+
+def dashboard(token=None):
+    req = urllib.request.Request(os.environ["RAY_API_SERVER_ADDRESS"] + "/api/version")
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+print("LOCAL", json.dumps({"cpu": ray.cluster_resources()["CPU"], "mode": os.environ["RAY_AUTH_MODE"], "path": path,
+                           "file": oct(stat.S_IMODE(os.stat(path).st_mode)),
+                           "folder": oct(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)),
+                           "tokenless": dashboard(), "token": dashboard(open(path).read().strip())}))
+"""
+
+
+def test_a_local_ray_counts_only_the_cpus_and_gpus_this_process_may_use_and_has_a_token_of_its_own(monkeypatch,
+                                                                                                    tmp_path):
     """Ray counts every CPU of the node; inside `salloc`, a Slurm cpuset or `taskset` it planned trials on CPUs
-    the job does not own. Measured for real: a local Ray started under `taskset -c 0` has one CPU."""
+    the job does not own. Measured for real: a local Ray started under `taskset -c 0` has one CPU. Its token is the
+    run's own (0600, in a 0700 folder, gone at exit), not Ray's shared ~/.ray/auth_token."""
     from cifarray.train.cluster import local_resources
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
@@ -473,8 +500,14 @@ def test_a_local_ray_counts_only_the_cpus_and_gpus_this_process_may_use(monkeypa
     assert local_resources()["num_gpus"] == 0
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,1")  # CUDA stops at the first invalid index
     assert local_resources()["num_gpus"] == 1
-    code = "import ray; from cifarray.train import cluster; cluster.init_ray(); print('CPU', ray.cluster_resources()['CPU'])"
-    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_ON_NODE", "RAY_ADDRESS")}
-    proc = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "CPU 1.0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_ON_NODE", "RAY_ADDRESS") and
+           not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # where Ray's own token would go: ~/.ray/auth_token
+    proc = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", LOCAL_RAY], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    said = [line for line in proc.stdout.splitlines() if line.startswith("LOCAL ")]
+    assert proc.returncode == 0 and said, proc.stdout + proc.stderr[-2000:]
+    got = json.loads(said[0][len("LOCAL "):])
+    assert got["cpu"] == 1.0 and got["mode"] == "token", got
+    assert (got["file"], got["folder"], got["tokenless"], got["token"]) == ("0o600", "0o700", 401, 200), got
+    assert not (tmp_path / ".ray").exists() and not Path(got["path"]).parent.exists()

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, digest, run_cli_here, run_module, snapshot_status
+from conftest import REPO, assert_one_line_error, digest, run_cli_here, run_module, snapshot_status
 
 CI_SWEEP = REPO / "sweeps" / "ci_densenet.toml"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -570,6 +570,33 @@ def test_a_resume_whose_optuna_study_is_missing_is_refused_in_one_line_before_ra
         f"error: --resume: {out / 'optuna.db'}, the sweep's Optuna study, is missing; put it back (a backup, or "
         "the folder it was moved from), or start a new sweep in another --out"), result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["sweep.toml", "tune", "tune_args.json"]  # nothing written
+
+
+def test_a_resume_that_would_unpickle_what_other_users_could_write_is_refused_in_one_line(tmp_path):
+    import shutil
+
+    out = tmp_path / "sweep"
+    (out / "tune" / "trial_1").mkdir(parents=True)
+    shutil.copyfile(CI_SWEEP, out / "sweep.toml")
+    (out / "tune_args.json").write_text(json.dumps({"synthetic": True, "trial_runner": "tune", "study": "optuna.db"}))
+    state = out / "tune" / "searcher-state-2026-12-04.pkl"
+    state.write_bytes(b"not read")
+    for path, mode, why in ((out / "tune" / "trial_1", 0o777, "mode 0777: writable by every user"),
+                            (state, 0o666, "mode 0666: writable by every user"),
+                            (out, 0o757, "mode 0757: writable by every user")):
+        before = path.stat().st_mode
+        path.chmod(mode)
+        result = run_cli_here("cifarray.tune", "--out", str(out), "--resume")
+        path.chmod(before)
+        assert_one_line_error(result, f"--resume: {path} could have been written by another user ({why})",
+                              f"chmod -R go-w {out}")
+        assert state.read_bytes() == b"not read"
+    os.chown(state, 65534, 65534)  # the tests run as root (Slurm's daemons): as if another user had replaced it
+    result = run_cli_here("cifarray.tune", "--out", str(out), "--resume")
+    assert_one_line_error(result, f"{state} could have been written by another user (owned by uid 65534)")
+    os.chown(state, os.getuid(), os.getgid())
+    result = run_cli_here("cifarray.tune", "--out", str(out), "--resume")  # private again: the next check speaks
+    assert_one_line_error(result, "the sweep's Optuna study, is missing")
 
 
 # The tuner's local cluster gets a dashboard on a port picked free; here the first pick is one this script

@@ -6,11 +6,15 @@ Ray Train and Tune wait without end, and without a word, for workers a fixed clu
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import os
+import secrets
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 
 from cifarray.config import check_batch_split
@@ -68,8 +72,28 @@ def init_ray() -> None:
         handle_sigterm()
 
 
+def _private_token() -> None:
+    """A local Ray of this run's own, with token authentication and a token only this run uses: a random token in a
+    0600 file in a fresh 0700 folder, removed when the process ends. Ray's own default, ~/.ray/auth_token, is written
+    0644 and shared by every run for ever. An explicit RAY_AUTH_MODE=disabled is honoured."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return
+    folder = tempfile.mkdtemp(prefix="cifarray-ray-token-")
+    path = os.path.join(folder, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    atexit.register(shutil.rmtree, folder, True)  # Ray's processes read it when they start, all before the exit
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
+    # RAY_AUTH_MODE stays as it is: unset, ray.init turns token mode on for the new local cluster itself, in this
+    # process's cached config too (set here, this process would still act as "disabled" and be refused).
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+
+
 def _start_local(kwargs: dict) -> None:
     import ray
+
+    _private_token()
 
     # Ray's state API (Ray Train's placement-group cleaner uses it from inside the cluster) otherwise looks for
     # "the" Ray cluster on this machine, and fails when another job runs one here too; the Ray processes started

@@ -30,6 +30,7 @@ from pathlib import Path
 from cifarray.config import check_batch_split, flag_of
 from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError, run_cli
+from cifarray.rundir import writable_by_others
 from cifarray.tune import results
 from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_CLUSTER, SWEEP_COPY
 from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
@@ -162,6 +163,11 @@ def _resumed(ns, out: Path, saved: dict | None, values: dict) -> Sweep:
         if _canon(load(ns.sweep)) != _canon(load(out / SWEEP_COPY)):
             raise UserError(f"--resume: {ns.sweep} differs from the sweep of {out} ({out / SWEEP_COPY}); "
                             "drop --sweep to resume, or pass another --out")
+    exposed = writable_by_others(out, below=out / EXPERIMENT)  # Tune's state and the searcher's are pickles
+    if exposed:
+        raise UserError(f"--resume: {exposed[0]} could have been written by another user ({exposed[1]}), and "
+                        f"resuming unpickles what {out / EXPERIMENT} holds (it could run their code); if you trust "
+                        f"it, make it yours alone (chmod -R go-w {out}), or start a new sweep in another --out")
     sweep = load(out / SWEEP_COPY)
     if saved.get("study") and not (out / saved["study"]).is_file():
         raise UserError(f"--resume: {out / saved['study']}, the sweep's Optuna study, is missing; put it back (a "
