@@ -72,3 +72,15 @@ def test_tunes_systemexit_in_a_weakref_callback_is_not_printed_but_other_ignored
         assert seen == [ValueError]
     finally:
         sys.unraisablehook = hook
+
+
+def test_a_trial_actor_is_quiet_from_its_creation_not_only_once_a_trial_runs():
+    """Tune's actor imports cifarray.tune.trial when it unpickles the trainable, before any trial runs; a SIGTERM
+    then (an actor Tune no longer needs) must not print Ray's SystemExit as a traceback either."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import cifarray.tune.trial; "
+            "print('QUIET', getattr(sys.unraisablehook, 'cifarray', False))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "QUIET True" in proc.stdout, proc.stdout + proc.stderr[-2000:]

@@ -15,9 +15,16 @@ from dataclasses import replace
 from typing import Any
 
 from cifarray.family import Objective, RunContext
+from cifarray.train.workerlog import quiet_worker_exits
 from cifarray.tune.layout import trial_dir
 from cifarray.tune.runners import RUNNERS, TrialRunner
 from cifarray.tune.sweep import Sweep
+
+# A trial's actor imports this module when it unpickles the trainable, as the actor is created: Tune may end an actor
+# by SIGTERM before it runs any trial (one it started for a trial that a reused actor then took), and Ray's handler's
+# SystemExit in a weakref callback would print a traceback (measured: the elastic Slurm test, under the suite's
+# two processes). In the driver it is as harmless.
+quiet_worker_exits()
 
 INFEASIBLE = "infeasible"
 CONSTRAINT = "params_over_budget"
@@ -51,10 +58,8 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
 
     from ray import tune
 
-    from cifarray.train.workerlog import quiet_worker_exits
-
     entered = time.time()
-    quiet_worker_exits()  # every trial's actor, an infeasible one's too: Ray and Tune end them by SystemExit
+    quiet_worker_exits()  # every trial's actor, an infeasible one's too, also where sys.unraisablehook was reset
     trial_id = tune.get_context().get_trial_id()
     metric = objective.metric
     if config.get(INFEASIBLE):
