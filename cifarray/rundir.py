@@ -99,11 +99,13 @@ def writable_by_others(*paths: Path, below: Path | None = None) -> tuple[Path, s
             return f"mode {stat.S_IMODE(st.st_mode):04o}: writable by group {st.st_gid}"
         return None
 
-    found = [str(p) for p in paths]
-    if below is not None:
-        for root, dirs, files in os.walk(below):
-            found += [root, *(os.path.join(root, n) for n in files)]
-    for path in found:
+    def candidates():
+        yield from map(str, paths)
+        for root, _, files in os.walk(below) if below is not None else ():
+            yield root
+            yield from (os.path.join(root, n) for n in files)
+
+    for path in candidates():  # the first found ends the walk
         try:
             why = problem(path)
         except OSError:

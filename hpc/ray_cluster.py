@@ -178,16 +178,17 @@ def start_node(*, head: str | None, dashboard: str | None, ip: str, node: str, c
                log_file: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict[str, int]]:
     """`ray start --block` for this node (the head when `head` is None); it stops its own processes when it
     gets SIGTERM."""
-    names = NODE_PORTS + (HEAD_PORTS + HEAD_PORT_VARS if head is None else ())
-    ports = dict(zip(names, free_ports(len(names))))
+    flags = NODE_PORTS + (HEAD_PORTS if head is None else ())
+    variables = HEAD_PORT_VARS if head is None else ()
+    picked_ports = free_ports(len(flags) + len(variables))
+    ports, by_variable = dict(zip(flags, picked_ports)), dict(zip(variables, picked_ports[len(flags):]))
     if head is None:
         dashboard = f"http://{ip}:{ports['--dashboard-port']}"
     # Ray's state API, which Ray Train uses to clean up after trials that Tune ends, otherwise looks for
     # "the" Ray cluster on the node and fails when another job runs one there too.
-    env = {**env, "RAY_API_SERVER_ADDRESS": dashboard, **{var: str(ports.pop(var)) for var in HEAD_PORT_VARS
-                                                          if var in ports}}
+    env = {**env, "RAY_API_SERVER_ADDRESS": dashboard, **{var: str(port) for var, port in by_variable.items()}}
     picked = {**{flag.strip("-"): port for flag, port in ports.items()},
-              **{var.lower().replace("_", "-"): int(env[var]) for var in HEAD_PORT_VARS if head is None}}
+              **{var.lower().replace("_", "-"): port for var, port in by_variable.items()}}
     argv = [ray_executable(), "start", "--block", "--node-ip-address", ip, "--num-cpus", str(cpus),
             "--num-gpus", str(gpus), "--temp-dir", str(tmp), "--disable-usage-stats",
             "--labels", f"{NODE_LABEL}={node}",  # the Slurm node name; nodes may share an IP
