@@ -25,7 +25,7 @@ def mark(name: str, **extra: object) -> None:
         return
     path = os.environ[ENV]
     line = json.dumps({"mark": name, "t": time.time(), "pid": os.getpid(), **extra}) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides, as for a run folder
     try:
         os.write(fd, line.encode())
     finally:

@@ -65,56 +65,6 @@ class MetricsLog:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def writable_by_others(*paths: Path, below: Path | None = None) -> tuple[Path, str] | None:
-    """The first of `paths`, then of `below` and everything in it (links not followed), that another user could have
-    written, and how: a file there could be replaced, and what unpickles it would run that user's code. Writable by
-    all, owned by someone else, or writable by a group that others belong to (a user's own private group, which
-    umask 002 systems give each user, does not count)."""
-    import grp
-    import pwd
-    import stat
-
-    me = os.getuid()
-    try:
-        mine = pwd.getpwuid(me).pw_name
-    except KeyError:
-        mine = None
-
-    def shared_group(gid: int) -> bool:
-        try:
-            group = grp.getgrgid(gid)
-        except KeyError:
-            return True
-        return not (group.gr_name == mine and set(group.gr_mem) <= {mine})
-
-    def problem(path: str) -> str | None:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            return None  # only who can write its folder could have made or changed it
-        if st.st_uid != me:
-            return f"owned by uid {st.st_uid}"
-        if st.st_mode & 0o002:
-            return f"mode {stat.S_IMODE(st.st_mode):04o}: writable by every user"
-        if st.st_mode & 0o020 and shared_group(st.st_gid):
-            return f"mode {stat.S_IMODE(st.st_mode):04o}: writable by group {st.st_gid}"
-        return None
-
-    def candidates():
-        yield from map(str, paths)
-        for root, _, files in os.walk(below) if below is not None else ():
-            yield root
-            yield from (os.path.join(root, n) for n in files)
-
-    for path in candidates():  # the first found ends the walk
-        try:
-            why = problem(path)
-        except OSError:
-            continue  # gone meanwhile: nothing to unpickle there
-        if why:
-            return Path(path), why
-    return None
-
-
 def torch_load_problem(path: Path) -> tuple[object, str | None]:
     """(what `torch.load(path, weights_only=True)` gives, or None; why it fails in a few words, or None).
 

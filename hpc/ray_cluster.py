@@ -268,7 +268,15 @@ def stop(proc: subprocess.Popen | None, grace: float, what: str) -> int | None:
 
 
 def new_token(job_dir: Path) -> Path:
+    """The job's token, in its job folder (made 0700: the token, cluster.json and the Ray logs are the job's alone).
+    A job folder that is a link, or another user's (planted at the job's predictable name under a shared
+    HPC_JOBS_DIR), is refused: they could read the token."""
     job_dir.mkdir(parents=True, exist_ok=True)
+    st = os.lstat(job_dir)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        why = "a link" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}"
+        raise UserError(f"job folder {job_dir} is {why}, made by someone else: they could read this job's token; "
+                        "set HPC_JOBS_DIR to a folder only you can write (default ~/.hpc-ray/jobs)")
     os.chmod(job_dir, 0o700)
     path = job_dir / TOKEN_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

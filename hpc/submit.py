@@ -15,18 +15,18 @@ exits with CMD's status (--no-wait: print the job id and return).
 from __future__ import annotations
 
 import argparse
-import grp
-import os
-import pwd
-import stat
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from hpc.errors import UserError, run_cli
 from hpc.job import RayJob
+from hpc.unpickle import fixed_part, writable_by_others
 
 DEFAULT_CPUS = 8  # what the slurm/*.sh scripts ask per node (#SBATCH --cpus-per-task=8)
+# submitit's command on the node, through hpc.unpickle: the job's folder is checked there before its pickle is read
+GUARDED_PYTHON = f"{shlex.quote(sys.executable)} -m hpc.unpickle"
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE", "FINISHED", "INTERRUPTED")
 
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if which("sbatch") is None:
             raise UserError("sbatch not found: run on a Slurm login node, or use --executor local")
-        executor = submitit.AutoExecutor(folder=args.folder, cluster="slurm")
+        executor = submitit.AutoExecutor(folder=args.folder, cluster="slurm", slurm_python=GUARDED_PYTHON)
         executor.update_parameters(**slurm_parameters(args))
     else:
-        executor = submitit.AutoExecutor(folder=args.folder, cluster="local")
+        executor = submitit.AutoExecutor(folder=args.folder, cluster="local", local_python=GUARDED_PYTHON)
         executor.update_parameters(timeout_min=args.time, tasks_per_node=1, nodes=1)
     if joining:
         from hpc.job import JoinJob
@@ -113,26 +113,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_folder_private(folder: str) -> None:
-    """submitit pickles the job into its folder, the job unpickles it on the node, and its result comes back the same
-    way: a folder that another user can write to would let them run code as this user. Refused in one line, before
-    anything is written: the folder (its part before the first %), or the nearest part of it that exists."""
-    path = Path(folder.split("%", 1)[0] or ".").expanduser()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    st = path.stat()
-    me = os.getuid()
-    try:
-        group = grp.getgrgid(st.st_gid)
-        own_group = group.gr_name == pwd.getpwuid(me).pw_name and set(group.gr_mem) <= {group.gr_name}
-    except KeyError:
-        own_group = False
-    # A sticky folder does not help: the job's folder inside it has a name anyone can predict (the job id).
-    why = (f"owned by uid {st.st_uid}" if st.st_uid not in (me, 0) else
-           "writable by every user" if st.st_mode & 0o002 else
-           "writable by its group" if st.st_mode & 0o020 and not own_group else None)
-    if why:
-        raise UserError(f"--folder: {path} is {why} (mode {stat.S_IMODE(st.st_mode):04o}), and the job unpickles what "
-                        f"submitit writes there; make it private (chmod go-w {path}) or pass a --folder of your own")
+    """submitit pickles the job into its folder, the job unpickles it on the node (hpc.unpickle checks again there),
+    and its result comes back the same way: a folder that another user can write to would let them run code as this
+    user. Refused in one line, before anything is written: the folder (its part before the first %), or the nearest
+    part of it that exists. A sticky folder does not help: the job's folder inside it has a name anyone can predict
+    (the job id)."""
+    path = fixed_part(folder)
+    exposed = writable_by_others(path)
+    if exposed:
+        raise UserError(f"--folder: {path} could have been written by another user ({exposed[1]}), and the job "
+                        f"unpickles what submitit writes there; make it private (chmod go-w {path}) or pass a "
+                        "--folder of your own")
 
 
 def slurm_parameters(args: argparse.Namespace) -> dict:
@@ -177,6 +168,11 @@ def wait(job) -> int:
         print(f"job {job.job_id} was cancelled ({state}); logs in {Path(str(job.paths.stdout)).parent}",
               file=sys.stderr)
         return 1
+    exposed = writable_by_others(job.paths.folder, job.paths.result_pickle)
+    if exposed:  # the folder was private at submission; its result is a pickle too
+        raise UserError(f"job {job.job_id}: {exposed[0]} could have been written by another user ({exposed[1]}); its "
+                        f"result was not read (unpickling it could run their code): make it yours alone (chmod go-w "
+                        f"{exposed[0]}) and read it with submitit yourself, or run the job again")
     try:
         code = job.results()[0]  # task 0 ran the command; the other tasks were Ray worker nodes
     except Exception as exc:  # submitit re-raises the job's failure here; its traceback is in the job log

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -16,13 +17,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import REPO, digest, snapshot_status
 from slurmctl import Slurm, SlurmUnavailable
 
-from hpc import ray_cluster
+from hpc import ray_cluster, submit
 from hpc.slurm import gpus_on_node
 
 PY = sys.executable
@@ -84,6 +86,22 @@ def test_ray_temp_dir_is_a_fresh_private_folder_and_unsafe_places_are_refused(tm
     monkeypatch.setenv("HPC_RAY_TMP", str(shared))
     with pytest.raises(ray_cluster.UserError, match=r"written by other users and has no sticky bit.*chmod go-w"):
         ray_cluster.temp_dir("12", 0)
+
+
+def test_a_job_folder_is_private_and_one_someone_else_planted_is_refused(tmp_path):
+    jobs = tmp_path / "jobs"
+    token = ray_cluster.new_token(jobs / "7")
+    assert stat.S_IMODE((jobs / "7").stat().st_mode) == 0o700 and stat.S_IMODE(token.stat().st_mode) == 0o600
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (jobs / "8").symlink_to(theirs)
+    (jobs / "9").mkdir()
+    os.chown(jobs / "9", 65534, -1)
+    for job, why in (("8", "a link"), ("9", "owned by uid 65534")):
+        with pytest.raises(ray_cluster.UserError, match=f"job folder {jobs / job} is {why}, made by someone else"):
+            ray_cluster.new_token(jobs / job)
+    assert list(theirs.iterdir()) == [] and list((jobs / "9").iterdir()) == []
+    assert stat.S_IMODE(theirs.stat().st_mode) != 0o700
 
 
 def test_token_auth_is_said_on_only_when_the_head_enforces_it():
@@ -150,17 +168,61 @@ def test_a_submitit_folder_other_users_can_write_is_refused_before_anything_is_w
     shared.mkdir()
     os.chown(shared, -1, 65534)  # a group of others (nogroup), not the user's own private group
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    for mode, why in ((0o777, "writable by every user"), (0o1777, "writable by every user"),
-                      (0o775, "writable by its group")):
+    for mode, why in ((0o777, "mode 0777: writable by every user"), (0o1777, "mode 1777: writable by every user"),
+                      (0o775, "mode 0775: writable by group 65534")):
         shared.chmod(mode)
         proc = subprocess.run([PY, "-m", "hpc.submit", "--executor", "local", "--folder", f"{shared}/submitit/%j", "--",
                                "true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         said = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(said) == 1, proc.stdout + proc.stderr
-        assert said[0] == (f"error: --folder: {shared} is {why} (mode {mode:04o}), and the job unpickles what "
-                           f"submitit writes there; make it private (chmod go-w {shared}) or pass a --folder of your "
-                           "own"), said
+        assert said[0] == (f"error: --folder: {shared} could have been written by another user ({why}), and the job "
+                           f"unpickles what submitit writes there; make it private (chmod go-w {shared}) or pass a "
+                           "--folder of your own"), said
         assert list(shared.iterdir()) == []
+
+
+class Planted:
+    """A pickle that runs code when it is loaded: what another user could leave where a job unpickles."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_submitit_job_checks_its_folder_on_the_node_before_it_unpickles_anything(tmp_path):
+    """hpc.submit starts a submitit job through hpc.unpickle: a job folder or pickle that became another user's to
+    write after the submission stops the job in one line, and nothing is unpickled; a private one runs submitit."""
+    import pickle
+
+    folder, marker = tmp_path / "submitit", tmp_path / "ran"
+    job = folder / "42"
+    job.mkdir(parents=True)
+    pickled = job / "42_submitted.pkl"
+    pickled.write_bytes(pickle.dumps(Planted(marker)))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))},
+           "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "42", "SUBMITIT_LOCAL_GLOBALID": "0"}
+    command = ["-u", "-m", "submitit.core._submit", f"{folder}/%j"]
+    assert submit.GUARDED_PYTHON.split()[1:] == ["-m", "hpc.unpickle"]
+
+    def start():
+        return subprocess.run([PY, "-m", "hpc.unpickle", *command], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    for path, change, why in ((job, lambda: job.chmod(0o777), "mode 0777: writable by every user"),
+                              (folder, lambda: folder.chmod(0o757), "mode 0757: writable by every user"),
+                              (pickled, lambda: os.chown(pickled, 65534, -1), "owned by uid 65534")):
+        change()
+        proc = start()
+        said = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(said) == 1, proc.stderr
+        assert said[0].startswith(f"error: {path} could have been written by another user ({why}), and this job "
+                                  f"would unpickle {pickled}"), said
+        assert not marker.exists()
+        job.chmod(0o755), folder.chmod(0o755), os.chown(pickled, os.getuid(), -1)
+    start()  # private again: submitit's own command runs and unpickles the file (which is how the planted code runs)
+    assert marker.exists()
 
 
 def test_kept_logs_are_regular_files_only_never_through_a_link_and_capped(tmp_path, monkeypatch, capsys):
@@ -229,7 +291,7 @@ def test_local_executor_runs_a_trainer_sized_by_workers_auto_on_its_own_cluster(
 # launcher must start the head again on new ports.
 TAKEN_DASHBOARD_PORT = """
 import socket, sys
-from hpc import ray_cluster
+from hpc import ray_cluster, submit
 taken = socket.socket()
 taken.bind(("", 0))
 taken.listen()
@@ -324,18 +386,18 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout}s: {what}")
 
 
-def cluster_info(slurm: Slurm, job: str) -> dict | None:
+def cluster_info(slurm: Slurm, job: str, jobs_dir: Path | None = None) -> dict | None:
     try:
-        return json.loads((slurm.jobs_dir / job / ray_cluster.CLUSTER_FILE).read_text())
+        return json.loads(((jobs_dir or slurm.jobs_dir) / job / ray_cluster.CLUSTER_FILE).read_text())
     except (OSError, ValueError):
         return None
 
 
-def job_logs(slurm: Slurm, job: str, chars: int = 3000) -> str:
+def job_logs(slurm: Slurm, job: str, chars: int = 3000, jobs_dir: Path | None = None) -> str:
     """The ends of a job's own output and of its Ray nodes' logs: what a failed assertion should show."""
     out = slurm.run(["scontrol", "show", "job", job], check=False).stdout
     files = [Path(f.split("=", 1)[1]) for f in out.split() if f.startswith("StdOut=")]
-    files += sorted((slurm.jobs_dir / job).glob("ray-*.log"))
+    files += sorted(((jobs_dir or slurm.jobs_dir) / job).glob("ray-*.log"))
     parts = []
     for path in files:
         try:
@@ -345,11 +407,11 @@ def job_logs(slurm: Slurm, job: str, chars: int = 3000) -> str:
     return "\n".join(parts)
 
 
-def running_cluster(slurm: Slurm, job: str, timeout: float = 120) -> dict:
+def running_cluster(slurm: Slurm, job: str, timeout: float = 120, jobs_dir: Path | None = None) -> dict:
     def up():
-        info = cluster_info(slurm, job)
+        info = cluster_info(slurm, job, jobs_dir)
         if slurm.job_state(job) in ("FAILED", "COMPLETED", "CANCELLED"):
-            raise AssertionError(f"job {job} ended before its Ray cluster ran\n{job_logs(slurm, job)}")
+            raise AssertionError(f"job {job} ended before its Ray cluster ran\n{job_logs(slurm, job, jobs_dir=jobs_dir)}")
         return info if info and info.get("state") == "running" else None
     return wait_for(up, timeout, f"the Ray cluster of job {job}")
 
@@ -481,22 +543,121 @@ def test_every_sbatch_script_is_accepted_by_slurm_with_its_own_headers(slurm):
             assert proc.returncode == 0 and "to start at" in proc.stderr, (script.name, extra, proc.stderr)
 
 
-def test_two_jobs_on_one_node_do_not_collide_and_refuse_tokenless_clients(slurm, tmp_path):
+AUTH_PROBE = """
+import json, sys
+import grpc
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc, ray_client_pb2, ray_client_pb2_grpc
+
+gcs, client, token = sys.argv[1:4]
+
+def code(call):
+    try:
+        call()
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+found = {}
+for name, tok in (("none", None), ("wrong", "0" * 64), ("job", token)):
+    md = [("authorization", f"Bearer {tok}")] if tok else []
+    with grpc.insecure_channel(gcs) as ch:
+        found[f"gcs/{name}"] = code(lambda: gcs_service_pb2_grpc.NodeInfoGcsServiceStub(ch).GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), metadata=md, timeout=20))
+    with grpc.insecure_channel(client) as ch:
+        found[f"client/{name}"] = code(lambda: ray_client_pb2_grpc.RayletDriverStub(ch).ClusterInfo(
+            ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), metadata=md, timeout=20))
+print(json.dumps(found))
+"""
+
+
+@pytest.fixture
+def neighbour():
+    """A second Unix user of the node, made for the test and removed after it: `neighbour.run(*cmd)` runs a command
+    as that user, in no group of root's."""
+    name = f"cifarray-nb{os.getpid()}"
+    try:
+        subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"cannot make a second user here ({exc})")
+    user = pwd.getpwnam(name)
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--",
+                               *cmd], capture_output=True, text=True, timeout=60, cwd="/")
+
+    yield SimpleNamespace(uid=user.pw_uid, gid=user.pw_gid, run=run)
+    subprocess.run(["userdel", name], capture_output=True)
+
+
+def test_two_jobs_on_one_node_share_nothing_and_a_hostile_neighbour_can_neither_read_nor_hijack_them(
+        slurm, tmp_path, neighbour):
+    """Two jobs' Ray clusters on one node, and another user of that node. Before the jobs start, that user plants
+    what the old code would have used: a link at one job's old Ray temp-dir name (/tmp/ray-<job>-head) and a folder
+    of theirs, mode 777, at the other (/tmp/ray-<job>-node1). The jobs start and end normally and never write
+    there. While they run, the other user can read neither a job's folder (its token, cluster.json, logs; its parent
+    is open to them) nor its Ray temp root, and cannot plant a link in its Ray logs. Ray's GCS, its Ray Client port,
+    the dashboard and the Jobs API refuse a client without the job's token (as they do whoever the client is: Ray
+    knows tokens, not Unix users, and the interpreter of this test's environment is not the other user's to run)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     release = tmp_path / "release"
-    jobs = [sbatch(slurm, "--nodes=1", "--nodelist=node1", "--cpus-per-task=1", f"--output={tmp_path}/j{i}.out",
-                   "--wrap", f"exec {PY} -m hpc.ray_cluster -- {PY} {driver} {release}") for i in range(2)]
-    infos = [running_cluster(slurm, j) for j in jobs]
+    shared = Path(tempfile.mkdtemp(prefix="cifarray-nb-", dir="/tmp"))  # readable by all, as a home often is
+    try:
+        shared.chmod(0o755)
+        jobs_dir, trap = shared / "jobs", shared / "trap"
+        jobs_dir.mkdir(mode=0o755)
+        assert neighbour.run("true").returncode == 0
+        jobs = [sbatch(slurm, "--hold", "--nodes=1", "--nodelist=node1", "--cpus-per-task=1",
+                       f"--output={tmp_path}/j{i}.out", "--wrap", f"exec {PY} -m hpc.ray_cluster -- {PY} {driver} {release}",
+                       env={"HPC_JOBS_DIR": str(jobs_dir)}) for i in range(2)]
+        trap.mkdir(mode=0o777)
+        os.chown(trap, neighbour.uid, neighbour.gid)
+        planted = [Path(f"/tmp/ray-{jobs[0]}-head"), Path(f"/tmp/ray-{jobs[1]}-node1")]
+        assert neighbour.run("ln", "-s", str(trap), str(planted[0])).returncode == 0
+        assert neighbour.run("mkdir", "-m", "777", str(planted[1])).returncode == 0
+        before = set(Path("/tmp").glob("ray-*"))  # an earlier test Slurm's job of the same id may have left its own
+        for j in jobs:
+            slurm.run(["scontrol", "release", j])
+        infos = [running_cluster(slurm, j, jobs_dir=jobs_dir) for j in jobs]
+        roots = [set(Path("/tmp").glob(f"ray-{j}-r0-*")) - before for j in jobs]
+        check_two_jobs_share_nothing(slurm, jobs, infos, roots)
+        check_a_neighbour_can_neither_read_nor_hijack(neighbour, jobs, infos, jobs_dir, shared, roots)
+        release.touch()
+        for i, j in enumerate(jobs):
+            assert slurm.wait_state(j, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED", \
+                job_logs(slurm, j, jobs_dir=jobs_dir)
+            out = (tmp_path / f"j{i}.out").read_text()
+            assert 'DRIVER {"nodes": 1, "cpus": 1.0}' in out, out[-2000:]
+            assert "STATE_API 1" in out, out[-3000:]  # its own cluster's state API, not "multiple Ray instances"
+            assert cluster_info(slurm, j, jobs_dir)["state"] == "ended"
+            assert not [root for root in roots[i] if root.exists()]  # its private root is gone
+            kept = jobs_dir / j / ray_cluster.LOGS_DIR
+            assert list(kept.rglob("raylet.out")) and not [p for p in kept.rglob("*") if p.is_symlink()]
+        # What the neighbour planted is as they left it: the job wrote nothing through their link or in their folder.
+        assert planted[0].is_symlink() and os.readlink(planted[0]) == str(trap) and list(trap.iterdir()) == []
+        assert planted[1].stat().st_uid == neighbour.uid and list(planted[1].iterdir()) == []
+    finally:
+        for path in planted if "planted" in locals() else ():
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def check_two_jobs_share_nothing(slurm: Slurm, jobs: list[str], infos: list[dict], roots: list[set[Path]]) -> None:
     assert all(slurm.job_state(j) == "RUNNING" for j in jobs)  # both at once, on node1
     ports = [set(i["ports"].values()) for i in infos]
     assert not ports[0] & ports[1], "two jobs on one node share ports"
     # What the two jobs' Ray processes listen on, read from the kernel: no port in common, none of Ray's fixed
     # defaults (the head's metrics endpoints included), and the dashboard on the node's address only.
-    for j in jobs:  # Ray's own folders (mode 777) sit in a private root: another user cannot even list them
-        roots = list(Path("/tmp").glob(f"ray-{j}-r0-*"))
-        assert len(roots) == 1 and stat.S_IMODE(roots[0].stat().st_mode) == 0o700, roots
-        assert list((roots[0] / ray_cluster.RAY_DIR).glob("session_*/sockets"))
+    for found in roots:  # Ray's own folders (mode 777) sit in a private root: another user cannot even list them
+        assert len(found) == 1, found
+        root = next(iter(found))
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700 and list((root / ray_cluster.RAY_DIR).glob("session_*/sockets"))
     listening = [listeners(ray_processes_of(f"/tmp/ray-{j}-")) for j in jobs]
     used = [{port for _, port in sockets} for sockets in listening]
     assert all(used) and not used[0] & used[1], listening
@@ -513,24 +674,42 @@ def test_two_jobs_on_one_node_do_not_collide_and_refuse_tokenless_clients(slurm,
         assert http_status(url)[0] == 401
         assert http_status(url, other)[0] == 403  # another job's token is not this one's
 
-    # A Ray client without the token cannot join; with it, it can.
-    probe = f"import ray; ray.init(address={infos[0]['address']!r}); print('JOINED', len(ray.nodes()))"
-    bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    refused = subprocess.run([PY, "-c", probe], env=bare, capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "JOINED" not in refused.stdout
-    assert "Unauthenticated" in refused.stderr or "InvalidAuthToken" in refused.stderr, refused.stderr[-2000:]
-    allowed = subprocess.run([PY, "-c", probe], env={**bare, "RAY_AUTH_MODE": "token",
-                                                     "RAY_AUTH_TOKEN_PATH": infos[0]["token_file"]},
-                             capture_output=True, text=True, timeout=120)
-    assert "JOINED 1" in allowed.stdout, allowed.stderr[-2000:]
 
-    release.touch()
-    for i, j in enumerate(jobs):
-        assert slurm.wait_state(j, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED"
-        out = (tmp_path / f"j{i}.out").read_text()
-        assert 'DRIVER {"nodes": 1, "cpus": 1.0}' in out, out[-2000:]
-        assert "STATE_API 1" in out, out[-3000:]  # its own cluster's state API, not "multiple Ray instances"
-        assert cluster_info(slurm, j)["state"] == "ended"
+def check_a_neighbour_can_neither_read_nor_hijack(neighbour, jobs: list[str], infos: list[dict], jobs_dir: Path,
+                                                  shared: Path, roots: list[set[Path]]) -> None:
+    for j, info, found in zip(jobs, infos, roots):
+        job_dir = jobs_dir / j
+        assert stat.S_IMODE(job_dir.stat().st_mode) == 0o700
+        root = next(iter(found))
+        logs = root / ray_cluster.RAY_DIR / "session_latest" / "logs"
+        assert (logs / "raylet.out").is_file()
+        for cmd in (["ls", str(job_dir)], ["cat", info["token_file"]], ["cat", str(job_dir / ray_cluster.CLUSTER_FILE)],
+                    ["cat", str(job_dir / "ray-head.log")], ["ls", str(root)], ["cat", str(logs / "raylet.out")],
+                    ["ln", "-s", "/dev/zero", str(logs / "zero.log")]):
+            tried = neighbour.run(*cmd)
+            assert tried.returncode != 0 and "Permission denied" in tried.stderr, (cmd, tried.stdout, tried.stderr)
+    assert neighbour.run("ls", str(jobs_dir)).returncode == 0  # what protects a job folder is its own mode
+
+    # The control plane, without the job's token: the GCS, the Ray Client port, the dashboard and its Jobs API.
+    info = infos[0]
+    token = Path(info["token_file"]).read_text().strip()
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    probe = subprocess.run([PY, "-c", AUTH_PROBE, info["address"],
+                            f"{info['head_ip']}:{info['ports']['ray-client-server-port']}", token],
+                           env={**bare, "HOME": str(shared)}, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert json.loads(probe.stdout) == {f"{service}/{who}": ("OK" if who == "job" else "UNAUTHENTICATED")
+                                        for who in ("none", "wrong", "job") for service in ("gcs", "client")}
+    hijacked = shared / "hijacked"
+    submission = json.dumps({"entrypoint": f"touch {hijacked}"}).encode()
+    for method, data in (("GET", None), ("POST", submission)):
+        req = urllib.request.Request(info["dashboard_url"] + "/api/jobs/", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 401, (method, refused.value.code)
+    assert http_status(info["dashboard_url"] + "/api/jobs/", token)[0] == 200
+    assert not hijacked.exists()
 
 
 def test_submitit_job_requeues_on_its_signal_completes_and_a_cancelled_job_is_reported_cleanly(slurm, tmp_path):

@@ -30,12 +30,12 @@ from pathlib import Path
 from cifarray.config import check_batch_split, flag_of
 from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError, run_cli
-from cifarray.rundir import writable_by_others
 from cifarray.tune import results
 from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_CLUSTER, SWEEP_COPY
 from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
 from cifarray.tune.planning import Live, Plan, plan_on_cluster, trial_workers
 from cifarray.tune.runners import RUNNERS, TrialRunner, trial_runner
+from hpc.unpickle import writable_by_others
 
 KEEP = 3  # Tune checkpoints kept per running trial (see `tuner`)
 RESUME_KEYS = ("data_dir", "synthetic", "no_verify", "workers_per_trial", "gpus_per_trial", "cpus_per_trial",
