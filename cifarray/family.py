@@ -139,6 +139,11 @@ class SweepRules:
         """Config overrides for the special keys among sampled values."""
         return {}
 
+    def fixed(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The sampled values (what `sample` suggests, by name) of a whole configuration given by [space] keys: a
+        sweep's [baseline], enqueued in Optuna as its first trial."""
+        return dict(values)
+
     def columns(self, space_keys: list[str]) -> tuple[tuple[str, Any], ...]:
         """Console columns between status and params: (header, function of the trial's config -> value)."""
         return (("batch", lambda c: c.get("batch_size")),

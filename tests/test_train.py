@@ -163,7 +163,7 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
        driver avoids, exited 1 without a word. SIGTERM takes the same path in the driver:
        test_tune.py::test_sigterm_to_the_whole_process_group_ends_a_local_ray_run_at_once.)
     4. Ray's oldest listed checkpoint evicted but left on disk, every newer one truncated: the rerun resumes from it.
-    Augmentation chunks of 7 batches put every resume point (a multiple of 30) mid-chunk, and the 150
+    Augmentation chunks of 7 batches put every resume point (a multiple of 30) mid-chunk, and the 240
     steps cross an epoch (78 batches) in a cut chunk. (One test, not three: each run costs ~45 s of
     Ray start-up on 2 cores.)
     """
@@ -171,7 +171,9 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))  # also when an assertion fails
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     out = tmp_path / "again"
-    args = (*TINY, "--steps", "150", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "30",
+    # 240 steps: the Ctrl-C lands at step 90 or later, and a worker that trains on while the driver stops Ray (on a
+    # loaded machine: the rest of a 150-step run once) finishes the run before the test can see it interrupted.
+    args = (*TINY, "--steps", "240", "--batch-size", "64", "--log-every", "10", "--checkpoint-every", "30",
             "--eval-every", "30", "--augment-chunk", "7")
     cmd = train_cmd("densenet", out, *args, "--runner", "ray")  # Ray Train's restarts, its checkpoint records
     # Its own process group, with SIGINT handled as in a terminal (a shell's background job ignores it).
@@ -229,13 +231,13 @@ def test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if
     start = rank0(out)
     assert start["attempt"] == 2 and start["start_step"] == evicted["metrics"]["step"] >= 30
     assert json.loads((out / "attempts.json").read_text()) == {"attempts": 3}
-    assert summary(out)["steps"] == 150
+    assert summary(out)["steps"] == 240
     rows = metrics(out)
-    assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))  # no step lost, none counted twice
+    assert [int(r["step"]) for r in rows] == list(range(10, 241, 10))  # no step lost, none counted twice
     assert {"0", "2"} <= {r["attempt"] for r in rows} <= {"0", "1", "2"}
     # What a run leaves at the end: the two newest checkpoints (not the step-60 one the killed worker wrote
     # and Ray never registered), and no lock.
-    assert json.loads((out / "last_checkpoint.json").read_text()) == {"step": 150}
+    assert json.loads((out / "last_checkpoint.json").read_text()) == {"step": 240}
     assert len([p for p in (out / "ray").glob("checkpoint_*") if p.is_dir()]) == 2
     assert not (out / LOCK_NAME).exists()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)  # a finished run is not retrained

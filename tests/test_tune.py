@@ -56,6 +56,20 @@ eval_every = 20
      "grace_period 10 is shorter than train.eval_every"),
     ('trial_runner = "fast"\n' + BASE + "lr = { loguniform = [0.01, 0.1] }",
      "trial_runner must be one of auto, tune, train, got 'fast'"),
+    (BASE + "lr = { loguniform = [0.01, 0.1] }\n[baseline]\nlr = 0.5", "[baseline]: lr = 0.5 is outside its range "
+     "[0.01, 0.1]; change the baseline, or widen [space] lr"),
+    (BASE + "lr = { loguniform = [0.01, 0.1] }\n[baseline]\nlr = 0.05\ngrowth_rate = 8",
+     "[baseline]: unknown key 'growth_rate'; a baseline gives the [space] keys only (lr)"),
+    (BASE + "lr = { loguniform = [0.01, 0.1] }\ngrowth_rate = { int = [4, 8] }\n[baseline]\nlr = 0.05",
+     "[baseline]: 'growth_rate' is missing; a baseline is a whole configuration of the space (lr, growth_rate)"),
+    (BASE + "lr = { loguniform = [0.01, 0.1] }\n[baseline]\nlr = 'fast'", "[baseline]: lr = 'fast' must be a number"),
+    (BASE + "growth_rate = { int = [4, 8] }\n[baseline]\ngrowth_rate = 6.5", "growth_rate = 6.5 must be an integer"),
+    (BASE + "bottleneck = { choice = [true, false] }\n[baseline]\nbottleneck = 1",
+     "bottleneck = 1 is not one of its choices [True, False]"),
+    (BASE + "growth_rate = { int = [4, 30] }\nnum_blocks = { int = [1, 4] }\nlayers_per_block = { int = [1, 9] }\n"
+     "[baseline]\ngrowth_rate = 30\nnum_blocks = 4\nlayers_per_block = 9",
+     "[baseline]: 2,698,827 parameters, over the budget of 100,000; change the baseline, or raise train.param_budget"),
+    ("baseline = 3\n" + BASE + "lr = { loguniform = [0.01, 0.1] }", "[baseline] must be a table"),
     ('trial_runner = "tune"\n' + BASE + "lr = { loguniform = [0.01, 0.1] }\n#workers",
      "--trial-runner tune trains one worker inside each trial's actor, but a trial has 2 workers"),
 ])
@@ -204,7 +218,7 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
         finished: list[dict[str, str]] = []
         while time.time() < deadline + 300 and first.poll() is None:
             started |= descendants(first.pid)
-            if (out / "trials.csv").exists():
+            if (out / "trials.csv").exists() and (out / "trials").is_dir():  # the console lists a trial first
                 finished = [t for t in rows(out / "trials.csv") if t["status"] == "complete"]
                 # Killed while the next trained trial runs (in its reused actor it takes a second or two).
                 others = {d.name for d in (out / "trials").iterdir()} - {t["trial_id"] for t in finished}
@@ -450,7 +464,7 @@ def test_console_renders_the_trial_table_and_header():
     view.trials = [
         SimpleNamespace(trial_id="aaaa0001", status="TERMINATED", local_path=None,
                         config={"batch_size": 32, "lr": 0.123456, "growth_rate": 6, "num_blocks": 2, "layers_0": 1,
-                                "layers_1": 3, "params": 4846, "infeasible": ""},
+                                "layers_1": 3, "params": 4846, "infeasible": "", "baseline": True},
                         last_result={"step": 60, "val_acc": 0.25}, metric_analysis={"val_acc": {"max": 0.3}}),
         SimpleNamespace(trial_id="aaaa0002", status="TERMINATED", local_path=None,
                         config={"batch_size": 64, "lr": 0.2, "growth_rate": 9, "num_blocks": 3, "layers_0": 4,
@@ -474,6 +488,9 @@ def test_console_renders_the_trial_table_and_header():
     assert "0.123" in row["aaaa0001"] and "0.3" in row["aaaa0001"]
     assert "infeasible" in row["aaaa0002"] and "21,562" in row["aaaa0002"]
     assert "running" in row["aaaa0003"] and "2-2" in row["aaaa0003"]
+    # The sweep's [baseline] trial: starred, with the star explained under the table.
+    assert "aaaa0001*" in row["aaaa0001"] and "aaaa0002*" not in text and "aaaa0003*" not in text
+    assert "* the sweep's baseline" in text
 
 
 @pytest.mark.slow
@@ -494,6 +511,27 @@ def test_gan_sweep_without_inception_weights_selects_on_a_labelled_fallback(tmp_
                                                  if t["status"] == "complete"), abs=1e-6)
     for t in trials:
         assert int(t["params"]) <= 1_000_000
+    # The sweep file's [baseline] is its first trial, marked as such in trials.csv, summary.json, the console's
+    # lines and the Optuna study; the other trials are sampled.
+    import optuna
+
+    from cifarray.tune.searcher import open_storage
+    from cifarray.tune.sweep import load
+
+    sweep = load(REPO / "sweeps" / "ci_dcgan.toml")
+    marked = [t for t in trials if t["baseline"] == "True"]
+    assert len(marked) == 1 and sum(t["baseline"] == "False" for t in trials) == 2, trials
+    baseline = marked[0]
+    fields = ("lr_g", "lr_d", "label_smoothing")  # trials.csv holds the config's values (g_widths, not g_width)
+    assert {k: float(baseline[k]) for k in fields} == pytest.approx({k: sweep.baseline[k] for k in fields})
+    assert summary["baseline"]["trial_id"] == baseline["trial_id"] and summary["baseline"]["values"] == sweep.baseline
+    assert summary["best"]["baseline"] == (summary["best"]["trial_id"] == baseline["trial_id"])
+    study = optuna.load_study(study_name="ci_dcgan", storage=open_storage(out))
+    assert [t.number for t in study.trials if t.user_attrs.get("baseline")] == [0]
+    assert study.trials[0].user_attrs["trial_id"] == baseline["trial_id"]
+    assert study.trials[0].params == pytest.approx(sweep.baseline_sampled)
+    assert f"trial {baseline['trial_id']} (baseline) started" in result.stdout
+    assert sum("(baseline)" in line and " started" in line for line in result.stdout.splitlines()) == 1
 
 
 @pytest.mark.parametrize("gpus_per_trial, workers, expected", [

@@ -207,6 +207,9 @@ class BlockLayout(SweepRules):
                                      for b in range(int(sampled["num_blocks"]))}}
         return sampled
 
+    def fixed(self, values):
+        return {k: v for k, v in self.corner(values).items() if k != "layers_per_block"}
+
     def expand(self, sampled):
         if "num_blocks" not in sampled:
             return {}

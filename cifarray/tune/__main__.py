@@ -361,7 +361,8 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP))
     sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, max(2, args.n_trials // 3)))
     search = AllocationLimiter(StoredOptunaSearch(space=SpaceSampler(sweep), metric=goal.metric, mode=goal.mode,
-                                                  sampler=sampler, study_name=Path(sweep.source).stem),
+                                                  sampler=sampler, study_name=Path(sweep.source).stem,
+                                                  points_to_evaluate=[sweep.baseline_sampled] if sweep.baseline else None),
                                max_concurrent=placed.concurrent)
     scheduler = ResumableASHA(out=str(out), time_attr="step", metric=goal.metric, mode=goal.mode, max_t=sweep.steps,
                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)

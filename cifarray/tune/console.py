@@ -26,7 +26,7 @@ from cifarray.train.checkpoint import checkpoint_folders
 from cifarray.tune.elastic import NodeLoss, Nodes, quiet_node_losses
 from cifarray.tune.layout import DONE
 from cifarray.tune.results import resources_line, trial_status, write_trials
-from cifarray.tune.trial import INFEASIBLE
+from cifarray.tune.trial import BASELINE, INFEASIBLE
 
 LEFT = ("trial", "status", "layout")  # left-aligned columns
 # trials.csv holds every trial, so writing it on every event cost the driver time in proportion to the sweep's size,
@@ -96,7 +96,7 @@ class SweepConsole(Callback):
     def row(self, trial: Any) -> list[str]:
         c = {**self.defaults, **trial.config}
         r = trial.last_result or {}
-        cells = [trial.trial_id, trial_status(trial, self.max_steps)]
+        cells = [trial.trial_id + ("*" if trial.config.get(BASELINE) else ""), trial_status(trial, self.max_steps)]
         for _, value in self.columns():
             v = value(c)
             cells.append(fmt(v, ".3g") if isinstance(v, float) else fmt(v))
@@ -125,7 +125,9 @@ class SweepConsole(Callback):
 
     def table(self) -> Table:
         cols = ("trial", "status", *(name for name, _ in self.columns()), "params", "step", self.metric)
-        table = Table(title=None, expand=False, show_lines=False)
+        baseline = any(t.config.get(BASELINE) for t in self.trials)
+        table = Table(title=None, expand=False, show_lines=False,
+                      caption="* the sweep's baseline ([baseline] in its sweep file)" if baseline else None)
         for name in cols:
             table.add_column(name, justify="left" if name in LEFT else "right")
         for t in self.trials:
@@ -150,7 +152,7 @@ class SweepConsole(Callback):
             self._recovering.discard(trial.trial_id)
             return
         self._starts[trial.trial_id] = time.time()
-        self._event(f"trial {trial.trial_id} started: {self._describe(trial)}")
+        self._event(f"trial {trial.trial_id}{self._baseline(trial)} started: {self._describe(trial)}")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials = trials
@@ -177,8 +179,9 @@ class SweepConsole(Callback):
         extra = f", best {self.metric} {best:.4g}" if best is not None else ""
         params = trial.config.get("params")
         reason = f" ({trial.config.get(INFEASIBLE)})" if status == "infeasible" else ""
-        self._event(f"trial {trial.trial_id} {status}{reason} at step {(trial.last_result or {}).get('step', 0)}"
-                    f"{extra}; {params:,} params" if isinstance(params, int) else f"trial {trial.trial_id} {status}")
+        name = f"trial {trial.trial_id}{self._baseline(trial)}"
+        self._event(f"{name} {status}{reason} at step {(trial.last_result or {}).get('step', 0)}{extra}; "
+                    f"{params:,} params" if isinstance(params, int) else f"{name} {status}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials = trials
@@ -209,7 +212,11 @@ class SweepConsole(Callback):
     # ----- output
     def _describe(self, trial: Any) -> str:
         return "  ".join(f"{k}={fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in trial.config.items()
-                         if k != INFEASIBLE)
+                         if k not in (INFEASIBLE, BASELINE))
+
+    @staticmethod
+    def _baseline(trial: Any) -> str:
+        return " (baseline)" if trial.config.get(BASELINE) else ""
 
     def _event(self, line: str) -> None:
         if self._live is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from cifarray.rundir import measured
 from cifarray.tune.layout import DONE, EXPERIMENT, SWEEP_COPY, trial_dir
-from cifarray.tune.trial import INFEASIBLE
+from cifarray.tune.trial import BASELINE, INFEASIBLE, sampled_values
 
 
 def trial_status(trial: Any, max_steps: int, ended: bool = False) -> str:
@@ -55,8 +55,7 @@ def trial_records(out: Path, sweep: Any, trials: list, metric: str, mode: str, e
     for t in sorted(trials, key=lambda t: t.trial_id):
         config = dict(t.config)
         status = trial_status(t, sweep.steps)
-        sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
-        overrides = sweep.overrides(sampled)
+        overrides = sweep.overrides(sampled_values(config))
         result = t.last_result or {}
         if exact:
             rows = metric_rows(out, t.trial_id)
@@ -67,7 +66,8 @@ def trial_records(out: Path, sweep: Any, trials: list, metric: str, mode: str, e
             v = (getattr(t, "metric_analysis", None) or {}).get(metric, {}).get(mode)
             best = None if status in ("infeasible", "diverged") or v is None else float(v)
         records.append({
-            "trial_id": t.trial_id, "status": status, "params": config.get("params"), "steps": steps,
+            "trial_id": t.trial_id, "status": status, BASELINE: bool(config.get(BASELINE)),
+            "params": config.get("params"), "steps": steps,
             f"best_{metric}": best, "infeasible_reason": config.get(INFEASIBLE) or "",
             **{k: (",".join(map(str, v)) if isinstance(v, (tuple, list)) else v) for k, v in overrides.items()},
         })
@@ -81,7 +81,7 @@ def write_trials(out: Path, sweep: Any, trials: list, metric: str, mode: str, ex
 def write_records(out: Path, records: list[dict[str, Any]], metric: str) -> Path:
     """trials.csv from trial records (`trial_records`)."""
     path = out / "trials.csv"
-    first = ["trial_id", "status", "params", "steps", f"best_{metric}"]
+    first = ["trial_id", "status", BASELINE, "params", "steps", f"best_{metric}"]
     rest = sorted({k for r in records for k in r} - set(first) - {"infeasible_reason"})
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
@@ -195,16 +195,21 @@ def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir
     best = None
     if finals:
         value, rec = (max if mode == "max" else min)(finals, key=lambda vr: vr[0])
-        best = {"trial_id": rec["trial_id"], "params": rec["params"], metric: value,
+        best = {"trial_id": rec["trial_id"], "params": rec["params"], metric: value, BASELINE: rec[BASELINE],
                 "config": json.loads((trial_dir(out, rec["trial_id"]) / "config.json").read_text())}
         if not unfinished:
             best.update(evaluate_best_on_test(out, sweep, rec["trial_id"]))
     figures = plots(out, sweep, records, metric, mode, label)
+    baseline = next(({"trial_id": r["trial_id"], "status": r["status"], "params": r["params"], "steps": r["steps"],
+                      f"best_{metric}": r[f"best_{metric}"],
+                      metric: next((v for v, f in finals if f is r), None),  # at its last step, as `best` is
+                      "values": dict(sweep.baseline or {})}
+                     for r in records if r[BASELINE]), None)
     summary = {
         "status": "interrupted" if unfinished else "complete", "unfinished_trials": unfinished,
         "model": sweep.model, "sweep": str(out / SWEEP_COPY), "objective": metric, "objective_label": label,
         "mode": mode, "budget": sweep.budget, "trials": len(records), "by_status": by_status,
-        "best": best, "total_steps": sum(r["steps"] for r in records),
+        "best": best, BASELINE: baseline, "total_steps": sum(r["steps"] for r in records),
         "infeasible_steps": sum(r["steps"] for r in records if r["status"] == "infeasible"),
         "infeasible_trials": by_status.get("infeasible", 0), "seconds": round(seconds, 1),
         "synthetic_data": synthetic, "data_dir": str(data_dir),
@@ -235,6 +240,12 @@ def print_summary(summary: dict[str, Any]) -> None:
     tested = {k: v for k, v in best.items() if k.startswith("test_") and isinstance(v, (int, float))}
     if tested:
         line += ", " + ", ".join(f"{k} {v:.4f}" for k, v in tested.items()) + " (evaluated once, after selection)"
-    print(line)
+    print(line + (" (the sweep's baseline)" if best.get(BASELINE) else ""))
+    baseline = summary.get(BASELINE)
+    if baseline and not best.get(BASELINE):
+        value = baseline.get(obj)
+        print(f"baseline trial {baseline['trial_id']}: {baseline['params']:,} params, "
+              + (f"{obj} {value:.4f}; the best trial's margin over it: {best[obj] - value:+.4f}, from one seed "
+                 "each (part of it may be seed noise)" if value is not None else f"{baseline['status']} at step {baseline['steps']}"))
     if summary["synthetic_data"]:
         print("(procedural data: these numbers show the sweep works, not how well CIFAR-100 is learned)")

@@ -12,7 +12,8 @@ and an unpickled searcher or limiter takes both from it.
   Optuna's storage for NFS, with its open(O_EXCL) lock; sweeps begun before it keep SQLite, OUT/optuna.db). The
   study is on disk while the sweep runs, so `optuna-dashboard OUT/optuna.journal` shows every trial, its parameters,
   value, intermediate values and feasibility (the budget constraint), and Optuna's own API reads it after. Each
-  Optuna trial carries the Tune trial's id and parameter count as user attributes. Pickled (Tune's checkpoints of
+  Optuna trial carries the Tune trial's id and parameter count as user attributes; the sweep's [baseline] is
+  enqueued as its first trial (Ray's points_to_evaluate) and marked `baseline`, in the study and in its Tune config. Pickled (Tune's checkpoints of
   it), it keeps its sampler's state and which Optuna trial each Tune trial is, by number: never the storage.
 - `AllocationLimiter` is Tune's `ConcurrencyLimiter` whose limit, once restored, is the bound allocation's.
 """
@@ -30,6 +31,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from cifarray.tune.layout import LEGACY_STUDY_DB, STUDY_DB
+from cifarray.tune.trial import BASELINE
 
 DASHBOARD_CONSTRAINTS = "constraints"  # optuna.study._constrained_optimization._CONSTRAINTS_KEY, the list form
 
@@ -97,6 +99,10 @@ class StoredOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
+        if config is not None and self._storage.get_trial_system_attrs(self._stored_id(ot_trial.number)).get(
+                "fixed_params"):  # the enqueued [baseline] (points_to_evaluate), not a sampled configuration
+            config[BASELINE] = True
+            ot_trial.set_user_attr(BASELINE, True)
         # What the dashboard shows beside Optuna's own number: the Tune trial (OUT/trials/<id>, trials.csv).
         ot_trial.set_user_attr("trial_id", trial_id)
         if config and "params" in config:

@@ -22,6 +22,13 @@ ASHA schedule and the space::
     num_blocks = { int = [2, 4] }          # block layout: how many dense blocks ...
     layers_per_block = { int = [2, 8] }    # ... and, per block, how many layers
 
+    [baseline]                    # optional: the first trial, a value for every [space] key
+    batch_size = 512
+    lr = 0.2
+    growth_rate = 8
+    num_blocks = 4
+    layers_per_block = 5                   # the same for every block
+
 Distributions: `choice = [...]`, `uniform = [lo, hi]`, `loguniform = [lo, hi]`,
 `int = [lo, hi]` (add `log = true` for a log scale). DCGAN spaces may use
 `g_width`/`d_width`: the narrowest generator/discriminator width, doubled per layer.
@@ -51,7 +58,7 @@ from cifarray.family import Family, SweepRules
 # Keys the tuner sets per trial or per experiment: a sweep file may not set them.
 RESERVED = {"data_dir", "synthetic", "no_verify", "out", "workers", "gpu", "cpus_per_worker", "checkpoint_every"}
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
-TOP_KEYS = {"model", "trials", "seed", "train", "asha", "space", "description", "trial_runner"}
+TOP_KEYS = {"model", "trials", "seed", "train", "asha", "space", "description", "trial_runner", "baseline"}
 # Where a trial trains: `tune`, inside its own (reused) Tune actor, one worker; `train`, through a TorchTrainer
 # (DDP workers, several actors started per trial); `auto`, tune for one-worker trials, train for DDP ones.
 TRIAL_RUNNERS = ("auto", "tune", "train")
@@ -74,6 +81,23 @@ class Param:
             return trial.suggest_int(name, lo, hi, log=self.log)
         return trial.suggest_float(name, lo, hi, log=self.kind == "loguniform")
 
+    def problem(self, value: Any) -> str | None:
+        """Why `value` (from a sweep file) is not a value of this parameter's space, or None."""
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if self.kind == "choice":
+            if any(value == v and isinstance(value, bool) == isinstance(v, bool) and number(value) == number(v)
+                   for v in self.values):
+                return None
+            return f"is not one of its choices {list(self.values)}"
+        if self.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+            return "must be an integer"
+        if not number(value):
+            return "must be a number"
+        lo, hi = self.values
+        return None if lo <= value <= hi else f"is outside its range [{lo}, {hi}]"
+
     def corners(self) -> list:
         """Values at which the parameter count of the space can be smallest (counts grow with sizes)."""
         return list(self.values) if self.kind == "choice" else [self.values[0]]
@@ -91,6 +115,7 @@ class Sweep:
     source: str = ""
     description: str = ""
     trial_runner: str = "auto"  # see TRIAL_RUNNERS; --trial-runner overrides it
+    baseline: dict[str, Any] | None = None  # [baseline]: a value for every [space] key; the sweep's first trial
 
     @property
     def model(self) -> str:
@@ -136,6 +161,11 @@ class Sweep:
 
     def params_of(self, overrides: dict[str, Any]) -> int:
         return self.config_for(overrides).param_count()
+
+    @property
+    def baseline_sampled(self) -> dict[str, Any] | None:
+        """The [baseline] as the searcher's sampled values (Optuna's parameters), or None."""
+        return None if self.baseline is None else self.rules.fixed(self.baseline)
 
     def sample(self, trial: Any) -> dict[str, Any]:
         """Define-by-run: suggest every parameter (the family's rules add derived ones, e.g. per-block layers)."""
@@ -231,7 +261,41 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
         shown = ", ".join(f"{k}={v}" for k, v in at.items())
         raise UserError(f"{source}: no config in the space fits the budget of {sweep.budget:,} parameters "
                         f"(smallest: {n:,} at {shown}); lower the ranges' lower bounds in [space]")
+    if "baseline" in values:
+        sweep = dataclasses.replace(sweep, baseline=_baseline_table(sweep, values["baseline"], source))
     return sweep
+
+
+def _baseline_table(sweep: Sweep, raw: Any, source: str) -> dict[str, Any]:
+    """[baseline]: the configuration everyone starts from (a paper's recipe), a value for every [space] key, inside
+    the space and the budget; the sweep runs it as its first trial, so that the winner is measured against it."""
+    where = f"{source} [baseline]"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a table: a value for each [space] key")
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    keys = ", ".join(sweep.space)
+    unknown = sorted(set(values) - set(sweep.space))
+    if unknown:
+        raise UserError(f"{where}: unknown key '{unknown[0]}'; a baseline gives the [space] keys only ({keys}): a "
+                        "fixed setting belongs in [train]")
+    missing = [k for k in sweep.space if k not in values]
+    if missing:
+        raise UserError(f"{where}: '{missing[0]}' is missing; a baseline is a whole configuration of the space "
+                        f"({keys})")
+    for name, param in sweep.space.items():
+        why = param.problem(values[name])
+        if why:
+            raise UserError(f"{where}: {name} = {values[name]!r} {why}; change the baseline, or widen [space] {name}")
+    values = {name: float(v) if sweep.space[name].kind in ("uniform", "loguniform") else v
+              for name, v in values.items()}
+    try:
+        params = sweep.params_of(sweep.overrides(sweep.rules.fixed(values)))
+    except UserError as exc:
+        raise UserError(f"{where}: not a model that can be built ({exc})") from None
+    if params > sweep.budget:
+        raise UserError(f"{where}: {params:,} parameters, over the budget of {sweep.budget:,}; change the baseline, "
+                        "or raise train.param_budget")
+    return {name: values[name] for name in sweep.space}
 
 
 def _train_table(family: Family, train_raw: dict[str, Any], source: str) -> dict[str, Any]:

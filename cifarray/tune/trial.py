@@ -27,6 +27,13 @@ from cifarray.tune.sweep import Sweep
 quiet_worker_exits()
 
 INFEASIBLE = "infeasible"
+BASELINE = "baseline"  # in the config of the sweep's [baseline] trial (the searcher's first, enqueued in Optuna)
+NOT_SAMPLED = ("params", INFEASIBLE, BASELINE)  # what a trial's config holds besides its values of the space
+
+
+def sampled_values(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's values of the space, from its Tune config."""
+    return {k: v for k, v in config.items() if k not in NOT_SAMPLED}
 CONSTRAINT = "params_over_budget"
 
 
@@ -69,7 +76,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
     from cifarray.config import from_dict
     from cifarray.train.runfolder import prepare_run, take_divergence
 
-    sampled = {k: v for k, v in config.items() if k not in ("params", INFEASIBLE)}
+    sampled = sampled_values(config)
     cfg = from_dict(sweep.cls, {**base, **sweep.overrides(sampled), "out": str(trial_dir(out, trial_id))})
     run, resolved, done = prepare_run(cfg)
     if done:  # finished before the driver was killed, but Tune never heard: tell it now
