@@ -25,7 +25,7 @@ from cifarray.rundir import RunDir
 
 def _load(run: RunDir):
     config = run.read_json("config.json")
-    summary = run.read_json("summary.json") or {}
+    summary = run.read_summary() or {}
     if config is None:
         raise UserError(f"{run.path}: no config.json; pass a run folder made by python -m cifarray.train")
     # Runs written before summary.json named the model: the family whose config holds every key of config.json.

@@ -17,17 +17,57 @@ from typing import Any
 RETRAIN = "retrain the run (its training command, with another --out) or restore the file from a copy"
 
 
+SUMMARY = "summary.json"  # a finished run's results (status complete), and a run's only "done" mark
+LAST_CHECKPOINT = "last_checkpoint.json"  # {"step": N}: the newest checkpoint rank 0 saw persisted
+ATTEMPTS = "attempts.json"  # {"attempts": N}: how many times the training function started in the folder
+DIVERGED = "diverged.json"  # {"step", "loss", "last_checkpoint_step"}: a NaN/inf loss, for the driver to report
+
+
 class RunDir:
-    """RUN_DIR layout: config.json, metrics.csv, summary.json, model files, workers/, ray/ (checkpoints)."""
+    """RUN_DIR layout: config.json, metrics.csv, summary.json, model files, workers/, ray/ (checkpoints).
+
+    The run folder is the protocol between the driver, the workers, the tuner and the report: its files are read
+    and written through these accessors, never by name elsewhere."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser().resolve()
 
     config = property(lambda self: self.path / "config.json")
     metrics = property(lambda self: self.path / "metrics.csv")
-    summary = property(lambda self: self.path / "summary.json")
+    summary = property(lambda self: self.path / SUMMARY)
     workers = property(lambda self: self.path / "workers")
     data = property(lambda self: self.path / "data")
+
+    def read_summary(self) -> dict | None:
+        return self.read_json(SUMMARY)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self.write_json(SUMMARY, summary)
+
+    def last_checkpoint_step(self) -> int | None:
+        """The step of the newest checkpoint known persisted, or None before the first."""
+        last = self.read_json(LAST_CHECKPOINT)
+        return last["step"] if last else None
+
+    def record_checkpoint(self, step: int) -> None:
+        self.write_json(LAST_CHECKPOINT, {"step": step})
+
+    def next_attempt(self) -> int:
+        """Counts a start of the training function in this folder; returns how many came before (0 first)."""
+        seen = self.read_json(ATTEMPTS) or {"attempts": 0}
+        self.write_json(ATTEMPTS, {"attempts": seen["attempts"] + 1})
+        return seen["attempts"]
+
+    def record_divergence(self, step: int, loss: float) -> None:
+        self.write_json(DIVERGED, {"step": step, "loss": str(loss), "last_checkpoint_step": self.last_checkpoint_step()})
+
+    def take_divergence(self) -> dict | None:
+        """A diverged run's record (step, loss, last checkpoint's step), moved aside to diverged-step<N>.json so that
+        a rerun on the folder is not taken for diverged; None when the run did not diverge."""
+        diverged = self.read_json(DIVERGED)
+        if diverged:
+            (self.path / DIVERGED).rename(self.path / f"diverged-step{diverged['step']}.json")
+        return diverged
 
     def write_json(self, name: str, obj: Any) -> None:
         target = self.path / name

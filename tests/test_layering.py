@@ -109,3 +109,12 @@ def test_no_function_outside_tests_is_longer_than_60_lines_unless_its_docstring_
                 if lines > 60 and "longer than 60 lines" not in (ast.get_docstring(node) or ""):
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_the_run_folders_files_are_named_by_rundir_only():
+    """The run folder is the protocol between the driver, the workers, the tuner and the report: its files are read
+    and written through RunDir's accessors (cifarray/rundir.py), so that no two places spell a file's name."""
+    names = ("summary.json", "last_checkpoint.json", "attempts.json", "diverged.json")
+    found = [f"{path.relative_to(REPO)}: {name}" for path in sorted((REPO / "cifarray").rglob("*.py"))
+             if path.name != "rundir.py" for name in names if f'"{name}"' in path.read_text()]
+    assert not found, found

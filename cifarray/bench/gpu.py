@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ from cifarray.config import flag_of
 from cifarray.data.augment import AugmentConfig, chunk_batches
 from cifarray.data.loader import PreparedData, random_data
 from cifarray.errors import UserError
+from cifarray.rundir import RunDir
 
 
 # The paper recipe on a GPU (about 4 minutes on an H100, by the count); on the CPU the same rows at
@@ -140,7 +140,7 @@ def _e2e(args, device: torch.device, out: Path) -> str:
     wall = time.perf_counter() - t
     if result.returncode != 0:
         return f"failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}"
-    s = json.loads((out / "run" / "summary.json").read_text())
+    s = RunDir(out / "run").read_summary()
     return (f"{wall:.1f} s wall for {args.e2e_steps} steps: worker start-up {s['startup_s']} s, training "
             f"{s['train_s']} s, finish {s['finish_s']} s; the rest is Ray, data and the report")
 

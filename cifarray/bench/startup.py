@@ -17,7 +17,6 @@ say "needs CUDA" on a CPU. The last lines give each way's total against the defa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from cifarray.bench import machine
 from cifarray.errors import UserError
 from cifarray.phases import ENV, read
+from cifarray.rundir import RunDir
 
 WAYS = {"default": ("default", []), "ray": ("Ray Train, 1 worker", ["--runner", "ray"]),
         "ddp": ("Ray Train DDP, 2 workers", ["--workers", "2"])}
@@ -97,7 +97,7 @@ def _run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
     exited = time.time()
     if done.returncode != 0:
         raise RuntimeError(f"the {way} run failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunDir(out).read_summary()
     found = read(marks)
     return {"way": way, "label": label, "phases": phases_of(found, spawned, exited), "total": exited - spawned,
             "gpu": gpu_rows(found), "precision": summary["precision"], "params": summary.get("params"),

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cifarray.bench import machine
 from cifarray.errors import UserError
+from cifarray.rundir import RunDir
 from cifarray.train.cluster import local_resources
 from cifarray.tune.layout import EXPERIMENT, TRIALS
 
@@ -77,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _trial_figures(out: Path) -> list[dict]:
     figures = []
     for folder in sorted((out / TRIALS).iterdir()):
-        trial, summary = (json.loads((folder / name).read_text()) for name in ("trial.json", "summary.json"))
+        trial, summary = json.loads((folder / "trial.json").read_text()), RunDir(folder).read_summary()
         wall = summary["finished_at"] - trial["entered"]
         figures.append({"wall": wall, "train_s": summary["train_s"], "overhead": wall - summary["train_s"],
                         "pid": trial["pid"], "process_started": trial.get("process_started"),

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         steady = seconds[1:]  # the first window holds start-up steps
         ray_rate = len(steady) * WARMUP * cfg.batch_size / sum(steady)
         trained = sum(seconds)
-        ray_precision = run_dir.read_json("summary.json")["precision"]
+        ray_precision = run_dir.read_summary()["precision"]
         import ray
 
         ray.shutdown()  # the idle local cluster would otherwise take ~12 % of a core from the runs after

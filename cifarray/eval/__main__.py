@@ -36,11 +36,11 @@ def fid_command(args: argparse.Namespace) -> int:
     samples = fid.sample_generator(g, args.samples, model.z_dim, seed=args.seed)
     result = fid.compute(samples, reference, split=args.reference, weights=weights,
                          isc=args.isc, kid=args.kid)
-    summary = run.read_json("summary.json") or {}
+    summary = run.read_summary() or {}
     summary.update({f"{k}": v for k, v in result.items()})
     summary.update({"fid_samples": args.samples, "fid_reference": args.reference,
                     "fid_reference_images": int(len(reference)), "fid_synthetic_data": bool(cfg.synthetic)})
-    run.write_json("summary.json", summary)
+    run.write_summary(summary)
     shown = "  ".join(f"{k.upper()} {v:.4g}" for k, v in result.items())
     print(f"{shown}  ({args.samples} samples vs {len(reference)} {args.reference} images"
           f"{', procedural data' if cfg.synthetic else ''}); stored in {run.summary}")

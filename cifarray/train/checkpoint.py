@@ -37,7 +37,7 @@ def send_result(session, run: RunDir, metrics: dict[str, Any], state: dict[str, 
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
         session.report(metrics, tmp)
-    run.write_json("last_checkpoint.json", {"step": state["step"]})
+    run.record_checkpoint(state["step"])
 
 
 def checkpoint_folders(*parents: Path | None) -> list[Path]:

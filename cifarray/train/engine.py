@@ -134,7 +134,7 @@ def _set_up(pieces: Pieces, cfg: Any, session: Session, context: RunContext) -> 
     worker = Worker(cfg=cfg, run=run, device=device, rank=rank, world=world,
                     precision=resolve_precision(cfg.precision, device), data=data,
                     gen=torch.Generator(device=device), context=context, sampler=sampler, session=session,
-                    attempt=next_attempt(run) if rank == 0 else 0)
+                    attempt=run.next_attempt() if rank == 0 else 0)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank, whatever loading the data drew
     state = pieces.build(cfg, worker)
     stateful = {**state.stateful, "sampler": sampler}
@@ -241,7 +241,7 @@ def _write_summary(family: Family, worker: Worker, state: TrainState, timing: di
     cfg, run = worker.cfg, worker.run
     seconds = sum(float(r["seconds"]) for r in read_metrics(run.metrics))
     fields = family.pieces.finish(state, run)
-    run.write_json("summary.json", {
+    run.write_summary({
         "model": family.name, "status": "complete", "steps": cfg.steps, "workers": worker.world,
         "batch_size": cfg.batch_size, "seconds": round(seconds, 2),
         "images_per_s": round(cfg.steps * cfg.batch_size / max(seconds, 1e-9), 1),
@@ -276,22 +276,13 @@ def write_worker_info(run: RunDir, rank: int, **info: Any) -> None:
     run.write_json(name, {**(run.read_json(name) or {}), **info, "updated": time.time()})
 
 
-def next_attempt(run: RunDir) -> int:
-    """How many times the training function has started in this run folder (0 first)."""
-    seen = run.read_json("attempts.json") or {"attempts": 0}
-    run.write_json("attempts.json", {"attempts": seen["attempts"] + 1})
-    return seen["attempts"]
-
-
 def stop_diverged(session, run: RunDir, step: int, loss: float, rank: int, scored: dict[str, float]) -> None:
     """Record a NaN/inf loss for the driver to report, and end this rank's loop cleanly (all ranks call).
 
     `scored`: the objective at its worst, reported with it (Tune refuses a result without its metric, and a
     sweep would end with that error)."""
     if rank == 0:
-        last = run.read_json("last_checkpoint.json")
-        run.write_json("diverged.json", {"step": step, "loss": str(loss),
-                                         "last_checkpoint_step": last and last["step"]})
+        run.record_divergence(step, loss)
     send_result(session, run, {"step": step, "diverged": 1, **scored}, None, rank)
 
 

@@ -32,7 +32,7 @@ from cifarray.rundir import RunDir
 from cifarray.train.cluster import check_cluster_fits, check_local_gpus, check_reachable, init_ray
 from cifarray.train.progress import Progress
 from cifarray.train.runfolder import (RAY_RUN_NAME, check_checkpoints, divergence_error, drop_unregistered_checkpoints,
-                                      resume_state, take_divergence, write_run)
+                                      resume_state, write_run)
 
 if TYPE_CHECKING:
     from cifarray.family import Family, RunContext
@@ -125,16 +125,16 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
     run, resolved, done = resume_state(cfg)
     if done:
         print(f"{run.path}: run already complete; nothing to do (summary.json)")
-        return run.read_json("summary.json")
+        return run.read_summary()
     check_checkpoints(run)  # before Ray: a run none of whose checkpoints loads would fail in every worker restart
     if runner == LOCAL:
         _fit_here(cfg, family, run, resolved, context, what)
     else:
         _fit_with_ray(cfg, family, run, resolved, context, what)
-    diverged = take_divergence(run)
+    diverged = run.take_divergence()
     if diverged:
         raise divergence_error(run, diverged)
-    summary = run.read_json("summary.json")
+    summary = run.read_summary()
     if not summary:
         raise RuntimeError(f"training ended without writing {run.summary}")
     drop_unregistered_checkpoints(run)
@@ -142,8 +142,8 @@ def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | 
 
 
 def _starting(cfg, family: "Family", run: RunDir, what: str | None, where: str) -> None:
-    resumed = run.read_json("last_checkpoint.json")
-    start = f"resuming (last checkpoint written: step {resumed['step']})" if resumed else "starting"
+    resumed = run.last_checkpoint_step()
+    start = f"resuming (last checkpoint written: step {resumed})" if resumed is not None else "starting"
     print(f"{what or family.name}: {start}; {cfg.steps} steps, batch {cfg.batch_size}, {where}; run folder {run.path}",
           flush=True)
 

@@ -40,7 +40,7 @@ def check_resumable(run: RunDir, resolved: dict, cfg) -> bool:
         shown = ", ".join(f"{k}: {saved.get(k, defaults.get(k))!r} -> {resolved.get(k)!r}" for k in diff[:4])
         raise UserError(f"{run.path} holds a run with other settings ({shown}); pass another --out, "
                         "or rerun with the same settings to resume it")
-    summary = run.read_json("summary.json")
+    summary = run.read_summary()
     return bool(summary and summary.get("status") == "complete")
 
 
@@ -97,15 +97,6 @@ def drop_unregistered_checkpoints(run: RunDir) -> list[str]:
     for name in dropped:
         shutil.rmtree(storage / name, ignore_errors=True)
     return dropped
-
-
-def take_divergence(run: RunDir) -> dict | None:
-    """A diverged run's record (step, loss, last checkpoint's step), moved aside to diverged-step<N>.json so that a
-    rerun on the folder is not taken for diverged; None when the run did not diverge."""
-    diverged = run.read_json("diverged.json")
-    if diverged:
-        run.path.joinpath("diverged.json").rename(run.path / f"diverged-step{diverged['step']}.json")
-    return diverged
 
 
 def divergence_error(run: RunDir, diverged: dict) -> TrainingDiverged:

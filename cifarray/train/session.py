@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from cifarray.data.loader import PreparedData, data_identity, load_prepared
+from cifarray.rundir import RunDir
 from cifarray.train.checkpoint import checkpoint_folders
 from cifarray.train.runfolder import RAY_RUN_NAME
 
@@ -178,7 +179,7 @@ class LocalSession(Session):
     def __init__(self, run_dir: str | Path, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.folder = Path(run_dir) / RAY_RUN_NAME
-        self.summary = Path(run_dir) / "summary.json"
+        self.summary = RunDir(run_dir).summary
         self.reports: list[tuple[dict[str, Any], int | None, bool]] = []
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
@@ -220,7 +221,6 @@ class ActorData:
         self._lock = threading.Lock()
 
     def get(self, cfg: Any, device: torch.device) -> PreparedData:
-        from cifarray.rundir import RunDir
 
         folder = RunDir(cfg.out).data if cfg.synthetic else Path(cfg.data_dir).expanduser()
         key = (data_identity(folder), bool(cfg.no_verify), cfg.val_size, cfg.seed, str(device))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifarray.rundir import measured
+from cifarray.rundir import SUMMARY, measured
 from cifarray.tune.layout import DONE, EXPERIMENT, SWEEP_COPY, trial_dir
 from cifarray.tune.trial import BASELINE, INFEASIBLE, sampled_values
 
@@ -216,7 +216,7 @@ def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir
         "selection": "validation split only; the test split is evaluated once, on the best trial",
         "figures": [p.name for p in figures], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))  # the sweep's, in OUT (not a run folder's)
     return summary
 
 

@@ -74,7 +74,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
         tune.report({"step": 0, metric: objective.worst, INFEASIBLE: True, "params": config["params"]})
         return
     from cifarray.config import from_dict
-    from cifarray.train.runfolder import prepare_run, take_divergence
+    from cifarray.train.runfolder import prepare_run
 
     sampled = sampled_values(config)
     cfg = from_dict(sweep.cls, {**base, **sweep.overrides(sampled), "out": str(trial_dir(out, trial_id))})
@@ -87,8 +87,8 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
                                   "process_started": _process_started()})
     trial_context = replace(context, sweep_trial=True, objective=objective)
     runner.train(sweep, cfg, run, resolved, trial_context, gpus_per_worker)
-    if not run.read_json("summary.json"):
-        diverged = take_divergence(run)
+    if not run.read_summary():
+        diverged = run.take_divergence()
         if diverged:
             tune.report({"step": int(diverged["step"]), metric: objective.worst, "diverged": True})
             return
