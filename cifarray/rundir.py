@@ -26,8 +26,9 @@ DIVERGED = "diverged.json"  # {"step", "loss", "last_checkpoint_step"}: a NaN/in
 class RunDir:
     """RUN_DIR layout: config.json, metrics.csv, summary.json, model files, workers/, ray/ (checkpoints).
 
-    The run folder is the protocol between the driver, the workers, the tuner and the report: its files are read
-    and written through these accessors, never by name elsewhere."""
+    The run folder is the protocol between the driver, the workers, the tuner and the report: the files that say
+    where a run stands (summary, last checkpoint, attempts, divergence) are read and written through these accessors
+    only (tests/test_layering.py checks that no other module spells their names)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser().resolve()
@@ -59,7 +60,8 @@ class RunDir:
         return seen["attempts"]
 
     def record_divergence(self, step: int, loss: float) -> None:
-        self.write_json(DIVERGED, {"step": step, "loss": str(loss), "last_checkpoint_step": self.last_checkpoint_step()})
+        self.write_json(DIVERGED, {"step": step, "loss": str(loss),
+                                   "last_checkpoint_step": self.last_checkpoint_step()})
 
     def take_divergence(self) -> dict | None:
         """A diverged run's record (step, loss, last checkpoint's step), moved aside to diverged-step<N>.json so that

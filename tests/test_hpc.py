@@ -411,7 +411,8 @@ def running_cluster(slurm: Slurm, job: str, timeout: float = 120, jobs_dir: Path
     def up():
         info = cluster_info(slurm, job, jobs_dir)
         if slurm.job_state(job) in ("FAILED", "COMPLETED", "CANCELLED"):
-            raise AssertionError(f"job {job} ended before its Ray cluster ran\n{job_logs(slurm, job, jobs_dir=jobs_dir)}")
+            logs = job_logs(slurm, job, jobs_dir=jobs_dir)
+            raise AssertionError(f"job {job} ended before its Ray cluster ran\n{logs}")
         return info if info and info.get("state") == "running" else None
     return wait_for(up, timeout, f"the Ray cluster of job {job}")
 
@@ -611,7 +612,8 @@ def test_two_jobs_on_one_node_share_nothing_and_a_hostile_neighbour_can_neither_
         jobs_dir.mkdir(mode=0o755)
         assert neighbour.run("true").returncode == 0
         jobs = [sbatch(slurm, "--hold", "--nodes=1", "--nodelist=node1", "--cpus-per-task=1",
-                       f"--output={tmp_path}/j{i}.out", "--wrap", f"exec {PY} -m hpc.ray_cluster -- {PY} {driver} {release}",
+                       f"--output={tmp_path}/j{i}.out", "--wrap",
+                       f"exec {PY} -m hpc.ray_cluster -- {PY} {driver} {release}",
                        env={"HPC_JOBS_DIR": str(jobs_dir)}) for i in range(2)]
         trap.mkdir(mode=0o777)
         os.chown(trap, neighbour.uid, neighbour.gid)
@@ -657,7 +659,8 @@ def check_two_jobs_share_nothing(slurm: Slurm, jobs: list[str], infos: list[dict
     for found in roots:  # Ray's own folders (mode 777) sit in a private root: another user cannot even list them
         assert len(found) == 1, found
         root = next(iter(found))
-        assert stat.S_IMODE(root.stat().st_mode) == 0o700 and list((root / ray_cluster.RAY_DIR).glob("session_*/sockets"))
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert list((root / ray_cluster.RAY_DIR).glob("session_*/sockets"))
     listening = [listeners(ray_processes_of(f"/tmp/ray-{j}-")) for j in jobs]
     used = [{port for _, port in sockets} for sockets in listening]
     assert all(used) and not used[0] & used[1], listening

@@ -955,3 +955,24 @@ def test_rays_messages_of_a_node_gone_stay_out_of_the_sweeps_output(capsys):
     out = capsys.readouterr().out
     assert "trial output: Restored from checkpoint" in out
     assert "Raylet is terminated" not in out and "marked dead" not in out and "bundle" not in out
+
+
+def test_the_summary_says_how_far_the_best_trial_is_from_the_baseline_and_that_one_seed_each_may_be_noise(capsys):
+    from cifarray.tune.results import print_summary
+
+    summary = {"status": "complete", "trials": 3, "by_status": {"complete": 3}, "total_steps": 300,
+               "infeasible_steps": 0, "seconds": 12.0, "objective": "val_acc", "synthetic_data": False,
+               "best": {"trial_id": "b", "params": 9000, "val_acc": 0.31, "test_acc": 0.3, "baseline": False},
+               "baseline": {"trial_id": "a", "params": 8000, "val_acc": 0.25, "status": "complete", "steps": 100}}
+    print_summary(summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("best trial b: 9,000 params, val_acc 0.3100") and "baseline" not in lines[1]
+    assert lines[2] == ("baseline trial a: 8,000 params, val_acc 0.2500; the best trial's margin over it: +0.0600, "
+                        "from one seed each (part of it may be seed noise)")
+    summary["baseline"].update(val_acc=None, status="early-stopped", steps=40)
+    print_summary(summary)
+    assert capsys.readouterr().out.splitlines()[2] == "baseline trial a: 8,000 params, early-stopped at step 40"
+    summary["best"]["baseline"] = True
+    print_summary(summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("(the sweep's baseline)") and not any(line.startswith("baseline trial") for line in lines)

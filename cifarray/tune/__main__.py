@@ -360,9 +360,10 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
                                 failure_config=tune.FailureConfig(max_failures=1),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP))
     sampler = optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, max(2, args.n_trials // 3)))
+    first = [sweep.baseline_sampled] if sweep.baseline else None  # the [baseline], enqueued as the first trial
     search = AllocationLimiter(StoredOptunaSearch(space=SpaceSampler(sweep), metric=goal.metric, mode=goal.mode,
                                                   sampler=sampler, study_name=Path(sweep.source).stem,
-                                                  points_to_evaluate=[sweep.baseline_sampled] if sweep.baseline else None),
+                                                  points_to_evaluate=first),
                                max_concurrent=placed.concurrent)
     scheduler = ResumableASHA(out=str(out), time_attr="step", metric=goal.metric, mode=goal.mode, max_t=sweep.steps,
                               grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)

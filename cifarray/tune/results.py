@@ -244,8 +244,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     baseline = summary.get(BASELINE)
     if baseline and not best.get(BASELINE):
         value = baseline.get(obj)
-        print(f"baseline trial {baseline['trial_id']}: {baseline['params']:,} params, "
-              + (f"{obj} {value:.4f}; the best trial's margin over it: {best[obj] - value:+.4f}, from one seed "
-                 "each (part of it may be seed noise)" if value is not None else f"{baseline['status']} at step {baseline['steps']}"))
+        how = (f"{obj} {value:.4f}; the best trial's margin over it: {best[obj] - value:+.4f}, from one seed each "
+               "(part of it may be seed noise)" if value is not None else
+               f"{baseline['status']} at step {baseline['steps']}")
+        print(f"baseline trial {baseline['trial_id']}: {baseline['params']:,} params, {how}")
     if summary["synthetic_data"]:
         print("(procedural data: these numbers show the sweep works, not how well CIFAR-100 is learned)")

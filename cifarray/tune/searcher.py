@@ -13,8 +13,9 @@ and an unpickled searcher or limiter takes both from it.
   study is on disk while the sweep runs, so `optuna-dashboard OUT/optuna.journal` shows every trial, its parameters,
   value, intermediate values and feasibility (the budget constraint), and Optuna's own API reads it after. Each
   Optuna trial carries the Tune trial's id and parameter count as user attributes; the sweep's [baseline] is
-  enqueued as its first trial (Ray's points_to_evaluate) and marked `baseline`, in the study and in its Tune config. Pickled (Tune's checkpoints of
-  it), it keeps its sampler's state and which Optuna trial each Tune trial is, by number: never the storage.
+  enqueued as its first trial (Ray's points_to_evaluate) and marked `baseline`, in the study and in its Tune
+  config. Pickled (Tune's checkpoints of it), it keeps its sampler's state and which Optuna trial each Tune trial
+  is, by number: never the storage.
 - `AllocationLimiter` is Tune's `ConcurrencyLimiter` whose limit, once restored, is the bound allocation's.
 """
 
