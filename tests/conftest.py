@@ -2,9 +2,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+# On xdist's processes, each computes on its share of the cores, as would any job on a shared node: torch's threads,
+# and those of every CLI and Ray worker a test starts, follow OMP_NUM_THREADS (cifarray.train.engine.worker_threads),
+# set before anything imports torch. Two processes of two threads each on 2 cores slowed the compute-bound tests
+# down 4x instead of 2x (a 300-step run: 38 s alone, 97 s beside a busy process, 51 s there with one thread).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import numpy as np
 import pytest

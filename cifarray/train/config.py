@@ -42,7 +42,8 @@ class CommonConfig:
     steps: int = opt(10_000, "optimizer steps in total (the run ends at exactly this step)")
     batch_size: int = opt(512, "global batch, split evenly across workers")
     workers: int = opt(1, "Ray Train workers (DDP ranks)")
-    cpus_per_worker: int | None = opt(None, "CPUs (and torch threads) per worker; default: all CPUs / workers")
+    cpus_per_worker: int | None = opt(None, "CPUs (and torch threads) per worker; default: OMP_NUM_THREADS if set, "
+                                            "else all CPUs / workers")
     gpu: bool = opt(False, "one GPU per worker (channels_last)")
     precision: str = opt("auto", "auto | bf16 | fp32: auto is bf16 autocast where the hardware computes bf16 "
                                  "natively (GPUs; CPUs with AMX or AVX512-BF16), else fp32")

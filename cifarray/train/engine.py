@@ -286,6 +286,20 @@ def stop_diverged(session, run: RunDir, step: int, loss: float, rank: int, score
     send_result(session, run, {"step": step, "diverged": 1, **scored}, None, rank)
 
 
+def worker_threads(cfg) -> int:
+    """A worker's torch threads: --cpus-per-worker; else OMP_NUM_THREADS, the usual way to tell a process its share
+    of a shared node (Ray sets it in its workers to the CPUs they hold, unless it is set already); else the node's
+    CPUs split between the workers. More threads than free cores cost far more than they give: a 300-step run of
+    a tiny DenseNet took 38 s alone with 2 threads on 2 cores, 97 s beside one busy process, and 51 s there with
+    one thread (docs/BENCHMARKS.md)."""
+    if cfg.cpus_per_worker:
+        return cfg.cpus_per_worker
+    told = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if told.isdigit() and int(told) > 0:
+        return int(told)
+    return max(1, (os.cpu_count() or 1) // cfg.workers)
+
+
 def augment_seed(seed: int, rank: int, step: int) -> int:
     # Reseeded at every checkpoint step, so a resumed run draws what the uninterrupted run drew.
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
@@ -301,7 +315,7 @@ def reset_global_state(cfg) -> None:
     random.seed(cfg.seed)
     numpy.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)  # every device's default generator: identical initial weights on every rank
-    torch.set_num_threads(cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers))
+    torch.set_num_threads(worker_threads(cfg))
     torch.set_grad_enabled(True)
     torch.clear_autocast_cache()
     if cfg.compile:
