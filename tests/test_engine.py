@@ -133,3 +133,20 @@ def test_a_run_none_of_whose_checkpoints_loads_says_so_in_one_line(tmp_path):
     result = run_cli_here("cifarray.train", *args)
     assert_one_line_error(result, "no checkpoint of this run loads (2 in", f"move {out / 'ray'} aside")
     assert result.stdout.count("note: checkpoint") == 2
+
+
+def test_a_workers_threads_are_its_cpus_else_omp_num_threads_else_its_share_of_the_node(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from cifarray.train.engine import worker_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_threads(SimpleNamespace(cpus_per_worker=5, workers=1)) == 5
+    assert worker_threads(SimpleNamespace(cpus_per_worker=None, workers=1)) == 3
+    for unset in ("", "0", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert worker_threads(SimpleNamespace(cpus_per_worker=None, workers=2)) == 4
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert worker_threads(SimpleNamespace(cpus_per_worker=None, workers=3)) == 2
