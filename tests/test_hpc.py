@@ -600,8 +600,9 @@ def test_two_jobs_on_one_node_share_nothing_and_a_hostile_neighbour_can_neither_
     of theirs, mode 777, at the other (/tmp/ray-<job>-node1). The jobs start and end normally and never write
     there. While they run, the other user can read neither a job's folder (its token, cluster.json, logs; its parent
     is open to them) nor its Ray temp root, and cannot plant a link in its Ray logs. Ray's GCS, its Ray Client port,
-    the dashboard and the Jobs API refuse a client without the job's token (as they do whoever the client is: Ray
-    knows tokens, not Unix users, and the interpreter of this test's environment is not the other user's to run)."""
+    the dashboard and the Jobs API refuse a client without the job's token. Ray knows tokens, not Unix users: the
+    other user asks the dashboard and the Jobs API themselves (curl), and a tokenless process of the test asks the
+    gRPC ports (the interpreter of this test's environment, with grpc, may not be the other user's to run)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     release = tmp_path / "release"
@@ -703,14 +704,15 @@ def check_a_neighbour_can_neither_read_nor_hijack(neighbour, jobs: list[str], in
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert json.loads(probe.stdout) == {f"{service}/{who}": ("OK" if who == "job" else "UNAUTHENTICATED")
                                         for who in ("none", "wrong", "job") for service in ("gcs", "client")}
+    # The dashboard and its Jobs API, asked by the neighbour itself (with the system's curl: the interpreter of this
+    # test's environment may sit where they cannot run it), a job submission included.
     hijacked = shared / "hijacked"
-    submission = json.dumps({"entrypoint": f"touch {hijacked}"}).encode()
-    for method, data in (("GET", None), ("POST", submission)):
-        req = urllib.request.Request(info["dashboard_url"] + "/api/jobs/", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(req, timeout=10)
-        assert refused.value.code == 401, (method, refused.value.code)
+    submission = json.dumps({"entrypoint": f"touch {hijacked}"})
+    for path, extra in (("/api/version", []), ("/api/jobs/", []),
+                        ("/api/jobs/", ["-X", "POST", "-H", "Content-Type: application/json", "-d", submission])):
+        asked = neighbour.run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", *extra,
+                              info["dashboard_url"] + path)
+        assert asked.stdout == "401", (path, extra, asked.stdout, asked.stderr)
     assert http_status(info["dashboard_url"] + "/api/jobs/", token)[0] == 200
     assert not hijacked.exists()
 
