@@ -11,8 +11,9 @@ from pathlib import Path
 # and those of every CLI and Ray worker a test starts, follow OMP_NUM_THREADS (cifarray.train.engine.worker_threads),
 # set before anything imports torch. Two processes of two threads each on 2 cores slowed the compute-bound tests
 # down 4x instead of 2x (a 300-step run: 38 s alone, 97 s beside a busy process, 51 s there with one thread).
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+_processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _processes))
 
 import numpy as np
 import pytest
@@ -43,7 +44,6 @@ def run_cli_here(module: str, *args: str, env: dict[str, str] | None = None) -> 
     import importlib
     import importlib.util
     import io
-    import os
     import signal
 
     spec = importlib.util.find_spec(module)
@@ -90,8 +90,6 @@ def synthetic_cache(tmp_path_factory) -> Path:
     """The suite's own cache of procedural sets (runs reuse them within the suite; the user's cache is left alone).
 
     Set in os.environ, so that the CLIs the tests start inherit it."""
-    import os
-
     if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for the run's workers: each set is made once
         path = tmp_path_factory.getbasetemp().parent / "cifarray-cache"  # (synthetic_for_run renames it in)
         path.mkdir(exist_ok=True)
@@ -164,8 +162,6 @@ WHOLE_FILES = ("tests/test_hpc.py", "tests/test_synth_learnable.py", "tests/test
 def pytest_collection_modifyitems(config, items):
     """On xdist's processes: the slow tests first, so that the last minutes are not one long test beside an idle
     process (xdist hands out the whole files above first: its largest units)."""
-    import os
-
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
 

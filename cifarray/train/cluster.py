@@ -10,7 +10,6 @@ import atexit
 import dataclasses
 import math
 import os
-import secrets
 import shutil
 import socket
 import sys
@@ -78,11 +77,12 @@ def _private_token() -> None:
     0644 and shared by every run for ever. An explicit RAY_AUTH_MODE=disabled is honoured."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return
+    from pathlib import Path
+
+    from hpc.ray_cluster import new_token  # the token an hpc job's cluster gets, made the same way
+
     folder = tempfile.mkdtemp(prefix="cifarray-ray-token-")
-    path = os.path.join(folder, "token")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
+    path = str(new_token(Path(folder)))
     atexit.register(shutil.rmtree, folder, True)  # Ray's processes read it when they start, all before the exit
     os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     # RAY_AUTH_MODE stays as it is: unset, ray.init turns token mode on for the new local cluster itself, in this

@@ -100,8 +100,9 @@ class StoredOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
-        if config is not None and self._storage.get_trial_system_attrs(self._stored_id(ot_trial.number)).get(
-                "fixed_params"):  # the enqueued [baseline] (points_to_evaluate), not a sampled configuration
+        stored = self._stored_id(ot_trial.number)
+        if config is not None and self._storage.get_trial_system_attrs(stored).get("fixed_params"):
+            # the enqueued [baseline] (points_to_evaluate), not a sampled configuration
             config[BASELINE] = True
             ot_trial.set_user_attr(BASELINE, True)
         # What the dashboard shows beside Optuna's own number: the Tune trial (OUT/trials/<id>, trials.csv).
@@ -113,7 +114,7 @@ class StoredOptunaSearch(OptunaSearch):
         # ranks infeasible trials as before (by the sum of violations) and keeps the feasible ones feasible.
         constraints = ot_trial.constraints
         if constraints:
-            self._storage.set_trial_system_attr(self._stored_id(ot_trial.number), DASHBOARD_CONSTRAINTS,
+            self._storage.set_trial_system_attr(stored, DASHBOARD_CONSTRAINTS,
                                                 [constraints[k] for k in sorted(constraints)])
         return config
 

@@ -27,6 +27,7 @@ from cifarray.tune.sweep import Sweep
 quiet_worker_exits()
 
 INFEASIBLE = "infeasible"
+CONSTRAINT = "params_over_budget"
 BASELINE = "baseline"  # in the config of the sweep's [baseline] trial (the searcher's first, enqueued in Optuna)
 NOT_SAMPLED = ("params", INFEASIBLE, BASELINE)  # what a trial's config holds besides its values of the space
 
@@ -34,7 +35,6 @@ NOT_SAMPLED = ("params", INFEASIBLE, BASELINE)  # what a trial's config holds be
 def sampled_values(config: dict[str, Any]) -> dict[str, Any]:
     """A trial's values of the space, from its Tune config."""
     return {k: v for k, v in config.items() if k not in NOT_SAMPLED}
-CONSTRAINT = "params_over_budget"
 
 
 class SpaceSampler:
