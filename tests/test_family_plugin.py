@@ -120,12 +120,11 @@ def report(run: RunDir, cfg: ToyConfig) -> list[Path]:
                    f"toy, pool {cfg.pool}")]
 
 
-def test_accuracy(run: RunDir, cfg: ToyConfig) -> dict:
-    from cifarray.data.loader import load_data, prepare
+def test_accuracy(run: RunDir, cfg: ToyConfig, context=None) -> dict:
 
     model = make_model(cfg)
     model.load_state_dict(torch.load(run.path / "model.pt", weights_only=True))
-    return {"test_acc": accuracy(model, prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed).test)}
+    return {"test_acc": accuracy(model, cfg.data_source().prepare().test)}
 
 
 test_accuracy.__test__ = False  # a family piece, not a pytest test

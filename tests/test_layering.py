@@ -118,3 +118,13 @@ def test_the_run_folders_files_are_named_by_rundir_only():
     found = [f"{path.relative_to(REPO)}: {name}" for path in sorted((REPO / "cifarray").rglob("*.py"))
              if path.name != "rundir.py" for name in names if f'"{name}"' in path.read_text()]
     assert not found, found
+
+
+def test_a_runs_data_is_found_loaded_and_checked_through_its_data_source_only():
+    """cifarray.data.source.DataSource is the one description of a run's data (folder, procedural settings,
+    verification, validation split) that train, eval, tune and bench share: no other module outside cifarray/data
+    loads or writes a data set itself, or stands in for a config with a SimpleNamespace."""
+    spelled = ("SimpleNamespace", "load_cifar100(", "synthetic_for_run(", "validation_split(")
+    found = [f"{path.relative_to(REPO)}: {text}" for path in sorted((REPO / "cifarray").rglob("*.py"))
+             if path.parent.name != "data" for text in spelled if text in path.read_text()]
+    assert not found, found

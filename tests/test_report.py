@@ -78,13 +78,12 @@ def test_densenet_report(densenet_run):
 def test_densenet_report_uses_the_predictions_the_worker_saved(densenet_run):
     """The trainer saves its test predictions with the weights; the report reads them instead of evaluating
     the model again on the CPU (a minute for CIFAR's 10,000 test images with the paper model on 2 cores)."""
-    from cifarray.data.loader import load_data, prepare
     from cifarray.report import make_report
     from cifarray.train.densenet import save_predictions
 
     cfg = DenseNetTrainConfig(synthetic=True, synthetic_train_per_class=12, synthetic_test_per_class=3,
                               val_size=200, out=str(densenet_run))
-    labels = prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed).test.labels
+    labels = cfg.data_source().prepare().test.labels
     # Logits that an untrained model would not give: every label right, and class 7 second everywhere.
     logits = torch.full((len(labels), 100), -5.0)
     logits[:, 7] = 0.0

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from cifarray.data.augment import DeviceAugment
-from cifarray.data.loader import ShardedBatches, prepare
-from cifarray.data.cifar import load_cifar100
+from cifarray.data.loader import ShardedBatches
+from cifarray.data.source import DataSource
 from cifarray.data.synth import write_synthetic
 from cifarray.errors import UserError
 from cifarray.eval.classifier import evaluate
@@ -47,7 +47,7 @@ def plain_train(cfg: DenseNetTrainConfig, data_dir: Path, warmup: int = WARMUP, 
     """
     torch.set_num_threads(cfg.cpus_per_worker or torch.get_num_threads())
     device = torch.device("cuda" if cfg.gpu else "cpu")
-    data = prepare(load_cifar100(data_dir, verify=False), val_size=cfg.val_size, seed=cfg.seed, device=device)
+    data = DataSource(Path(data_dir), None, False, cfg.val_size, cfg.seed).prepare(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
     opt, sched = make_optimizer(cfg, model)

@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifarray.data.cifar import Cifar100, Split, channel_stats, load_cifar100, validation_split
+from cifarray.data.cifar import Cifar100, Split, channel_stats, validation_split
 from cifarray.config import check_batch_split
 from cifarray.errors import UserError
-from cifarray.rundir import RunDir
 
 
 @dataclass
@@ -132,18 +131,6 @@ def data_identity(folder: Path) -> tuple:
         if f.is_file():
             seen.append((str(f.relative_to(folder)) if f != folder else "", st.st_ino, st.st_size, st.st_mtime_ns))
     return (str(folder), tuple(seen))
-
-
-def load_prepared(cfg, device: torch.device | str) -> PreparedData:
-    """A run's splits on `device`: its data, the seeded validation split carved out, normalisation stats."""
-    return prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed, device=device)
-
-
-def load_data(cfg) -> Cifar100:
-    """A run's data: its own procedural copy (RUN_DIR/data) or the user's --data-dir."""
-    if cfg.synthetic:
-        return load_cifar100(RunDir(cfg.out).data, verify=False)
-    return load_cifar100(cfg.data_dir, verify=not cfg.no_verify)
 
 
 def random_data(n: int, device: torch.device | str = "cpu", seed: int = 0) -> PreparedData:

@@ -11,9 +11,7 @@ from cifarray.eval import fid
 
 def fid_command(args: argparse.Namespace) -> int:
     from dataclasses import fields
-    from types import SimpleNamespace
-
-    from cifarray.data.loader import load_data
+    from cifarray.data.source import DataSource
     from cifarray.models.dcgan import DCGANConfig, Generator
     from cifarray.rundir import RETRAIN, RunDir, load_state_into
 
@@ -24,14 +22,13 @@ def fid_command(args: argparse.Namespace) -> int:
                         "train one with python -m cifarray.train dcgan")
     # The model's settings and where its data are, read from config.json (evaluation needs no training config).
     model = DCGANConfig(**{f.name: config[f.name] for f in fields(DCGANConfig) if f.name in config})
-    cfg = SimpleNamespace(synthetic=bool(config.get("synthetic")), data_dir=config.get("data_dir"),
-                          no_verify=bool(config.get("no_verify")), out=str(run.path))
+    source = DataSource.of(config, run.path)
     if args.samples < 2:
         raise UserError("--samples must be at least 2")
     g = Generator(model)
     load_state_into(g, run.path / "generator.pt", "the generator's weights", RETRAIN)
     weights = fid.resolve_weights(args.inception_weights)  # before any sampling: missing weights fail fast
-    data = load_data(cfg)
+    data = source.load()
     reference = (data.test if args.reference == "test" else data.train).images
     samples = fid.sample_generator(g, args.samples, model.z_dim, seed=args.seed)
     result = fid.compute(samples, reference, split=args.reference, weights=weights,
@@ -39,11 +36,11 @@ def fid_command(args: argparse.Namespace) -> int:
     summary = run.read_summary() or {}
     summary.update({f"{k}": v for k, v in result.items()})
     summary.update({"fid_samples": args.samples, "fid_reference": args.reference,
-                    "fid_reference_images": int(len(reference)), "fid_synthetic_data": bool(cfg.synthetic)})
+                    "fid_reference_images": int(len(reference)), "fid_synthetic_data": bool(source.procedural)})
     run.write_summary(summary)
     shown = "  ".join(f"{k.upper()} {v:.4g}" for k, v in result.items())
     print(f"{shown}  ({args.samples} samples vs {len(reference)} {args.reference} images"
-          f"{', procedural data' if cfg.synthetic else ''}); stored in {run.summary}")
+          f"{', procedural data' if source.procedural else ''}); stored in {run.summary}")
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cifarray.data.augment import AugmentConfig, DeviceAugment
-from cifarray.data.loader import DeviceSplit, load_data, prepare
+from cifarray.data.loader import DeviceSplit
 from cifarray.rundir import RETRAIN, RunDir, load_state_into
 from cifarray.device import channels_last
 
@@ -35,7 +35,7 @@ def load_finished(run: RunDir, cfg, build_model) -> tuple[torch.nn.Module, objec
     """A finished run's final weights (model.pt), data splits and normalisation, on the CPU.
 
     `build_model(cfg)` makes the untrained module of the run's family."""
-    data = prepare(load_data(cfg), val_size=cfg.val_size, seed=cfg.seed)
+    data = cfg.data_source().prepare()
     model = build_model(cfg)
     load_state_into(model, run.path / "model.pt", "the model's weights", RETRAIN)
     return model, data, DeviceAugment(AugmentConfig(mode="none"), data.mean, data.std)

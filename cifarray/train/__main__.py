@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with RunLock(cfg.out, f"python -m cifarray.train {job}", force=force):
         if auto:
             cfg = cluster.scale_to_cluster(cfg)
-            launch.check_data_fits(cfg, n_train, cfg.data_dir or "the procedural data set")
+            cfg.data_source().check_fits(cfg.batch_size, cfg.workers, n_train)
         summary = launch.fit(cfg, family, runner=runner)
         figures = make_report(cfg.out)  # the same as `python -m cifarray.report RUN_DIR`
     mark("reported")

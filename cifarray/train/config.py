@@ -16,7 +16,7 @@ from typing import Any
 
 from cifarray.config import check_batch_split, embed, flag_of, opt
 from cifarray.data.augment import MODES, AugmentConfig
-from cifarray.data.synth import DIFFICULTIES
+from cifarray.data.source import DataSource
 from cifarray.errors import UserError
 from cifarray.models.dcgan import DCGANConfig
 from cifarray.models.densenet import DenseNetConfig
@@ -66,15 +66,12 @@ class CommonConfig:
             raise UserError("no data given: pass --data-dir DIR (real CIFAR-100) or --synthetic (procedural data)")
         if self.synthetic and self.data_dir:
             raise UserError("--synthetic and --data-dir exclude each other; pass one")
-        for name in ("steps", "batch_size", "workers", "log_every", "eval_every", "checkpoint_every",
-                     "synthetic_train_per_class", "synthetic_test_per_class"):
+        self.data_source()  # the data settings, checked where they are one value (cifarray.data.source)
+        for name in ("steps", "batch_size", "workers", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag_of(name)} must be at least 1, got {getattr(self, name)}")
         check_batch_split(self.batch_size, self.workers, f"--batch-size {self.batch_size} must be divisible by "
                           f"--workers {self.workers}", "change one of them")
-        if self.synthetic_difficulty not in DIFFICULTIES:
-            raise UserError(f"--synthetic-difficulty {self.synthetic_difficulty!r} is not one of "
-                            f"{', '.join(DIFFICULTIES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.max_failures < -1:
@@ -86,6 +83,10 @@ class CommonConfig:
             if not use:
                 raise UserError(f"--cuda-graphs on cannot be used here ({why}): graphs need --gpu, --workers 1 and "
                                 "no --compile (densenet: --optimizer sgd); pass --cuda-graphs off or auto")
+
+    def data_source(self) -> DataSource:
+        """Where this run's images come from and how its validation split is carved."""
+        return DataSource.of(vars(self), self.out)
 
     def graphs(self, cuda: bool | None = None, workers: int | None = None) -> tuple[bool, str]:
         """(use CUDA graphs, why not) for this config, on a device that is CUDA or not (default: --gpu)."""

@@ -23,8 +23,6 @@ import os
 import threading
 from typing import TYPE_CHECKING, Callable
 
-from cifarray.config import flag_of
-from cifarray.data.cifar import NUM_FINE, load_cifar100
 from cifarray.errors import UserError
 from cifarray.models.budget import enforce_budget
 from cifarray.phases import mark
@@ -65,26 +63,6 @@ def pick_runner(asked: str, workers: int | None, auto_workers: bool, address: st
     return LOCAL if one and not (address or os.environ.get("RAY_ADDRESS")) else RAY
 
 
-def check_data_fits(cfg, n_train: int, source: str, flag=flag_of) -> None:
-    """The validation split, the batch and each worker's shard must fit the data: checked before Ray starts.
-
-    `n_train` counts the training images before the validation split is carved from them; `flag` names
-    a setting the way the user gave it (a CLI flag, or a sweep-file key).
-    """
-    val, batch = flag("val_size"), flag("batch_size")
-    if not 0 <= cfg.val_size < n_train:
-        raise UserError(f"{val} {cfg.val_size} leaves no training images: {source} has {n_train:,} training "
-                        f"images; lower {val} below {n_train} (e.g. {n_train // 10})")
-    left = n_train - cfg.val_size
-    workers = cfg.workers or 1
-    shard, per_worker = left // workers, cfg.batch_size // workers
-    if per_worker > shard:
-        where = f"{shard:,} per worker for {workers} workers, of the " if workers > 1 else ""
-        raise UserError(f"{batch} {cfg.batch_size} is larger than the training images ({where}{left:,} left of "
-                        f"{source}'s {n_train:,} after the {cfg.val_size:,} validation images); lower {batch} "
-                        f"or {val}")
-
-
 def check_inputs(cfg, family: "Family", auto: bool = False, runner: str = RAY) -> int:
     """Everything the config and the data can be wrong about, before Ray starts and before --out is touched
     (an --out that is a file is refused by the run lock, which comes next).
@@ -92,8 +70,9 @@ def check_inputs(cfg, family: "Family", auto: bool = False, runner: str = RAY) -
     Returns the number of training images (before the validation split).
     """
     enforce_budget(cfg)  # an over-budget model never reaches Ray (the one budget check of the CLI's path)
-    n_train, source = training_images(cfg.synthetic, cfg.synthetic_train_per_class, cfg.data_dir, cfg.no_verify)
-    check_data_fits(cfg, n_train, source)
+    source = cfg.data_source()
+    n_train = source.training_images()
+    source.check_fits(cfg.batch_size, cfg.workers, n_train)
     if runner == RAY and os.environ.get("RAY_ADDRESS"):
         check_reachable(os.environ["RAY_ADDRESS"])
     if cfg.gpu:  # `auto`: as many workers as GPUs, so one is enough
@@ -103,17 +82,6 @@ def check_inputs(cfg, family: "Family", auto: bool = False, runner: str = RAY) -
                          f"drop --gpu{', or lower --workers' if workers > 1 else ''}, or set RAY_ADDRESS to a Ray "
                          "cluster with GPUs")
     return n_train
-
-
-def training_images(synthetic: bool, per_class: int, data_dir, no_verify: bool) -> tuple[int, str]:
-    """(training images before the validation split, how to name the data in an error).
-
-    Real data is loaded whole (md5 unless no_verify, structure), so that it fails here, with the file
-    named, not in a worker; procedural data is counted from its settings before it is written.
-    """
-    if synthetic:
-        return per_class * NUM_FINE, "the procedural data set"
-    return len(load_cifar100(data_dir, verify=not no_verify).train), str(data_dir)
 
 
 def fit(cfg, family: "Family", context: "RunContext | None" = None, what: str | None = None,

@@ -12,7 +12,6 @@ import json
 import shutil
 
 from cifarray.config import to_dict
-from cifarray.data.synth import synthetic_for_run
 from cifarray.errors import UserError
 from cifarray.rundir import RunDir
 
@@ -61,10 +60,7 @@ def resume_state(cfg) -> tuple[RunDir, dict, bool]:
 
 def write_run(run: RunDir, resolved: dict, cfg) -> None:
     """Procedural data (when asked for) and config.json: what a rerun resumes against."""
-    if cfg.synthetic:
-        synthetic_for_run(run.data, train_per_class=cfg.synthetic_train_per_class,
-                          test_per_class=cfg.synthetic_test_per_class, seed=cfg.seed,
-                          difficulty=cfg.synthetic_difficulty)
+    cfg.data_source().write()  # procedural data only
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json("config.json", resolved)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from cifarray.data.loader import PreparedData, data_identity, load_prepared
+from cifarray.data.loader import PreparedData, data_identity
 from cifarray.rundir import RunDir
 from cifarray.train.checkpoint import checkpoint_folders
 from cifarray.train.runfolder import RAY_RUN_NAME
@@ -48,7 +48,7 @@ class Session:
 
     def data(self, cfg: Any) -> PreparedData:
         """The run's splits on this session's device."""
-        return load_prepared(cfg, self.device)
+        return cfg.data_source().prepare(self.device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         """Hand one result (and, when given, the folder holding a checkpoint) to the runner. Every rank calls."""
@@ -222,13 +222,13 @@ class ActorData:
 
     def get(self, cfg: Any, device: torch.device) -> PreparedData:
 
-        folder = RunDir(cfg.out).data if cfg.synthetic else Path(cfg.data_dir).expanduser()
-        key = (data_identity(folder), bool(cfg.no_verify), cfg.val_size, cfg.seed, str(device))
+        source = cfg.data_source()
+        key = (data_identity(source.folder), source.verify, source.val_size, source.seed, str(device))
         with self._lock:
             if key != self.key:
                 self.key = self.value = None  # dropped before the new one is made: one set on the device at a time
                 TuneSession.release()
-                self.value, self.key = load_prepared(cfg, device), key
+                self.value, self.key = source.prepare(device), key
             else:
                 self.hits += 1
             return self.value

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifarray.config import check_batch_split, flag_of
-from cifarray.data.synth import synthetic_for_run
+from cifarray.data.source import DataSource, Procedural
 from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
 from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_CLUSTER, SWEEP_COPY
@@ -209,11 +209,8 @@ def write_experiment(args: TuneArgs, gpus_per_trial: float) -> None:
     """What the experiment is made of (procedural data, sweep.toml, tune_args.json), written once the Ray cluster
     is known to hold its trials: a sweep refused for resources leaves OUT as it found it."""
     sweep = args.sweep
-    if args.synthetic and not (args.data / "cifar-100-python" / "meta").exists():
-        base = sweep.base
-        synthetic_for_run(args.data, train_per_class=base.synthetic_train_per_class,
-                          test_per_class=base.synthetic_test_per_class, seed=sweep.seed,
-                          difficulty=base.synthetic_difficulty)
+    if not (args.data / "cifar-100-python" / "meta").exists():
+        data_source(args).write()  # procedural data only
     if not args.resume:
         shutil.copyfile(sweep.source, args.out / SWEEP_COPY)
         (args.out / ARGS_FILE).write_text(json.dumps(args.saved(gpus_per_trial), indent=2))
@@ -239,19 +236,23 @@ def _largest(sweep: Sweep, key: str) -> int:
     return max(p.values) if p.kind == "choice" else p.values[1]
 
 
+def data_source(args: TuneArgs, val_size: int | None = None) -> DataSource:
+    """The sweep's data: --data-dir, or procedural data in OUT/data (written once, by the sweep's seed), which every
+    trial reads as its data folder."""
+    base = args.sweep.base
+    procedural = (Procedural(train_per_class=base.synthetic_train_per_class,
+                             test_per_class=base.synthetic_test_per_class, seed=args.sweep.seed,
+                             difficulty=base.synthetic_difficulty) if args.synthetic else None)
+    return DataSource(args.data, procedural, verify=not (args.synthetic or args.no_verify),
+                      val_size=base.val_size if val_size is None else val_size, seed=base.seed)
+
+
 def _check_data(args: TuneArgs) -> None:
     """Check the data, and that every trial config the sweep can sample fits it (procedural data: its size)."""
-    from types import SimpleNamespace
-
-    from cifarray.train.launch import check_data_fits, training_images
-
     sweep = args.sweep
-    n_train, source = training_images(args.synthetic, sweep.base.synthetic_train_per_class, args.data,
-                                      args.no_verify)
-    worst = SimpleNamespace(val_size=_largest(sweep, "val_size"), batch_size=_largest(sweep, "batch_size"),
-                            workers=args.workers)
-    check_data_fits(worst, n_train, source,
-                    flag=lambda key: f"the sweep's {'largest ' if key in sweep.space else ''}{key}")
+    data_source(args, val_size=_largest(sweep, "val_size")).check_fits(
+        _largest(sweep, "batch_size"), args.workers,
+        flag=lambda key: f"the sweep's {'largest ' if key in sweep.space else ''}{key}")
 
 
 def launch(args: TuneArgs) -> int:
