@@ -18,7 +18,7 @@ venv: $(STAMP)
 RUN    ?= runs/quickstart
 
 ## The main job on the embedded default: a real Ray Tune + Optuna sweep of small DenseNets on procedural
-## CIFAR-format data (sweeps/quickstart.toml; 2-6 minutes on 2 CPU cores). Rerun: resumes, or reports.
+## CIFAR-format data, then its confirmation over seeds (sweeps/quickstart.toml; 4-8 minutes on 2 CPU cores). Rerun: resumes, or reports.
 run: $(STAMP)
 	$(PY) -m cifarray.tune --sweep sweeps/quickstart.toml --synthetic --out $(RUN) \
 		$(if $(wildcard $(RUN)/tune),--resume,)

@@ -156,7 +156,9 @@ class SweepSpec:
 
     objective: Callable[[RunContext], Objective]
     rules: SweepRules = field(default_factory=SweepRules)
-    test_metrics: Callable[["RunDir", Any], dict[str, Any]] = _nothing  # a sweep's best trial, once
+    # The test metrics of a finished run (a sweep's best trial, or each confirmed run), once: (run, config, the
+    # driver's RunContext).
+    test_metrics: Callable[["RunDir", Any, RunContext], dict[str, Any]] = _nothing
 
 
 @dataclass(frozen=True)

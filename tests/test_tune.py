@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,12 @@ eval_every = 20
      "[baseline]\ngrowth_rate = 30\nnum_blocks = 4\nlayers_per_block = 9",
      "[baseline]: 2,698,827 parameters, over the budget of 100,000; change the baseline, or raise train.param_budget"),
     ("baseline = 3\n" + BASE + "lr = { loguniform = [0.01, 0.1] }", "[baseline] must be a table"),
+    ('confirm = "3"\n' + BASE + "lr = { loguniform = [0.01, 0.1] }", "confirm must be K:S, got '3'"),
+    ('confirm = "0:3"\n' + BASE + "lr = { loguniform = [0.01, 0.1] }", "confirm: K = 0 confirms no configuration"),
+    ('confirm = 2\n' + BASE + "lr = { loguniform = [0.01, 0.1] }", "confirm must be K:S, got 2"),
+    (BASE + "lr = { loguniform = [0.01, 0.1] }\n#--confirm 2:1", "--confirm: S = 1 seed(s) cannot measure seed noise"),
+    (BASE + "lr = { loguniform = [0.01, 0.1] }\n#--confirm 2:x", "--confirm must be two whole numbers K:S, got '2:x'"),
+    (BASE + "lr = { loguniform = [0.01, 0.1] }\n#--confirm 2:3:4", "--confirm must be K:S, got '2:3:4'"),
     ('trial_runner = "tune"\n' + BASE + "lr = { loguniform = [0.01, 0.1] }\n#workers",
      "--trial-runner tune trains one worker inside each trial's actor, but a trial has 2 workers"),
 ])
@@ -77,7 +84,8 @@ def test_bad_sweep_files_are_refused_in_one_line_before_ray(tmp_path, text, expe
     sweep = write_sweep(tmp_path / "bad.toml", text)
     out = tmp_path / "out"
     t = time.perf_counter()
-    extra = ["--workers-per-trial", "2"] if text.endswith("#workers") else []
+    extra = (["--workers-per-trial", "2"] if text.endswith("#workers") else
+             text.rsplit("#", 1)[1].split() if "#--" in text else [])
     result = run_cli_here("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out), *extra)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
@@ -498,7 +506,7 @@ def test_gan_sweep_without_inception_weights_selects_on_a_labelled_fallback(tmp_
     out = tmp_path / "gan"
     env_note = "NOT FID"
     result = run_module("cifarray.tune", "--sweep", str(REPO / "sweeps" / "ci_dcgan.toml"), "--synthetic",
-                        "--out", str(out), timeout=900)
+                        "--out", str(out), "--confirm", "1:2", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "stats_fd" and env_note in summary["objective_label"]
@@ -531,7 +539,19 @@ def test_gan_sweep_without_inception_weights_selects_on_a_labelled_fallback(tmp_
     assert study.trials[0].user_attrs["trial_id"] == baseline["trial_id"]
     assert study.trials[0].params == pytest.approx(sweep.baseline_sampled)
     assert f"trial {baseline['trial_id']} (baseline) started" in result.stdout
-    assert sum("(baseline)" in line and " started" in line for line in result.stdout.splitlines()) == 1
+    # Confirmed on the same fallback, lower is better; each run's test split measured once by the family, labelled.
+    confirmation = summary["confirmation"]
+    assert confirmation["objective"] == "stats_fd" and confirmation["mode"] == "min"
+    assert [c["name"] for c in confirmation["configs"]] == ["top1", "baseline"]
+    for c in confirmation["configs"]:
+        assert c["test_metric"] == "test_stats_fd" and len(c["test"]["values"]) == 2 and min(c["test"]["values"]) > 0
+    means = {c["name"]: c["val"]["mean"] for c in confirmation["configs"]}
+    assert confirmation["winner"] == min(means, key=means.get)
+    for line in (out / "confirm" / "test_evaluations.jsonl").read_text().splitlines():
+        assert "NOT FID" in json.loads(line)["test_fid_note"]
+    search, confirming = result.stdout.split("\nconfirming ")
+    assert sum("(baseline)" in line and " started" in line for line in search.splitlines()) == 1
+    assert sum("(baseline)" in line and " started" in line for line in confirming.splitlines()) == 2  # 2 seeds
 
 
 @pytest.mark.parametrize("gpus_per_trial, workers, expected", [
@@ -976,3 +996,231 @@ def test_the_summary_says_how_far_the_best_trial_is_from_the_baseline_and_that_o
     print_summary(summary)
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].endswith("(the sweep's baseline)") and not any(line.startswith("baseline trial") for line in lines)
+
+
+# Tiny DenseNets whose three trials all fit the budget and run to the end (ASHA's one rung is the last report): the
+# confirmation's top 2 and its baseline.
+CONFIRM_SWEEP = """description = "tests: tiny DenseNets confirmed over seeds"
+model = "densenet"
+trials = 3
+seed = 1
+
+[train]
+steps = 60
+augment = "basic"
+eval_every = 20
+log_every = 20
+val_size = 500
+param_budget = 20000
+synthetic_train_per_class = 30
+synthetic_test_per_class = 5
+init_channels = 8
+batch_size = 32
+
+[asha]
+grace_period = 59
+reduction_factor = 2
+
+[space]
+"""
+
+
+def confirmed_runs(out: Path) -> dict[tuple[str, int], dict]:
+    """(configuration, seed) -> what its run folder says it trained and reached."""
+    found = {}
+    for d in (out / "confirm" / "trials").iterdir():
+        config, summary = (json.loads((d / name).read_text()) for name in ("config.json", "summary.json"))
+        found[next(c["name"] for c in json.loads((out / "confirm" / "plan.json").read_text())["configs"]
+                   if config["seed"] in c["seeds"]), config["seed"]] = {**summary, "dir": d, "trained": config}
+    return found
+
+
+@pytest.mark.slow
+def test_a_confirmation_retrains_the_top_configurations_and_the_baseline_with_fresh_seeds_and_resumes_after_sigkill(
+        tmp_path):
+    """`--confirm 2:3` after a search of three tiny DenseNets (the baseline among them): SIGKILLed once two
+    confirmation runs have finished, resumed, and compared with the same confirmation run uninterrupted."""
+    sweep = write_sweep(tmp_path / "tiny.toml", CONFIRM_SWEEP + "lr = { loguniform = [0.02, 0.5] }\n"
+                        "growth_rate = { int = [2, 3] }\n[baseline]\nlr = 0.3\ngrowth_rate = 2\n")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out),
+           "--confirm", "2:3"]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started: set[int] = set()
+    runs = out / "confirm" / "trials"
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert first.poll() is None and time.time() < deadline, "the confirmation ended before it was killed"
+            started |= descendants(first.pid)
+            folders = list(runs.iterdir()) if runs.is_dir() else []
+            done = [d for d in folders if (d / "summary.json").is_file()]
+            if len(done) >= 2 and len(folders) > len(done):
+                break
+            time.sleep(0.1)
+        # The runs still training are frozen until Tune's snapshot of the confirmation holds the finished ones: the
+        # kill lands mid-confirmation whatever the machine's speed.
+        for d in set(folders) - set(done):
+            pid = wait_until(lambda: (d / "trial.json").is_file() and json.loads((d / "trial.json").read_text())["pid"],
+                             30)
+            os.kill(pid, signal.SIGSTOP)
+            started.add(pid)
+        wait_until(lambda: all(snapshot_status(out / "confirm", d.name) == "TERMINATED" for d in done), 60)
+        before = {d.name: digest(d / "metrics.csv") for d in done}
+        started |= descendants(first.pid)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    # The search had ended and been summarised without the test split; the confirmation had not read it either.
+    search = json.loads((out / "summary.json").read_text())
+    search_ended = (out / "summary.json").stat().st_mtime
+    assert search["status"] == "complete" and "confirmation" not in search
+    assert not any(k.startswith("test_") for k in search["best"]), search["best"]
+    assert not (out / "confirm" / "test_evaluations.jsonl").exists()
+    # The reference: the same search, confirmed uninterrupted (--confirm on a finished search's folder).
+    reference = tmp_path / "reference"
+    shutil.copytree(out, reference, symlinks=True, ignore=shutil.ignore_patterns("confirm", "cifarray.lock"))
+    ref = run_module("cifarray.tune", "--out", str(reference), "--confirm", "2:3", timeout=900)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    assert "has ended" in ref.stdout and "sweep done" in ref.stdout  # the search is not run again
+    result = run_module("cifarray.tune", "--out", str(out), "--resume", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for name, h in before.items():  # the runs that had finished were not trained again
+        assert digest(runs / name / "metrics.csv") == h
+    summary = json.loads((out / "summary.json").read_text())
+    confirmation = summary["confirmation"]
+    assert confirmation["status"] == "complete" and confirmation["figure"] == "confirmation.png"
+    assert (out / "confirmation.png").read_bytes()[:8] == PNG and "confirmation.png" in summary["figures"]
+    # The plan: the search's top 2 trials besides the baseline (all three ran to the end: by their final validation
+    # accuracy), then the baseline.
+    trials = rows(out / "trials.csv")
+    assert {t["status"] for t in trials} == {"complete"}, trials
+    final = {t["trial_id"]: json.loads((out / "trials" / t["trial_id"] / "summary.json").read_text())["val_acc"]
+             for t in trials if t["baseline"] == "False"}
+    baseline = next(t["trial_id"] for t in trials if t["baseline"] == "True")
+    configs = confirmation["configs"]
+    assert [c["trial_id"] for c in configs] == sorted(final, key=lambda i: -final[i]) + [baseline]
+    assert [c["name"] for c in configs] == ["top1", "top2", "baseline"]
+    seeds = [s for c in configs for s in (r["seed"] for r in c["runs"])]
+    assert len(seeds) == 3 * len(configs) == len(set(seeds)) and 0 not in seeds  # fresh seeds: the search used 0
+    # Each run trained its configuration with its seed to the last step; the table is what the runs reached.
+    found = confirmed_runs(out)
+    assert len(found) == 3 * len(configs)
+    for c in configs:
+        vals = []
+        for r in c["runs"]:
+            run = found[c["name"], r["seed"]]
+            assert run["steps"] == 60 and run["test_acc"] is None  # a run never evaluates the test split itself
+            assert (run["trained"]["lr"], run["trained"]["growth_rate"]) == (c["values"]["lr"], c["values"]["growth_rate"])
+            assert r["val_acc"] == pytest.approx(run["val_acc"], abs=1e-6)
+            vals.append(run["val_acc"])
+        mean = sum(vals) / 3
+        std = (sum((v - mean) ** 2 for v in vals) / 2) ** 0.5
+        assert c["val"]["mean"] == pytest.approx(mean, abs=1e-6) and c["val"]["std"] == pytest.approx(std, abs=1e-6)
+        lo, hi = c["val"]["interval"]
+        assert lo < mean < hi or std == 0
+    means = {c["name"]: c["val"]["mean"] for c in configs}
+    assert confirmation["winner"] == max(means, key=means.get)  # on mean validation, not on the search's one draw
+    for what, m in confirmation["margins"].items():
+        for split in ("val", "test"):
+            lo, hi = m[split]["interval"]
+            assert m[split]["within_noise"] == (lo <= 0 <= hi) and lo <= m[split]["margin"] <= hi
+    assert "runner_up" in confirmation["margins"]
+    # The test split: read once per confirmed run, after the search had ended and every run had trained.
+    evaluations = [json.loads(line) for line in (out / "confirm" / "test_evaluations.jsonl").read_text().splitlines()]
+    assert sorted(e["run"] for e in evaluations) == sorted(run["dir"].name for run in found.values())
+    trained = max((run["dir"] / "summary.json").stat().st_mtime for run in found.values())
+    assert all(e["evaluated"] >= max(search_ended, trained) - 1e-3 for e in evaluations)
+    # As if it had not been interrupted: the same configurations, seeds and values as the uninterrupted one.
+    def table(c):
+        return c["name"], c["trial_id"], [(r["seed"], r["val_acc"], r["test_acc"]) for r in c["runs"]], c["val"], c["test"]
+
+    again = json.loads((reference / "summary.json").read_text())["confirmation"]
+    assert [table(c) for c in again["configs"]] == [table(c) for c in configs]
+    assert again["winner"] == confirmation["winner"] and again["margins"] == confirmation["margins"]
+    for text in (result.stdout, ref.stdout):
+        assert "confirmation (2:3)" in text and f"winner {confirmation['winner']} over the runner-up" in text
+    # A second --resume reports it again, evaluates nothing again, and needs no Ray cluster for it.
+    again = run_cli_here("cifarray.tune", "--out", str(out), "--resume")
+    assert again.returncode == 0 and f"winner {confirmation['winner']} over the runner-up" in again.stdout
+    assert len((out / "confirm" / "test_evaluations.jsonl").read_text().splitlines()) == len(found)
+
+
+@pytest.mark.slow
+def test_the_same_configuration_confirmed_twice_is_reported_as_not_distinguishable(tmp_path):
+    """A space of one configuration: the search's two trials are the same, and so their confirmations differ only
+    by their seeds."""
+    sweep = write_sweep(tmp_path / "one.toml", CONFIRM_SWEEP.replace("trials = 3", "trials = 2")
+                        + "lr = { choice = [0.3] }\ngrowth_rate = { choice = [2] }\n")
+    out = tmp_path / "out"
+    result = run_module("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(out), "--confirm", "2:3",
+                        timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    confirmation = json.loads((out / "summary.json").read_text())["confirmation"]
+    first, second = confirmation["configs"]
+    assert first["values"] == second["values"] and first["trial_id"] != second["trial_id"]
+    assert first["val"]["values"] != second["val"]["values"]  # other seeds, other runs
+    runner_up = confirmation["margins"]["runner_up"]
+    assert runner_up["val"]["within_noise"] and runner_up["test"]["within_noise"], runner_up
+    assert "within noise (not distinguishable with these seeds)" in result.stdout
+
+
+def test_confirm_on_a_search_that_has_not_finished_is_refused_unless_resumed(tmp_path):
+    out = tmp_path / "out"
+    (out / "tune").mkdir(parents=True)
+    shutil.copyfile(CI_SWEEP, out / "sweep.toml")
+    (out / "tune_args.json").write_text(json.dumps({"synthetic": True, "sweep": str(out / "sweep.toml")}))
+    (out / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    before = sorted(p.name for p in out.iterdir())
+    result = run_cli_here("cifarray.tune", "--out", str(out), "--confirm", "2:3")
+    assert_one_line_error(result, f"--confirm: the search in {out} has not finished; pass --resume")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_confirmation_intervals_agree_with_scipys_welch_test_and_say_within_noise_when_they_hold_zero():
+    from scipy import stats
+
+    from cifarray.tune.confirm import margin, spread, welch
+
+    a, b = [0.61, 0.64, 0.62, 0.66], [0.58, 0.57, 0.6]
+    diff, lo, hi = welch(a, b)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (lo, hi) == pytest.approx((ci.low, ci.high), rel=1e-9) and diff == pytest.approx(sum(a) / 4 - sum(b) / 3)
+    s = spread(a)
+    t = stats.t.interval(0.95, 3, loc=sum(a) / 4, scale=stats.sem(a))
+    assert s["interval"] == pytest.approx(list(t)) and s["std"] == pytest.approx(stats.tstd(a))
+    # Accuracy: higher is better. FID: lower is better, so the same numbers read the other way.
+    assert margin(a, b, "max")["verdict"] == "better beyond seed noise" and not margin(a, b, "max")["within_noise"]
+    assert margin(a, b, "min")["verdict"] == "worse beyond seed noise" and margin(a, b, "min")["margin"] < 0
+    near = margin([0.61, 0.64, 0.62], [0.62, 0.60, 0.65], "max")
+    assert near["within_noise"] and near["verdict"].startswith("within noise")
+    lo, hi = near["interval"]
+    assert lo < 0 < hi
+
+
+def test_a_runs_data_source_is_one_validated_value_read_alike_from_a_config_and_from_config_json(tmp_path):
+    from cifarray.config import from_dict, to_dict
+    from cifarray.data.source import DataSource
+    from cifarray.errors import UserError
+    from cifarray.train.config import DenseNetTrainConfig
+
+    cfg = from_dict(DenseNetTrainConfig, {"synthetic": True, "out": str(tmp_path / "run"), "val_size": 300,
+                                         "seed": 4, "synthetic_train_per_class": 7})
+    source = cfg.data_source()
+    assert source == DataSource.of(json.loads(json.dumps(to_dict(cfg))), tmp_path / "run")  # as eval reads it
+    assert source.folder == tmp_path / "run" / "data" and not source.verify and source.training_images() == 700
+    assert (source.val_size, source.seed, source.procedural.seed) == (300, 4, 4)
+    real = from_dict(DenseNetTrainConfig, {"data_dir": str(tmp_path / "cifar"), "no_verify": True}).data_source()
+    assert real.folder == tmp_path / "cifar" and real.procedural is None and not real.verify
+    with pytest.raises(UserError, match="leaves no training images: the procedural data set has 700"):
+        DataSource(source.folder, source.procedural, False, 700, 0).check_fits(batch_size=32, workers=1)
+    with pytest.raises(UserError, match="--synthetic-difficulty 'medium' is not one of"):
+        from_dict(DenseNetTrainConfig, {"synthetic": True, "synthetic_difficulty": "medium"})

@@ -300,9 +300,24 @@ def report(run: RunDir, cfg: DCGANTrainConfig) -> list[Path]:
     return out + [run.path / "samples.png", run.path / "interpolation.png"]
 
 
-def _test_note(run: RunDir, cfg) -> dict[str, Any]:
-    return {"test_fid": None, "test_fid_note": "not computed by the sweep: run python -m cifarray.eval fid "
-                                               f"{run.path} (needs Inception weights)"}
+def test_metrics(run: RunDir, cfg: DCGANTrainConfig, context: RunContext | None = None) -> dict[str, Any]:
+    """The finished generator (generator.pt, the EMA one where kept) against the test split, once: FID with the
+    driver's Inception weights, else the stats_fd fallback (labelled: it is not FID)."""
+    from cifarray.eval import fid as fid_lib
+
+    g = Generator(cfg.model_config())
+    load_state_into(g, run.path / "generator.pt", "the generator's weights", RETRAIN)
+    test = cfg.data_source().load().test.images  # uint8, N x 3 x 32 x 32
+    weights = context and context.fid_weights
+    if weights:
+        samples = fid_lib.sample_generator(g, cfg.fid_samples, cfg.z_dim, seed=cfg.seed)
+        return {"test_fid": fid_lib.compute(samples, test, split="test",
+                                            weights=fid_lib.InceptionWeights(Path(weights[0]), weights[1]))["fid"]}
+    n = min(STATS_SAMPLES, len(test))
+    real = torch.from_numpy(test[:n]).float() / 255
+    return {"test_stats_fd": stats_fd(fid_lib.sample_generator(g, n, cfg.z_dim, seed=cfg.seed).float() / 255, real),
+            "test_fid": None, "test_fid_note": "no Inception weights: stats_fd (NOT FID); FID: python -m "
+                                               f"cifarray.eval fid {run.path} --inception-weights PATH"}
 
 
 def _log_fields(s: State) -> dict[str, Any]:
@@ -314,7 +329,7 @@ FAMILY = Family(
     pieces=Pieces(build=build, step=step, evaluate=evaluate, finish=finish, begin=begin, eval_now=evaluates_at,
                   log_fields=_log_fields, metric_fields=("loss_d", "loss_g", "d_real", "d_fake", "fid", "stats_fd",
                                                          "lr_g")),
-    sweep=SweepSpec(objective=objective, rules=Widths(), test_metrics=_test_note),
+    sweep=SweepSpec(objective=objective, rules=Widths(), test_metrics=test_metrics),
     display=Display(figures=report, description="the DCGAN (CIFAR-100, <= 1M params)",
                     progress_keys=("loss_d", "loss_g", "d_real", "d_fake", "fid", "images_per_s"),
                     summary_keys=("params_g", "params_d", "steps", "seconds", "images_per_s", "best_fid",

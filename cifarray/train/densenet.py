@@ -31,7 +31,7 @@ from cifarray.train.config import DenseNetTrainConfig
 from cifarray.train.engine import Worker
 from cifarray.train.graphs import GraphedStep
 from cifarray.device import channels_last
-from cifarray.family import Display, Family, Objective, Pieces, SweepRules, SweepSpec
+from cifarray.family import Display, Family, Objective, Pieces, RunContext, SweepRules, SweepSpec
 
 
 def make_optimizer(cfg: DenseNetTrainConfig, model: torch.nn.Module):
@@ -174,7 +174,7 @@ def save_predictions(logits: torch.Tensor, run: RunDir) -> None:
     torch.save(predictions(logits), run.path / PREDICTIONS)
 
 
-def test_accuracy(run: RunDir, cfg: DenseNetTrainConfig) -> dict[str, Any]:
+def test_accuracy(run: RunDir, cfg: DenseNetTrainConfig, context: RunContext | None = None) -> dict[str, Any]:
     """The one use of the test split in a sweep: the best trial's final weights, evaluated once, on the CPU."""
     model, data, aug = load_finished(run, cfg, build_model)
     return {"test_acc": evaluate(model, data.test, aug, torch.device("cpu"))[0]}

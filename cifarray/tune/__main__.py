@@ -12,6 +12,11 @@ they are reported infeasible and Optuna's constraint API teaches TPE the boundar
 ASHA stops weak trials on validation accuracy (or FID). The test split is used once,
 after the sweep, on the best trial. Outputs: OUT/trials.csv, OUT/summary.json,
 OUT/val_vs_params.png, OUT/learning_curves.png.
+
+--confirm K:S (or the sweep file's confirm) then retrains the top K configurations and
+the baseline with S fresh seeds each (OUT/confirm), picks the winner on mean validation,
+evaluates each confirmed run once on test, and gives the winner's margins with 95 %
+intervals (OUT/summary.json's confirmation, OUT/confirmation.png).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from cifarray.data.source import DataSource, Procedural
 from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
 from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_CLUSTER, SWEEP_COPY
-from cifarray.tune.sweep import TRIAL_RUNNERS, Sweep, default_sweep, load
+from cifarray.rundir import SUMMARY
+from cifarray.tune.sweep import TRIAL_RUNNERS, Confirm, Sweep, default_sweep, load, parse_confirm
 from cifarray.tune.planning import Live, Plan, plan_on_cluster, trial_workers
 from cifarray.tune.runners import RUNNERS, TrialRunner, trial_runner
 from hpc.unpickle import writable_by_others
@@ -68,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
                    "start-up; one worker), train (a TorchTrainer per trial: DDP workers), or auto (tune for "
                    "one-worker trials, train for --workers-per-trial > 1); default: the sweep file's trial_runner, "
                    "else auto")
+    p.add_argument("--confirm", metavar="K:S", help="after the search, retrain its top K configurations (by validation) "
+                   "and its baseline with S fresh seeds each, pick the winner on mean validation and give its margins "
+                   "with 95%% intervals (off: skip it); default: the sweep file's confirm, else off. On a finished "
+                   "sweep's --out it confirms that sweep")
     p.add_argument("--force-unlock", action="store_true",
                    help="take over --out's lock although its holder, on another host, may still run")
     return p
@@ -94,6 +104,8 @@ class TuneArgs:
     max_concurrent: int | None
     trials: int | None  # as given (None: the sweep file's)
     trial_runner: str  # resolved: tune | train
+    confirm: Confirm | None = None  # --confirm, else the running confirmation's, else the sweep file's
+    search_done: bool = False  # OUT's search has ended and been summarised (a confirmation may follow)
     stored_study: bool = True  # the study is in OUT (False: an experiment from before it was stored)
     study: str = STUDY_DB  # its file in OUT: optuna.journal (optuna.db: a sweep begun before the journal)
 
@@ -123,9 +135,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_args(ns, out: Path) -> TuneArgs:
     """The command line (and OUT, on --resume) as checked `TuneArgs`: every refusal before Ray starts."""
+    confirm = parse_confirm(ns.confirm, "--confirm")
     saved = _json(out / ARGS_FILE)
     experiment = out / EXPERIMENT
     resume = ns.resume == "yes" or (ns.resume == "auto" and saved is not None and experiment.exists())
+    search_done = saved is not None and (_json(out / SUMMARY) or {}).get("status") == "complete"
+    if ns.confirm and experiment.exists() and not resume:
+        if not search_done:
+            raise UserError(f"--confirm: the search in {out} has not finished; pass --resume with --confirm to finish "
+                            "it and then confirm it")
+        resume = True  # a finished search, confirmed now: its own settings come back as on --resume
     values = {k: getattr(ns, k) for k in RESUME_KEYS} | {"address": ns.address}
     auto_gpus = values["gpus_per_trial"] == "auto"  # decided once the Ray cluster is joined
     try:
@@ -147,7 +166,9 @@ def resolve_args(ns, out: Path) -> TuneArgs:
     values["trial_runner"] = trial_runner(values["trial_runner"] or sweep.trial_runner, workers).name
     _check_batches(sweep, workers)
     data = out / "data" if values["synthetic"] else Path(values["data_dir"]).expanduser().resolve()
+    confirm = _confirmation(out, sweep, confirm, given=ns.confirm is not None)
     args = TuneArgs(out=out, sweep=sweep, resume=resume, data=data, auto_gpus=auto_gpus, workers=workers,
+                    confirm=confirm, search_done=resume and search_done,
                     stored_study=not resume or bool(saved.get("study")),
                     study=(saved.get("study") or STUDY_DB) if resume else STUDY_DB, **values)
     _check_cluster_named(args)
@@ -184,6 +205,20 @@ def _resumed(ns, out: Path, saved: dict | None, values: dict) -> Sweep:
         if values[key] in (None, False, 0) and saved.get(key) not in (None, False):
             values[key] = saved[key]
     return sweep
+
+
+def _confirmation(out: Path, sweep: Sweep, asked: Confirm | None, given: bool) -> Confirm | None:
+    """What confirms the sweep: --confirm, else the one OUT has begun (its plan), else the sweep file's. A begun
+    confirmation keeps its K:S: its configurations and seeds are chosen."""
+    from cifarray.tune.confirm import PLAN, folder
+
+    begun = _json(folder(out) / PLAN)
+    if begun is None:
+        return asked if given else sweep.confirm
+    if given and asked is not None and str(asked) != begun["confirm"]:
+        raise UserError(f"--confirm {asked}: {out} is being confirmed with {begun['confirm']}; drop --confirm (or "
+                        f"pass {begun['confirm']}) to go on with it, or move {folder(out)} away to confirm anew")
+    return None if given and asked is None else parse_confirm(begun["confirm"], str(folder(out) / PLAN))
 
 
 def _check_batches(sweep: Sweep, workers: int) -> None:
@@ -257,6 +292,16 @@ def _check_data(args: TuneArgs) -> None:
 
 def launch(args: TuneArgs) -> int:
     """Plan on the cluster, write the experiment, run it (or resume it), and summarise it."""
+    if args.search_done and args.confirm:
+        summary = _json(args.out / SUMMARY)
+        done = summary.get("confirmation") or {}
+        if done.get("status") == "complete" and done.get("confirm") == str(args.confirm):
+            from cifarray.tune.confirm import print_confirmation
+
+            # Nothing is left to run: report it again, without a Ray cluster.
+            results.print_summary(summary)
+            print_confirmation(done)
+            return 0
     # Tune's experiment snapshot holds every trial, so its cost grows with the sweep: Tune's own adaptive period (10 s
     # or more, at most ~5 % of the driver's time) keeps that cost per trial flat, where a fixed 2 s did not (a
     # 1,000-trial profile, docs/BENCHMARKS.md). A SIGKILLed sweep loses that much bookkeeping, no training: a trial
@@ -289,11 +334,60 @@ def launch(args: TuneArgs) -> int:
           f"out {args.out}", flush=True)
     started = time.time()
     with publish_cluster(args.out):
-        tuner(args, placed, context, goal).fit()
-    summary = results.conclude(args.out, sweep, goal.metric, goal.mode, goal.label, data_dir=args.data,
-                               synthetic=args.synthetic, seconds=time.time() - started, requested=args.n_trials)
-    results.print_summary(summary)
-    return 130 if summary["status"] == "interrupted" else 0  # Ctrl-C: Tune stops the sweep and returns
+        if args.search_done and args.confirm:  # the search has ended; what is left is its confirmation
+            summary = _json(args.out / SUMMARY)
+            print(f"the search in {args.out} has ended ({args.out / SUMMARY}); confirming it", flush=True)
+        else:
+            tuner(args, placed, context, goal).fit()
+            summary = results.conclude(args.out, sweep, goal.metric, goal.mode, goal.label, data_dir=args.data,
+                                       synthetic=args.synthetic, seconds=time.time() - started,
+                                       requested=args.n_trials, test_best=args.confirm is None, context=context)
+        results.print_summary(summary)
+        if summary["status"] == "interrupted":
+            return 130  # Ctrl-C: Tune stops the sweep and returns
+        if args.confirm is None:
+            return 0
+        summary = confirm_sweep(args, placed, context, goal, summary)
+    return 130 if summary["confirmation"]["status"] == "interrupted" else 0
+
+
+def confirm_sweep(args: TuneArgs, placed: Plan, context, goal, summary: dict) -> dict:
+    """The confirmation's Tune experiment (OUT/confirm), new or resumed, then its results in summary.json."""
+    from ray import tune
+
+    from cifarray.tune import confirm
+    from cifarray.tune.console import SweepConsole
+
+    out, sweep = args.out, args.sweep
+    plan = confirm.plan_for(out, sweep, goal.metric, goal.mode, args.confirm)
+    where, runs = confirm.folder(out), confirm.points(plan)
+    print(f"confirming {len(plan['configs'])} configuration(s) ({', '.join(c['name'] for c in plan['configs'])}) with "
+          f"{args.confirm.seeds} fresh seeds each: {len(runs)} runs of {sweep.steps} steps in {where}", flush=True)
+    trainable = _trainable(args, placed, context, goal, where)
+    experiment = confirm.experiment_path(out)
+    if tune.Tuner.can_restore(str(experiment)):
+        run = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        console = SweepConsole(str(where), sweep, goal.metric, goal.mode, goal.label, len(runs),
+                               concurrent=placed.concurrent)
+        run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(where), verbose=0, callbacks=[console],
+                                    failure_config=tune.FailureConfig(max_failures=1),
+                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP))
+        # Every run to its last step (no scheduler stops one), in the plan's order, as many at once as fit.
+        run = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
+            search_alg=confirm.fixed_configs(runs), num_samples=len(runs), reuse_actors=args.runner.reuse_actors,
+            max_concurrent_trials=args.max_concurrent))
+    run.fit()
+    result = confirm.conclude(out, sweep, context, plan, results.load_trials(where), goal.label)
+    summary = {**summary, "confirmation": result}
+    if result["status"] == "complete":
+        summary["selection"] = ("validation split only: the search's top configurations and baseline retrained with "
+                                "fresh seeds, the winner by mean validation; the test split is evaluated once per "
+                                "confirmed run, after all have trained")
+        summary["figures"] = [*summary.get("figures", []), result["figure"]]
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    confirm.print_confirmation(result)
+    return summary
 
 
 @contextlib.contextmanager
@@ -319,6 +413,23 @@ def publish_cluster(out: Path):
         run.write_json(SWEEP_CLUSTER, {**info, "state": "ended" if finished else "stopped", "stopped": time.time()})
 
 
+def _trainable(args: TuneArgs, placed: Plan, context, goal, out: Path):
+    """Tune's trainable: a trial (or confirmation run) that trains in out/trials/<trial id>."""
+    from ray import tune
+
+    from cifarray.tune.trial import run_trial
+
+    sweep, runner = args.sweep, args.runner
+    base = {**sweep.train, "data_dir": str(args.data), "synthetic": False,
+            "no_verify": True if args.synthetic else args.no_verify, "workers": args.workers,
+            "gpu": bool(placed.gpus_per_trial), "cpus_per_worker": placed.cpus_per_worker,
+            "checkpoint_every": sweep.eval_every}  # every report carries a checkpoint and the objective
+    trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), objective=goal,
+                                     context=context, runner=runner,
+                                     gpus_per_worker=placed.gpus_per_trial / args.workers)
+    return tune.with_resources(trainable, runner.resources(placed.cpus_per_worker, placed.gpus_per_trial))
+
+
 def tuner(args: TuneArgs, placed: Plan, context, goal):
     """The Tune experiment: restored from OUT on --resume, else new (Optuna TPE + ResumableASHA)."""
     from ray import tune
@@ -327,17 +438,10 @@ def tuner(args: TuneArgs, placed: Plan, context, goal):
     from cifarray.tune.asha import ResumableASHA
     from cifarray.tune.console import SweepConsole
     from cifarray.tune.searcher import AllocationLimiter, StoredOptunaSearch, bind
-    from cifarray.tune.trial import SpaceSampler, run_trial
+    from cifarray.tune.trial import SpaceSampler
 
     sweep, out, runner = args.sweep, args.out, args.runner
-    base = {**sweep.train, "data_dir": str(args.data), "synthetic": False,
-            "no_verify": True if args.synthetic else args.no_verify, "workers": args.workers,
-            "gpu": bool(placed.gpus_per_trial), "cpus_per_worker": placed.cpus_per_worker,
-            "checkpoint_every": sweep.eval_every}  # every report carries a checkpoint and the objective
-    trainable = tune.with_parameters(run_trial, sweep=sweep, base=base, out=str(out), objective=goal,
-                                     context=context, runner=runner,
-                                     gpus_per_worker=placed.gpus_per_trial / args.workers)
-    trainable = tune.with_resources(trainable, runner.resources(placed.cpus_per_worker, placed.gpus_per_trial))
+    trainable = _trainable(args, placed, context, goal, out)
     # What Tune's pickles of the searcher and limiter take from this process: where, the study, and the live count.
     bind(out, placed.concurrent, args.study, Live(placed, args.workers, args.max_concurrent, args.n_trials))
     if args.resume:

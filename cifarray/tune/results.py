@@ -17,7 +17,7 @@ from typing import Any
 
 from cifarray.rundir import SUMMARY, measured
 from cifarray.tune.layout import DONE, EXPERIMENT, SWEEP_COPY, trial_dir
-from cifarray.tune.trial import BASELINE, INFEASIBLE, sampled_values
+from cifarray.tune.trial import BASELINE, CONFIRMED, INFEASIBLE, sampled_values
 
 
 def trial_status(trial: Any, max_steps: int, ended: bool = False) -> str:
@@ -67,6 +67,7 @@ def trial_records(out: Path, sweep: Any, trials: list, metric: str, mode: str, e
             best = None if status in ("infeasible", "diverged") or v is None else float(v)
         records.append({
             "trial_id": t.trial_id, "status": status, BASELINE: bool(config.get(BASELINE)),
+            **({CONFIRMED: config[CONFIRMED]} if CONFIRMED in config else {}),
             "params": config.get("params"), "steps": steps,
             f"best_{metric}": best, "infeasible_reason": config.get(INFEASIBLE) or "",
             **{k: (",".join(map(str, v)) if isinstance(v, (tuple, list)) else v) for k, v in overrides.items()},
@@ -81,7 +82,8 @@ def write_trials(out: Path, sweep: Any, trials: list, metric: str, mode: str, ex
 def write_records(out: Path, records: list[dict[str, Any]], metric: str) -> Path:
     """trials.csv from trial records (`trial_records`)."""
     path = out / "trials.csv"
-    first = ["trial_id", "status", BASELINE, "params", "steps", f"best_{metric}"]
+    first = ["trial_id", "status", BASELINE, *([CONFIRMED] if any(CONFIRMED in r for r in records) else []), "params",
+             "steps", f"best_{metric}"]
     rest = sorted({k for r in records for k in r} - set(first) - {"infeasible_reason"})
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
@@ -108,13 +110,13 @@ def resources_line() -> str:
     return f"in use: {', '.join(parts) or '-'} on {nodes} node(s)"
 
 
-def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str) -> dict[str, Any]:
+def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str, context: Any = None) -> dict[str, Any]:
     """The one use of the test split in a sweep: the family's test metrics of the best trial, once."""
     from cifarray.config import from_dict
     from cifarray.rundir import RunDir
 
     run = RunDir(trial_dir(out, trial_id))
-    return sweep.family.sweep.test_metrics(run, from_dict(sweep.cls, run.read_json("config.json")))
+    return sweep.family.sweep.test_metrics(run, from_dict(sweep.cls, run.read_json("config.json")), context)
 
 
 def plots(out: Path, sweep: Any, records: list[dict[str, Any]], metric: str, mode: str, label: str) -> list[Path]:
@@ -171,20 +173,9 @@ def load_trials(out: Path) -> list:
     return ExperimentAnalysis(str(out / EXPERIMENT)).trials
 
 
-def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: Path, synthetic: bool,
-             seconds: float, requested: int) -> dict[str, Any]:
-    """summary.json, trials.csv and the plots; the best trial's one test evaluation once all `requested` trials
-    have ended. Tune returns early, with trials unstarted or unfinished, when Ctrl-C stopped it: then the
-    summary says "interrupted" and the test split stays unused, so that the resumed sweep's choice is the one
-    evaluated."""
-    trials = load_trials(out)
-    records = trial_records(out, sweep, trials, metric, mode, exact=True)
-    write_records(out, records, metric)
-    by_status: dict[str, int] = {}
-    for r in records:
-        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
-    unfinished = max(0, requested - sum(n for s, n in by_status.items() if s in DONE))
-    # Selection uses validation only; the final weights (model.pt) exist for trials that ran to the end.
+def final_values(out: Path, records: list[dict[str, Any]], metric: str) -> list[tuple[float, dict[str, Any]]]:
+    """(value at the last step, record) of each trial that ran to the end: what selection reads (validation only;
+    the final weights, model.pt, exist for these trials)."""
     finals = []
     for r in records:
         if r["status"] != "complete":
@@ -192,13 +183,30 @@ def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir
         last = [row for row in metric_rows(out, r["trial_id"]) if measured(row, metric)]
         if last:
             finals.append((float(last[-1][metric]), r))
+    return finals
+
+
+def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: Path, synthetic: bool,
+             seconds: float, requested: int, test_best: bool = True, context: Any = None) -> dict[str, Any]:
+    """summary.json, trials.csv and the plots; the best trial's one test evaluation once all `requested` trials
+    have ended. Tune returns early, with trials unstarted or unfinished, when Ctrl-C stopped it: then the
+    summary says "interrupted" and the test split stays unused, so that the resumed sweep's choice is the one
+    evaluated. test_best False (a confirmation follows): the search leaves the test split alone."""
+    trials = load_trials(out)
+    records = trial_records(out, sweep, trials, metric, mode, exact=True)
+    write_records(out, records, metric)
+    by_status: dict[str, int] = {}
+    for r in records:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    unfinished = max(0, requested - sum(n for s, n in by_status.items() if s in DONE))
+    finals = final_values(out, records, metric)
     best = None
     if finals:
         value, rec = (max if mode == "max" else min)(finals, key=lambda vr: vr[0])
         best = {"trial_id": rec["trial_id"], "params": rec["params"], metric: value, BASELINE: rec[BASELINE],
                 "config": json.loads((trial_dir(out, rec["trial_id"]) / "config.json").read_text())}
-        if not unfinished:
-            best.update(evaluate_best_on_test(out, sweep, rec["trial_id"]))
+        if not unfinished and test_best:
+            best.update(evaluate_best_on_test(out, sweep, rec["trial_id"], context))
     figures = plots(out, sweep, records, metric, mode, label)
     baseline = next(({"trial_id": r["trial_id"], "status": r["status"], "params": r["params"], "steps": r["steps"],
                       f"best_{metric}": r[f"best_{metric}"],
@@ -213,7 +221,8 @@ def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir
         "infeasible_steps": sum(r["steps"] for r in records if r["status"] == "infeasible"),
         "infeasible_trials": by_status.get("infeasible", 0), "seconds": round(seconds, 1),
         "synthetic_data": synthetic, "data_dir": str(data_dir),
-        "selection": "validation split only; the test split is evaluated once, on the best trial",
+        "selection": "validation split only; the test split is evaluated once, " + (
+            "on the best trial" if test_best else "per confirmed run, after the search (see confirmation)"),
         "figures": [p.name for p in figures], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))  # the sweep's, in OUT (not a run folder's)

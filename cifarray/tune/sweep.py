@@ -35,6 +35,8 @@ Distributions: `choice = [...]`, `uniform = [lo, hi]`, `loguniform = [lo, hi]`,
 `trial_runner = "auto" | "tune" | "train"` (top level, default auto) says where trials train:
 inside their own reused Tune actor (one worker) or through a TorchTrainer (DDP); auto picks the
 first for one-worker trials (`--trial-runner` overrides it).
+`confirm = "K:S"` (top level) retrains the top K configurations and the baseline with S fresh
+seeds after the search (cifarray.tune.confirm; `--confirm` overrides it, `--confirm off` skips it).
 
 Everything is checked here, before Ray starts: unknown keys, empty or inverted
 ranges, values of the wrong type, and whether any config in the space fits the
@@ -58,11 +60,38 @@ from cifarray.family import Family, SweepRules
 # Keys the tuner sets per trial or per experiment: a sweep file may not set them.
 RESERVED = {"data_dir", "synthetic", "no_verify", "out", "workers", "gpu", "cpus_per_worker", "checkpoint_every"}
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
-TOP_KEYS = {"model", "trials", "seed", "train", "asha", "space", "description", "trial_runner", "baseline"}
+TOP_KEYS = {"model", "trials", "seed", "train", "asha", "space", "description", "trial_runner", "baseline", "confirm"}
 # Where a trial trains: `tune`, inside its own (reused) Tune actor, one worker; `train`, through a TorchTrainer
 # (DDP workers, several actors started per trial); `auto`, tune for one-worker trials, train for DDP ones.
 TRIAL_RUNNERS = ("auto", "tune", "train")
 ASHA_KEYS = {"grace_period", "reduction_factor"}
+
+
+@dataclass(frozen=True)
+class Confirm:
+    configs: int  # K: the search's top configurations by validation (the baseline comes on top)
+    seeds: int  # S: fresh seeds per configuration
+
+    def __str__(self) -> str:
+        return f"{self.configs}:{self.seeds}"
+
+
+def parse_confirm(text: Any, where: str) -> Confirm | None:
+    """`K:S` (K >= 1 configurations, S >= 2 seeds each), or `off`."""
+    if text in (None, "off"):
+        return None
+    fix = "give K:S, K >= 1 configurations and S >= 2 seeds each (e.g. 3:5), or off"
+    if not isinstance(text, str) or text.count(":") != 1:
+        raise UserError(f"{where} must be K:S, got {text!r}; {fix}")
+    k, s = text.split(":")
+    if not (k.strip().isdigit() and s.strip().isdigit()):
+        raise UserError(f"{where} must be two whole numbers K:S, got {text!r}; {fix}")
+    k, s = int(k), int(s)
+    if k < 1:
+        raise UserError(f"{where}: K = {k} confirms no configuration; {fix}")
+    if s < 2:
+        raise UserError(f"{where}: S = {s} seed(s) cannot measure seed noise (a spread needs two); {fix}")
+    return Confirm(k, s)
 
 
 @dataclass(frozen=True)
@@ -116,6 +145,7 @@ class Sweep:
     description: str = ""
     trial_runner: str = "auto"  # see TRIAL_RUNNERS; --trial-runner overrides it
     baseline: dict[str, Any] | None = None  # [baseline]: a value for every [space] key; the sweep's first trial
+    confirm: Confirm | None = None  # `confirm = "K:S"`: the default of --confirm (cifarray.tune.confirm)
 
     @property
     def model(self) -> str:
@@ -254,7 +284,7 @@ def parse(values: dict[str, Any], source: str) -> Sweep:
     sweep = Sweep(family=family, trials=trials, seed=seed, train=_train_table(family, values.get("train", {}), source),
                   space=_space_table(family, values.get("space", {}), source), source=source,
                   grace_period=0, reduction_factor=0, description=str(values.get("description", "")),
-                  trial_runner=runner)
+                  trial_runner=runner, confirm=parse_confirm(values.get("confirm"), f"{source}: confirm"))
     sweep = _with_asha(sweep, dict(values.get("asha", {})), source)
     n, at = sweep.smallest()
     if n > sweep.budget:

@@ -29,7 +29,9 @@ quiet_worker_exits()
 INFEASIBLE = "infeasible"
 CONSTRAINT = "params_over_budget"
 BASELINE = "baseline"  # in the config of the sweep's [baseline] trial (the searcher's first, enqueued in Optuna)
-NOT_SAMPLED = ("params", INFEASIBLE, BASELINE)  # what a trial's config holds besides its values of the space
+CONFIRMED = "confirm"  # in the config of a confirmation run: the name of the configuration it confirms
+NOT_SAMPLED = ("params", INFEASIBLE, BASELINE, CONFIRMED)  # what a trial's config holds besides its values of the
+# space (a confirmation run's seed is a config value: it trains with it)
 
 
 def sampled_values(config: dict[str, Any]) -> dict[str, Any]:
