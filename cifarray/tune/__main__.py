@@ -338,10 +338,14 @@ def launch(args: TuneArgs) -> int:
             summary = _json(args.out / SUMMARY)
             print(f"the search in {args.out} has ended ({args.out / SUMMARY}); confirming it", flush=True)
         else:
+            confirmed = (_json(args.out / SUMMARY) or {}).get("confirmation")
             tuner(args, placed, context, goal).fit()
             summary = results.conclude(args.out, sweep, goal.metric, goal.mode, goal.label, data_dir=args.data,
                                        synthetic=args.synthetic, seconds=time.time() - started,
                                        requested=args.n_trials, test_best=args.confirm is None, context=context)
+            if confirmed and args.confirm is None:  # --confirm off on a confirmed sweep: its confirmation stays
+                summary["confirmation"] = confirmed
+                (args.out / SUMMARY).write_text(json.dumps(summary, indent=2))
         results.print_summary(summary)
         if summary["status"] == "interrupted":
             return 130  # Ctrl-C: Tune stops the sweep and returns
@@ -384,7 +388,7 @@ def confirm_sweep(args: TuneArgs, placed: Plan, context, goal, summary: dict) ->
         summary["selection"] = ("validation split only: the search's top configurations and baseline retrained with "
                                 "fresh seeds, the winner by mean validation; the test split is evaluated once per "
                                 "confirmed run, after all have trained")
-        summary["figures"] = [*summary.get("figures", []), result["figure"]]
+        summary["figures"] = [*(f for f in summary.get("figures", []) if f != result["figure"]), result["figure"]]
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     confirm.print_confirmation(result)
     return summary

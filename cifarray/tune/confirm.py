@@ -1,9 +1,9 @@
 """Confirmation (`--confirm K:S`): the search's top K configurations and its baseline, retrained with S fresh seeds.
 
 A sweep's best trial is the maximum of many noisy draws: its validation value is biased upward, and its margin over
-the runner-up or the baseline may be seed noise. After the search, this retrains each of the top K configurations (by
-their final validation value) and the baseline with S seeds that the search never used, to the sweep's full step
-count, as a second Tune experiment on the same cluster (OUT/confirm/tune; runs in OUT/confirm/trials/<id>), which
+the runner-up or the baseline may be seed noise. After the search, this retrains each of the top K searched
+configurations (`ranked`: the furthest step ASHA let them reach, then their validation value there) and the baseline
+with S seeds that the search never used, to the sweep's full step count, as a second Tune experiment on the same cluster (OUT/confirm/tune; runs in OUT/confirm/trials/<id>), which
 resumes like the search. The winner is the configuration with the best mean validation value over its seeds.
 
 The test split is evaluated once per confirmed run, after every run has trained (the search never reads it): each
@@ -66,9 +66,9 @@ def make_plan(out: Path, sweep: Any, metric: str, mode: str, confirm: Confirm) -
     order = ranked(out, records, metric, mode)
     chosen = [(f"top{i + 1}", f) for i, f in enumerate(f for f in order if not f[2][BASELINE])][:confirm.configs]
     chosen += [(BASELINE, f) for f in order if f[2][BASELINE]]
-    if len(chosen) < 2:
-        raise UserError(f"{out}: the search trained {len(order)} trial(s) to a validation result, so there is no "
-                        "pair of configurations to confirm; rerun it with more trials (or a longer grace period)")
+    if not chosen:
+        raise UserError(f"{out}: no trial of the search reached a validation result, so there is nothing to confirm; "
+                        "rerun it with more trials (or a longer grace period)")
     first_seed = sweep.base.seed + 1  # the search's seed is the config's; confirmation draws fresh ones
     configs = []
     for i, (name, (step, value, r)) in enumerate(chosen):
@@ -361,7 +361,9 @@ def print_confirmation(result: dict[str, Any]) -> None:
 
 def verdict(result: dict[str, Any]) -> str:
     """The confirmation in one sentence: does the sweep's winner beat the baseline beyond seed noise?"""
-    win = next(c for c in result["configs"] if c["name"] == result["winner"])
+    win = next((c for c in result["configs"] if c["name"] == result["winner"]), None)
+    if win is None:
+        return "no configuration has two finished runs to compare (see failed_runs in summary.json)"
     n = win["val"]["n"]
     if win[BASELINE]:
         return (f"the baseline has the best mean {result['objective']} over {n} seeds: no searched configuration "
