@@ -165,3 +165,18 @@ def test_fid_during_gan_training_keeps_the_best_generator(tmp_path, inception_we
     best_step = min(fids, key=lambda s: float(fids[s]))
     assert summary["best_fid_step"] == best_step and summary["best_fid"] == pytest.approx(float(fids[best_step]), rel=1e-4)
     assert (out / "generator_best.pt").is_file() and "every 50 steps, 20 samples" in summary["fid_during_training"]
+    # The family's one test evaluation of a finished run (a sweep's best trial, each confirmed run): FID against the
+    # test split with the driver's weights, else the labelled stats_fd fallback.
+    from cifarray.config import from_dict
+    from cifarray.eval.fid import resolve_weights
+    from cifarray.family import RunContext
+    from cifarray.rundir import RunDir
+    from cifarray.train.dcgan import FAMILY
+
+    run = RunDir(out)
+    cfg = from_dict(FAMILY.config, json.loads((out / "config.json").read_text()))
+    weights = resolve_weights(inception_weights)
+    with_weights = FAMILY.sweep.test_metrics(run, cfg, RunContext(fid_weights=(str(weights.path), weights.sha256)))
+    assert set(with_weights) == {"test_fid"} and with_weights["test_fid"] > 0
+    without = FAMILY.sweep.test_metrics(run, cfg, RunContext())
+    assert without["test_stats_fd"] > 0 and without["test_fid"] is None and "NOT FID" in without["test_fid_note"]

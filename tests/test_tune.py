@@ -506,7 +506,7 @@ def test_gan_sweep_without_inception_weights_selects_on_a_labelled_fallback(tmp_
     out = tmp_path / "gan"
     env_note = "NOT FID"
     result = run_module("cifarray.tune", "--sweep", str(REPO / "sweeps" / "ci_dcgan.toml"), "--synthetic",
-                        "--out", str(out), "--confirm", "1:2", timeout=900)
+                        "--out", str(out), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "stats_fd" and env_note in summary["objective_label"]
@@ -539,19 +539,7 @@ def test_gan_sweep_without_inception_weights_selects_on_a_labelled_fallback(tmp_
     assert study.trials[0].user_attrs["trial_id"] == baseline["trial_id"]
     assert study.trials[0].params == pytest.approx(sweep.baseline_sampled)
     assert f"trial {baseline['trial_id']} (baseline) started" in result.stdout
-    # Confirmed on the same fallback, lower is better; each run's test split measured once by the family, labelled.
-    confirmation = summary["confirmation"]
-    assert confirmation["objective"] == "stats_fd" and confirmation["mode"] == "min"
-    assert [c["name"] for c in confirmation["configs"]] == ["top1", "baseline"]
-    for c in confirmation["configs"]:
-        assert c["test_metric"] == "test_stats_fd" and len(c["test"]["values"]) == 2 and min(c["test"]["values"]) > 0
-    means = {c["name"]: c["val"]["mean"] for c in confirmation["configs"]}
-    assert confirmation["winner"] == min(means, key=means.get)
-    for line in (out / "confirm" / "test_evaluations.jsonl").read_text().splitlines():
-        assert "NOT FID" in json.loads(line)["test_fid_note"]
-    search, confirming = result.stdout.split("\nconfirming ")
-    assert sum("(baseline)" in line and " started" in line for line in search.splitlines()) == 1
-    assert sum("(baseline)" in line and " started" in line for line in confirming.splitlines()) == 2  # 2 seeds
+    assert sum("(baseline)" in line and " started" in line for line in result.stdout.splitlines()) == 1
 
 
 @pytest.mark.parametrize("gpus_per_trial, workers, expected", [

@@ -292,16 +292,8 @@ def _check_data(args: TuneArgs) -> None:
 
 def launch(args: TuneArgs) -> int:
     """Plan on the cluster, write the experiment, run it (or resume it), and summarise it."""
-    if args.search_done and args.confirm:
-        summary = _json(args.out / SUMMARY)
-        done = summary.get("confirmation") or {}
-        if done.get("status") == "complete" and done.get("confirm") == str(args.confirm):
-            from cifarray.tune.confirm import print_confirmation
-
-            # Nothing is left to run: report it again, without a Ray cluster.
-            results.print_summary(summary)
-            print_confirmation(done)
-            return 0
+    if reported_again(args):
+        return 0
     # Tune's experiment snapshot holds every trial, so its cost grows with the sweep: Tune's own adaptive period (10 s
     # or more, at most ~5 % of the driver's time) keeps that cost per trial flat, where a fixed 2 s did not (a
     # 1,000-trial profile, docs/BENCHMARKS.md). A SIGKILLed sweep loses that much bookkeeping, no training: a trial
@@ -392,6 +384,21 @@ def confirm_sweep(args: TuneArgs, placed: Plan, context, goal, summary: dict) ->
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     confirm.print_confirmation(result)
     return summary
+
+
+def reported_again(args: TuneArgs) -> bool:
+    """A sweep whose search and confirmation have both ended: its last lines again, without a Ray cluster."""
+    if not (args.search_done and args.confirm):
+        return False
+    summary = _json(args.out / SUMMARY)
+    done = summary.get("confirmation") or {}
+    if done.get("status") != "complete" or done.get("confirm") != str(args.confirm):
+        return False
+    from cifarray.tune.confirm import print_confirmation
+
+    results.print_summary(summary)
+    print_confirmation(done)
+    return True
 
 
 @contextlib.contextmanager
