@@ -45,6 +45,11 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_json(SUMMARY, summary)
 
+    def last_measured(self, key: str) -> tuple[int, float] | None:
+        """(step, value) of the last metrics.csv row that measured `key` (validation rows only, for an objective)."""
+        rows = [row for row in read_metrics(self.metrics) if measured(row, key)]
+        return (int(rows[-1]["step"]), float(rows[-1][key])) if rows else None
+
     def last_checkpoint_step(self) -> int | None:
         """The step of the newest checkpoint known persisted, or None before the first."""
         last = self.read_json(LAST_CHECKPOINT)

@@ -62,11 +62,9 @@ class CommonConfig:
     param_budget: int | None = opt(None, "trainable-parameter budget (default: 100,000 classifier, 1,000,000 GAN)")
 
     def __post_init__(self) -> None:
-        if not self.synthetic and not self.data_dir:
-            raise UserError("no data given: pass --data-dir DIR (real CIFAR-100) or --synthetic (procedural data)")
         if self.synthetic and self.data_dir:
             raise UserError("--synthetic and --data-dir exclude each other; pass one")
-        self.data_source()  # the data settings, checked where they are one value (cifarray.data.source)
+        self.data_source()  # the data settings (and that there are data), checked where they are one value
         for name in ("steps", "batch_size", "workers", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{flag_of(name)} must be at least 1, got {getattr(self, name)}")

@@ -337,7 +337,7 @@ def launch(args: TuneArgs) -> int:
                                        requested=args.n_trials, test_best=args.confirm is None, context=context)
             if confirmed and args.confirm is None:  # --confirm off on a confirmed sweep: its confirmation stays
                 summary["confirmation"] = confirmed
-                (args.out / SUMMARY).write_text(json.dumps(summary, indent=2))
+                results.write_summary(args.out, summary)
         results.print_summary(summary)
         if summary["status"] == "interrupted":
             return 130  # Ctrl-C: Tune stops the sweep and returns
@@ -381,7 +381,7 @@ def confirm_sweep(args: TuneArgs, placed: Plan, context, goal, summary: dict) ->
                                 "fresh seeds, the winner by mean validation; the test split is evaluated once per "
                                 "confirmed run, after all have trained")
         summary["figures"] = [*(f for f in summary.get("figures", []) if f != result["figure"]), result["figure"]]
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    results.write_summary(out, summary)
     confirm.print_confirmation(result)
     return summary
 

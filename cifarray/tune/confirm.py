@@ -42,16 +42,11 @@ def folder(out: Path) -> Path:
 def ranked(out: Path, records: list[dict[str, Any]], metric: str, mode: str) -> list[tuple[int, float, dict]]:
     """The search's trained trials, best first, by the evidence ASHA had: the furthest step reached (a complete
     trial before one stopped at a rung), then the validation value there. (step, value, record) each."""
-    from cifarray.rundir import measured
-    from cifarray.tune.results import metric_rows
+    from cifarray.rundir import RunDir
 
-    found = []
-    for r in records:
-        if r["status"] not in ("complete", "early-stopped"):
-            continue
-        rows = [row for row in metric_rows(out, r["trial_id"]) if measured(row, metric)]
-        if rows:
-            found.append((int(rows[-1]["step"]), float(rows[-1][metric]), r))
+    lasts = ((RunDir(trial_dir(out, r["trial_id"])).last_measured(metric), r) for r in records
+             if r["status"] in ("complete", "early-stopped"))
+    found = [(*last, r) for last, r in lasts if last]
     sign = 1.0 if mode == "max" else -1.0
     return sorted(found, key=lambda f: (-f[0], -sign * f[1]))
 
@@ -114,19 +109,16 @@ def fixed_configs(configs: list[dict[str, Any]]):
 
 
 def plan_for(out: Path, sweep: Any, metric: str, mode: str, confirm: Confirm) -> dict[str, Any]:
-    """OUT/confirm/plan.json, made once: a resumed or repeated confirmation confirms what the first one chose."""
-    path = folder(out) / PLAN
-    if path.is_file():
-        plan = json.loads(path.read_text())
-        if plan["confirm"] != str(confirm):
-            raise UserError(f"--confirm {confirm}: {out} was confirmed with {plan['confirm']} ({path}); pass "
-                            f"--confirm {plan['confirm']} to resume it, or move {folder(out)} away to start anew")
-        return plan
-    plan = make_plan(out, sweep, metric, mode, confirm)
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan, indent=2))
-    tmp.replace(path)
+    """OUT/confirm/plan.json, made once: a resumed or repeated confirmation confirms what the first one chose (the
+    tuner refuses another K:S before Ray starts)."""
+    from cifarray.rundir import RunDir
+
+    where = RunDir(folder(out))
+    plan = where.read_json(PLAN)
+    if plan is None:
+        plan = make_plan(out, sweep, metric, mode, confirm)
+        where.path.mkdir(exist_ok=True)
+        where.write_json(PLAN, plan)
     return plan
 
 
@@ -171,14 +163,6 @@ def margin(winner: list[float], other: list[float], mode: str) -> dict[str, Any]
 
 
 # ----- the runs' results
-def run_value(run_path: Path, metric: str) -> float | None:
-    """A confirmed run's validation value at its last step (what the search's best is chosen on)."""
-    from cifarray.rundir import measured, read_metrics
-
-    rows = [r for r in read_metrics(run_path / "metrics.csv") if measured(r, metric)]
-    return float(rows[-1][metric]) if rows else None
-
-
 def evaluate_test_once(out: Path, sweep: Any, context: Any, trial_id: str, name: str, seed: int) -> dict[str, Any]:
     """The run's test metrics: read from its test.json, else evaluated now (the one read of the test split for
     this run) and recorded there and in OUT/confirm/test_evaluations.jsonl."""
@@ -205,6 +189,7 @@ def conclude(out: Path, sweep: Any, context: Any, plan: dict[str, Any], trials: 
     """summary.json's `confirmation`: each configuration's spread over seeds (validation, test), the winner by mean
     validation, its margins over the runner-up and the baseline, and confirmation.png. Test metrics are evaluated
     only once every confirmed run has trained."""
+    from cifarray.rundir import RunDir
     from cifarray.tune.layout import DONE
     from cifarray.tune.results import trial_status
 
@@ -218,7 +203,8 @@ def conclude(out: Path, sweep: Any, context: Any, plan: dict[str, Any], trials: 
             if status != "complete":
                 missing += status not in DONE
                 continue
-            runs.append((c, seed, t.trial_id, run_value(trial_dir(folder(out), t.trial_id), metric)))
+            last = RunDir(trial_dir(folder(out), t.trial_id)).last_measured(metric)  # its validation at the end
+            runs.append((c, seed, t.trial_id, last and last[1]))
     failed = len(points(plan)) - len(runs) - missing
     result: dict[str, Any] = {"confirm": plan["confirm"], "objective": metric, "mode": mode, "label": label,
                               "steps": sweep.steps,

@@ -176,14 +176,11 @@ def load_trials(out: Path) -> list:
 def final_values(out: Path, records: list[dict[str, Any]], metric: str) -> list[tuple[float, dict[str, Any]]]:
     """(value at the last step, record) of each trial that ran to the end: what selection reads (validation only;
     the final weights, model.pt, exist for these trials)."""
-    finals = []
-    for r in records:
-        if r["status"] != "complete":
-            continue
-        last = [row for row in metric_rows(out, r["trial_id"]) if measured(row, metric)]
-        if last:
-            finals.append((float(last[-1][metric]), r))
-    return finals
+    from cifarray.rundir import RunDir
+
+    lasts = ((RunDir(trial_dir(out, r["trial_id"])).last_measured(metric), r) for r in records
+             if r["status"] == "complete")
+    return [(last[1], r) for last, r in lasts if last]
 
 
 def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir: Path, synthetic: bool,
@@ -225,8 +222,13 @@ def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir
             "on the best trial" if test_best else "per confirmed run, after the search (see confirmation)"),
         "figures": [p.name for p in figures], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))  # the sweep's, in OUT (not a run folder's)
+    write_summary(out, summary)
     return summary
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """OUT/summary.json: the sweep's (not a run folder's), its keys in the order they were made."""
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
 
 
 def print_summary(summary: dict[str, Any]) -> None:
