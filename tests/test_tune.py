@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -841,7 +842,13 @@ def test_a_trial_that_diverges_is_recorded_as_diverged_and_the_sweep_goes_on(tmp
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     by = {float(t["lr"]): t for t in rows(tmp_path / "out" / "trials.csv")}
     assert by[1e6]["status"] == "diverged" and by[0.1]["status"] == "complete", by
-    assert "diverged at step 5" in result.stdout and "1 complete, 1 diverged" in result.stdout
+    # The first logged step whose loss is not finite: 5 in bf16 on the EPYCs with avx512_bf16, 10 in fp32, where the
+    # loss at step 5 was still 1.2e14. The rows before it are kept; Optuna heard of the step once (no warning).
+    step = int(re.search(r"trial \w+ diverged at step (\d+)", result.stdout).group(1))
+    logged = tmp_path / "out" / "trials" / by[1e6]["trial_id"] / "metrics.csv"
+    kept = rows(logged) if logged.exists() else []
+    assert step % 5 == 0 and [int(r["step"]) for r in kept] == list(range(5, step, 5)), (step, kept)
+    assert "1 complete, 1 diverged" in result.stdout and "already reported" not in result.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["best"]["trial_id"] == by[0.1]["trial_id"]
 

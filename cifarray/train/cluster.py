@@ -55,6 +55,10 @@ def init_ray() -> None:
     # (cifarray.train.workerlog); Ray's and Python's INFO records in the workers stay out of it. Ray colours each
     # line's "(pid=...)" head even in a file: not off a terminal.
     kwargs = dict(log_to_driver=True, configure_logging=True, logging_level="ERROR")
+    # Ray Train's controller learns that its workers finished, and registers their checkpoints, when it next polls
+    # them: every 2 s by default, which a short run waits out at its end (a 2-step run's finish took 6.2 s, 2.5 s
+    # at 0.5 s: docs/BENCHMARKS.md). Ray Train passes the variable on to its controllers; one more poll RPC a worker.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address:

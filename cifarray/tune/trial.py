@@ -90,10 +90,8 @@ def run_trial(config: dict[str, Any], sweep: Sweep, base: dict[str, Any], out: s
     trial_context = replace(context, sweep_trial=True, objective=objective)
     runner.train(sweep, cfg, run, resolved, trial_context, gpus_per_worker)
     if not run.read_summary():
-        diverged = run.take_divergence()
-        if diverged:
-            tune.report({"step": int(diverged["step"]), metric: objective.worst, "diverged": True})
-            return
+        if run.take_divergence():  # the engine reported it, with the objective at its worst (a second report of
+            return  # the same step made Optuna warn "step=N is already reported" in the sweep's output)
         raise RuntimeError(f"trial {trial_id} ended without a summary.json in {run.path}")
     runner.finished(run)
 
