@@ -31,7 +31,7 @@ def main(mode: str, per_class: int, steps: int, batch: int, seed: int = 0) -> No
     write_synthetic(root, train_per_class=per_class, test_per_class=20, seed=2, difficulty="hard")
     data = load_cifar100(root, verify=False)
     torch.manual_seed(seed)
-    model = small_cnn()
+    model = small_cnn((32, 64, 96))  # the widths its recorded results used
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     images = torch.from_numpy(np.ascontiguousarray(data.train.images))
     labels = torch.from_numpy(data.train.fine_labels)
