@@ -98,6 +98,10 @@ def _start_local(kwargs: dict) -> None:
     import ray
 
     _private_token()
+    # Ray Train starts a PreemptionWatcher actor per worker group, to tell workers that their node is draining. A
+    # local Ray of this run's own (its token private) has one node that nobody drains: the watcher would be one
+    # more Python process to start beside the worker (Ray Train's 7th for a one-worker run, docs/BENCHMARKS.md).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
     # Ray's state API (Ray Train's placement-group cleaner uses it from inside the cluster) otherwise looks for
     # "the" Ray cluster on this machine, and fails when another job runs one here too; the Ray processes started
