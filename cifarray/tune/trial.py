@@ -108,15 +108,9 @@ def _process_started() -> float | None:
 
 def final_result(run, objective: Objective) -> dict[str, Any]:
     """What a finished trial's final report said, from its metrics.csv (the last step, the last measured objective)."""
-    from cifarray.rundir import measured, read_metrics
+    from cifarray.rundir import read_metrics
 
-    metric = objective.metric
     rows = read_metrics(run.metrics)
-    last = rows[-1] if rows else {}
-    result = {"step": int(last.get("step", 0))}
-    for row in reversed(rows):
-        if measured(row, metric):
-            result[metric] = float(row[metric])
-            break
-    result.setdefault(metric, objective.worst)
-    return result
+    measured = run.last_measured(objective.metric)  # the last row need not have measured it
+    return {"step": int(rows[-1]["step"]) if rows else 0,
+            objective.metric: measured[1] if measured else objective.worst}
