@@ -160,11 +160,16 @@ class TuneSession(_OnRayNode):
 
     @staticmethod
     def release() -> None:
-        """After a trial: what it allocated on the GPU goes back (the actor's data set stays)."""
-        import gc
+        """After a trial on a GPU: what it allocated there goes back (the actor's data set stays).
 
-        gc.collect()
+        Only where CUDA is in use: a full collection frees the tensors that reference cycles still hold, and the
+        caching allocator returns the memory. On the CPU, Python's own collector is left to it: a full collection
+        took ~0.4 s of a reused actor on 2 cores, between one trial's end and the next's start (Tune waits for the
+        trial's thread to end before it resets the actor)."""
         if torch.cuda.is_available() and torch.cuda.is_initialized():
+            import gc
+
+            gc.collect()
             torch.cuda.empty_cache()
 
 
