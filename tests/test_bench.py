@@ -218,3 +218,8 @@ def test_bench_startup_bad_input_is_one_line_error():
         result = run_cli_here("cifarray.bench", "startup", *args)
         assert result.returncode == 2 and result.stderr.startswith(f"error: {text}"), result.stderr
         assert "Traceback" not in result.stderr
+    if torch.cuda.device_count() < 2:  # --gpu: one GPU per worker, counted before any run starts
+        result = run_cli_here("cifarray.bench", "startup", "--gpu")
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: --gpu with --ways default,ray,ddp needs 2 GPU(s), this machine has "
+                                        f"{torch.cuda.device_count()}"), result.stderr

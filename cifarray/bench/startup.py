@@ -1,6 +1,6 @@
 """Where a short training run's seconds go, phase by phase, for each way a run can execute: one table.
 
-    python -m cifarray.bench startup [--steps 2] [--ways default,ray,ddp] [--small]
+    python -m cifarray.bench startup [--steps 2] [--ways default,ray,ddp] [--small] [--gpu]
 
 Each way runs the real command, `python -m cifarray.train densenet --synthetic --steps N` (the default model and
 procedural data; --small: a tiny DenseNet on 1,200 procedural images, as the tests run it), in a fresh process
@@ -11,7 +11,9 @@ Ways: `default` (the command as a user types it: `--runner auto`, which trains o
 process, no Ray), `ray` (one Ray Train worker, `--runner ray`) and `ddp` (two Ray Train workers, `--workers 2`). A
 phase a way does not have (Ray up, for the local runner) says "no Ray". The rows
 that only a GPU run has (CUDA initialisation, cuDNN autotuning, CUDA-graph capture, FID's Inception features)
-say "needs CUDA" on a CPU. The last lines give each way's total against the default's.
+say "needs CUDA" on a CPU run. --gpu passes `--gpu` to every way (the DDP way then needs two GPUs), and
+--cuda-graphs passes its value to the one-worker ways (with at least 4 steps, the capture is then a row of its own).
+The last lines give each way's total against the default's.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=2, help="training steps of each run (default 2)")
     p.add_argument("--ways", default=",".join(WAYS), help=f"which ways, in order (default {','.join(WAYS)})")
     p.add_argument("--small", action="store_true", help="a tiny DenseNet on little procedural data (the tests')")
+    p.add_argument("--gpu", action="store_true", help="train on the GPU (one per worker: ddp needs two)")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"),
+                   help="the one-worker ways' --cuda-graphs (default: the run's own default)")
     p.set_defaults(func=run)
 
 
@@ -90,7 +95,8 @@ def _run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
     label, extra = WAYS[way]
     out, marks = tmp / way, tmp / f"{way}.phases"
     cmd = [sys.executable, "-m", "cifarray.train", "densenet", "--synthetic", "--steps", str(args.steps),
-           "--out", str(out), *(SMALL if args.small else []), *extra]
+           "--out", str(out), *(SMALL if args.small else []), *(["--gpu"] if args.gpu else []), *extra,
+           *(["--cuda-graphs", args.cuda_graphs] if args.cuda_graphs and way != "ddp" else [])]
     print(f"bench startup: {way}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     spawned = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, ENV: str(marks)})
@@ -131,17 +137,37 @@ def gpu_rows(marks: list[dict]) -> dict[str, str]:
     return rows
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+
+
+def _check_gpus(ways: list[str]) -> None:
+    """--gpu: each way needs one GPU per worker here (the runs start a local Ray or none)."""
+    import torch
+
+    have = torch.cuda.device_count()
+    need = 2 if "ddp" in ways else 1
+    if have < need:
+        fix = "pass --ways default,ray" if have == 1 else "drop --gpu"
+        raise UserError(f"--gpu with --ways {','.join(ways)} needs {need} GPU(s), this machine has {have}; {fix}")
+
+
 def run(args: argparse.Namespace) -> int:
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     if not ways or len(set(ways)) != len(ways) or any(w not in WAYS for w in ways):
         raise UserError(f"--ways {args.ways!r}: give each of {', '.join(WAYS)} at most once, comma-separated")
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.gpu:
+        _check_gpus(ways)
     with tempfile.TemporaryDirectory(prefix="cifarray-bench-startup-") as tmp:
         rows = [_run_way(way, args, Path(tmp)) for way in ways]
     params = f"{rows[0]['params']:,} params" if rows[0]["params"] else "the default model"
     what = "a tiny DenseNet on little procedural data" if args.small else "the default DenseNet and procedural data"
-    print(f"bench startup: {machine()}; a {args.steps}-step `python -m cifarray.train densenet --synthetic` run "
+    where = f"{machine()}, {_gpu_name()}" if args.gpu else machine()
+    print(f"bench startup: {where}; a {args.steps}-step `python -m cifarray.train densenet --synthetic` run "
           f"({what}, {params}), precision {rows[0]['precision']}; seconds per phase")
     width = max(len(r["label"]) for r in rows) + 2
     print(f"  {'phase':<30}" + "".join(f"{r['label']:>{width}}" for r in rows))

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 35's GPU measurements in one call of the device tool, each capped so that the whole fits a 10-minute call:
+#   bash .gpu/on-device.sh bash docs/experiments/gpu_issue35.sh
+# 1. the paper recipe end to end (10,000 steps, batch 512, AugMix, the paper model, CUDA graphs on), its phases marked;
+# 2. `bench gpu --compile` (no end-to-end row: step 1 is that row at full size);
+# 3. `bench startup --gpu` (default and one-worker Ray Train; CUDA graphs on, so the capture is a row), then its
+#    DDP way on the CPU (one GPU here).
+# Logs go to $OUT (at most 8 files come back); the last lines printed are a short table.
+set -u
+OUT=${OUT:-/tmp/gpu-issue35}; mkdir -p "$OUT"
+T=$(mktemp -d); BUDGET=${BUDGET:-540}; t0=$(date +%s)
+summary=()
+step() {  # step NAME CAP COMMAND...: run it with at most CAP seconds (less if the budget is shorter)
+    local name=$1 cap=$2; shift 2
+    local left=$((BUDGET - ($(date +%s) - t0))); [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -lt 20 ]; then summary+=("$name: skipped, budget spent"); return; fi
+    echo "== $name (at most $cap s): $*"
+    local s=$(date +%s); timeout -k 5 "$cap" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+    summary+=("$name: rc $rc, $(($(date +%s) - s)) s wall"); tail -n 25 "$OUT/$name.log"
+}
+step sanity 40 bash -c 'nvidia-smi -L; python3 -c "import torch, ray; print(torch.__version__, ray.__version__, torch.cuda.get_device_name(0))"; lscpu | grep "Model name"'
+CIFARRAY_PHASES=$OUT/paper.phases step paper 250 python3 -m cifarray.train densenet --synthetic --gpu --steps 10000 \
+    --cuda-graphs on --out "$T/paper"
+cp "$T/paper/metrics.csv" "$OUT/paper_metrics.csv" 2>/dev/null; cp "$T/paper/summary.json" "$OUT/paper_summary.json" 2>/dev/null
+step gpu 170 python3 -m cifarray.bench gpu --compile --e2e-steps 0
+step startup 100 python3 -m cifarray.bench startup --gpu --ways default,ray --steps 5 --cuda-graphs on
+step startup_ddp 60 python3 -m cifarray.bench startup --ways ddp
+echo "== done in $(($(date +%s) - t0)) s"; printf '%s\n' "${summary[@]}"
