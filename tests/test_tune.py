@@ -224,24 +224,29 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
             assert f"{out} is in use by python -m cifarray.tune" in lines[0] and f"pid {first.pid}" in lines[0]
+        # Killed while the next trained trial runs: in its reused actor it takes about a second, so the trials'
+        # own folders are watched (trials.csv is written at most once a second): a finished trial has its
+        # summary.json, a running one its trial.json only. Its actor is frozen (SIGSTOP) at once, until Tune's
+        # experiment snapshot (10 s or more apart) holds the finished trials: the kill then lands mid-sweep
+        # whatever the machine's speed.
         finished: list[dict[str, str]] = []
+        polls = 0
         while time.time() < deadline + 300 and first.poll() is None:
-            started |= descendants(first.pid)
-            if (out / "trials.csv").exists() and (out / "trials").is_dir():  # the console lists a trial first
-                finished = [t for t in rows(out / "trials.csv") if t["status"] == "complete"]
-                # Killed while the next trained trial runs (in its reused actor it takes a second or two).
-                others = {d.name for d in (out / "trials").iterdir()} - {t["trial_id"] for t in finished}
-                if finished and others:
-                    break
-            time.sleep(0.1)
+            if polls % 20 == 0:
+                started |= descendants(first.pid)
+            polls += 1
+            folders = list((out / "trials").iterdir()) if (out / "trials").is_dir() else []
+            done = [d for d in folders if (d / "summary.json").is_file()]
+            running = [d / "trial.json" for d in folders if d not in done and (d / "trial.json").is_file()]
+            if done and running:
+                pid = json.loads(running[0].read_text())["pid"]  # written whole (renamed into place)
+                os.kill(pid, signal.SIGSTOP)
+                started.add(pid)
+                finished = [{"trial_id": d.name} for d in done]
+                break
+            time.sleep(0.05)
         assert finished and first.poll() is None, "no trial completed while the sweep ran"
         started |= descendants(first.pid)
-        # The next trial trains in seconds: freeze its actor (SIGSTOP) until Tune's experiment snapshot (10 s or more apart)
-        # holds the finished trials, so that the kill lands mid-sweep whatever the machine's speed.
-        running = out / "trials" / sorted(others)[0] / "trial.json"
-        pid = wait_until(lambda: running.is_file() and json.loads(running.read_text())["pid"], 30)
-        os.kill(pid, signal.SIGSTOP)
-        started.add(pid)
         wait_until(lambda: all(snapshot_status(out, t["trial_id"]) == "TERMINATED" for t in finished), 60)
         before = {t["trial_id"]: digest(out / "trials" / t["trial_id"] / "metrics.csv") for t in finished}
         # A trial that has ended keeps no Tune checkpoint (a resume never continues it); the running one keeps its.
