@@ -196,6 +196,36 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def freeze_runs_in_training(runs: Path, proc: subprocess.Popen, started: set[int], min_done: int,
+                            deadline: float) -> tuple[list[Path], set[Path]]:
+    """Once `min_done` runs under `runs` have finished (summary.json) while others train (trial.json, no summary yet),
+    freeze the training runs' actors (SIGSTOP): a kill of the driver then lands mid-sweep whatever the machine's
+    speed. A run trains for a second or two in its reused actor, so the folders are watched every 0.05 s, and a run
+    that finished in the instant before its actor stopped makes the try void: every actor stopped goes on (SIGCONT)
+    and the next such moment is awaited. Returns (the finished runs, the frozen ones); adds every Ray process the
+    driver started, the frozen actors too, to `started`."""
+    polls = 0
+    while True:
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before it was killed"
+        if polls % 20 == 0:
+            started |= descendants(proc.pid)
+        polls += 1
+        folders = list(runs.iterdir()) if runs.is_dir() else []
+        done = [d for d in folders if (d / "summary.json").is_file()]
+        training = [d for d in folders if d not in done]
+        if len(done) >= min_done and training and all((d / "trial.json").is_file() for d in training):
+            pids = {json.loads((d / "trial.json").read_text())["pid"] for d in training}  # written whole (renamed)
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            started |= pids
+            if not any((d / "summary.json").is_file() for d in training):
+                started |= descendants(proc.pid)
+                return done, set(training)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_weak_and_tests_only_the_best(tmp_path):
     """One sweep, SIGKILLed once its first trial has completed, then resumed; its one-worker trials train in
@@ -224,34 +254,12 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]
             assert f"{out} is in use by python -m cifarray.tune" in lines[0] and f"pid {first.pid}" in lines[0]
-        # Killed while the next trained trial runs: in its reused actor it takes about a second, so the trials'
-        # own folders are watched (trials.csv is written at most once a second): a finished trial has its
-        # summary.json, a running one its trial.json only. Its actor is frozen (SIGSTOP) at once, until Tune's
-        # experiment snapshot (10 s or more apart) holds the finished trials: the kill then lands mid-sweep
-        # whatever the machine's speed.
-        finished: list[dict[str, str]] = []
-        polls = 0
-        while time.time() < deadline + 300 and first.poll() is None:
-            if polls % 20 == 0:
-                started |= descendants(first.pid)
-            polls += 1
-            folders = list((out / "trials").iterdir()) if (out / "trials").is_dir() else []
-            done = [d for d in folders if (d / "summary.json").is_file()]
-            running = [d / "trial.json" for d in folders if d not in done and (d / "trial.json").is_file()]
-            if done and running:
-                pid = json.loads(running[0].read_text())["pid"]  # written whole (renamed into place)
-                os.kill(pid, signal.SIGSTOP)
-                started.add(pid)
-                finished = [{"trial_id": d.name} for d in done]
-                break
-            time.sleep(0.05)
-        assert finished and first.poll() is None, "no trial completed while the sweep ran"
-        started |= descendants(first.pid)
+        # Killed while the next trained trial runs, its actor frozen until Tune's experiment snapshot (10 s or more
+        # apart) holds the finished trials.
+        done, _ = freeze_runs_in_training(out / "trials", first, started, 1, deadline + 300)
+        finished = [{"trial_id": d.name} for d in done]
         wait_until(lambda: all(snapshot_status(out, t["trial_id"]) == "TERMINATED" for t in finished), 60)
         before = {t["trial_id"]: digest(out / "trials" / t["trial_id"] / "metrics.csv") for t in finished}
-        # A trial that has ended keeps no Tune checkpoint (a resume never continues it); the running one keeps its.
-        for t in finished:
-            assert [d.name for d in (out / "tune").glob(f"*_{t['trial_id']}_*/checkpoint_*")] == [], t
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
     finally:
@@ -420,7 +428,7 @@ def test_the_console_writes_trials_csv_at_most_once_a_second_and_drops_an_ended_
                                                                                                 monkeypatch):
     """trials.csv holds every trial, so writing it on every result made a long sweep's cost per trial grow with its
     size: it is written at most once per WRITE_EVERY seconds, and always at the end. An ended trial's Tune
-    checkpoints go (a resume never continues it); a running trial's stay."""
+    checkpoints go (a resume never continues it) once a stored snapshot says it ended; a running trial's stay."""
     from rich.console import Console
 
     from cifarray.tune import console as console_mod
@@ -459,8 +467,16 @@ def test_the_console_writes_trials_csv_at_most_once_a_second_and_drops_an_ended_
     trials[0].last_result = {"step": 200, "val_acc": 0.3}
     view.on_trial_complete(0, trials, trials[0])
     trials[0].status = "TERMINATED"
+    # An ended trial's Tune checkpoints stay until a snapshot that holds it as ended is stored: Tune asks for the
+    # console's state while it writes a snapshot; the trials ended by the one before go then.
+    for snapshot in range(2):
+        assert len(list(folders[0].glob("checkpoint_*"))) == 2 and len(list(folders[1].glob("checkpoint_*"))) == 2
+        view.get_state()
     assert not list(folders[0].glob("checkpoint_*")) and len(list(folders[1].glob("checkpoint_*"))) == 2
+    (folders[0] / "checkpoint_000003").mkdir()  # as a killed earlier run of the sweep left it
     view.on_experiment_end(trials)  # at the end, written whatever the clock says
+    # After Tune's last snapshot: every ended trial's checkpoints go, a running (unfinished) one's stay.
+    assert not list(folders[0].glob("checkpoint_*")) and len(list(folders[1].glob("checkpoint_*"))) == 2
     assert writes == [1000.0, 1001.0, 1001.0]
     assert {r["trial_id"]: (r["status"], r["steps"]) for r in rows(tmp_path / "trials.csv")} == {
         "aaaa0001": ("complete", "200"), "aaaa0002": ("running", "0")}
@@ -1054,23 +1070,8 @@ def test_a_confirmation_over_fresh_seeds_finds_a_configuration_no_better_than_it
     started: set[int] = set()
     runs = out / "confirm" / "trials"
     try:
-        deadline = time.time() + 600
-        while True:
-            assert first.poll() is None and time.time() < deadline, "the confirmation ended before it was killed"
-            started |= descendants(first.pid)
-            folders = list(runs.iterdir()) if runs.is_dir() else []
-            done = [d for d in folders if (d / "summary.json").is_file()]
-            if len(done) >= 2 and len(folders) > len(done):
-                break
-            time.sleep(0.1)
-        # The runs still training are frozen until Tune's snapshot of the confirmation holds the finished ones: the
-        # kill lands mid-confirmation whatever the machine's speed.
-        interrupted = set(folders) - set(done)
-        for d in interrupted:
-            pid = wait_until(lambda: (d / "trial.json").is_file() and json.loads((d / "trial.json").read_text())["pid"],
-                             30)
-            os.kill(pid, signal.SIGSTOP)
-            started.add(pid)
+        # The runs still training are frozen until Tune's snapshot of the confirmation holds the finished ones.
+        done, interrupted = freeze_runs_in_training(runs, first, started, 2, time.time() + 600)
         wait_until(lambda: all(snapshot_status(out / "confirm", d.name) == "TERMINATED" for d in done), 60)
         before = {d.name: digest(d / "metrics.csv") for d in done}
         started |= descendants(first.pid)
@@ -1092,7 +1093,7 @@ def test_a_confirmation_over_fresh_seeds_finds_a_configuration_no_better_than_it
     assert not (out / "confirm" / "test_evaluations.jsonl").exists()
     result = run_module("cifarray.tune", "--out", str(out), "--resume", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-6000:]
     for name, h in before.items():  # the runs that had finished were not trained again
         assert digest(runs / name / "metrics.csv") == h
     summary = json.loads((out / "summary.json").read_text())

@@ -67,6 +67,9 @@ class SweepConsole(Callback):
         self._starts: dict[str, float] = {}
         self.nodes, self.node_loss = Nodes(), NodeLoss()  # the cluster's nodes as they come and go
         self._recovering: set[str] = set()
+        # Ended trials whose Tune checkpoints wait for two experiment snapshots (see get_state).
+        self._ended: list = []
+        self._ended_before_snapshot: list = []
         quiet_node_losses()
 
     # Tune pickles its RunConfig, callbacks included, so that Tuner.restore brings this console back:
@@ -170,7 +173,7 @@ class SweepConsole(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials = trials
-        drop_checkpoints(trial)
+        self._ended.append(trial)
         started = self._starts.pop(trial.trial_id, None)
         if started is not None and not (trial.last_result or {}).get(INFEASIBLE):
             self.durations.append(time.time() - started)
@@ -200,7 +203,26 @@ class SweepConsole(Callback):
             self._last_line = now
             self.console.print(self.header(), highlight=False, soft_wrap=True)
 
+    def get_state(self) -> None:
+        """Tune calls this while it snapshots the experiment, once the snapshot's trial states are written.
+
+        An ended trial's Tune checkpoints go only once a snapshot that holds it as ended has been stored: until
+        then, a killed sweep's resume takes it for unfinished and restores it from them (Ray's "Could not
+        recover from checkpoint as it does not exist on storage anymore", seen in the confirmation's SIGKILL
+        test). The trials that had ended by the last snapshot go now: that snapshot's upload (Tune copies it
+        to OUT/tune after this call) had a whole snapshot period, 10 s or more, to finish."""
+        for trial in self._ended_before_snapshot:
+            drop_checkpoints(trial)
+        self._ended_before_snapshot, self._ended = self._ended, []
+        return None  # nothing of the console's own to restore (Tune pickles it whole)
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # After Tune's last snapshot, which it waits for: every trial it holds as ended loses its checkpoints,
+        # those of a killed earlier run of this sweep too.
+        for trial in trials:
+            if trial.status == "TERMINATED":
+                drop_checkpoints(trial)
+        self._ended_before_snapshot, self._ended = [], []
         self.trials = trials
         self._dirty = True
         self._write(now=True)
