@@ -5,7 +5,7 @@
 # 2. `bench gpu --compile` (no end-to-end row: step 1 is that row at full size);
 # 3. `bench startup --gpu` (default and one-worker Ray Train; CUDA graphs on, so the capture is a row), then its
 #    DDP way on the CPU (one GPU here).
-# Logs go to $OUT (at most 8 files come back); the last lines printed are a short table.
+# Caps: BUDGET (540 s in all), PAPER_CAP, GPU_CAP, STARTUP_CAP, DDP_CAP. Logs go to $OUT (at most 8 files come back); the last lines printed are a short table.
 set -u
 OUT=${OUT:-/tmp/gpu-issue35}; mkdir -p "$OUT"
 T=$(mktemp -d); BUDGET=${BUDGET:-540}; t0=$(date +%s)
@@ -19,10 +19,10 @@ step() {  # step NAME CAP COMMAND...: run it with at most CAP seconds (less if t
     summary+=("$name: rc $rc, $(($(date +%s) - s)) s wall"); tail -n 25 "$OUT/$name.log"
 }
 step sanity 40 bash -c 'nvidia-smi -L; python3 -c "import torch, ray; print(torch.__version__, ray.__version__, torch.cuda.get_device_name(0))"; lscpu | grep "Model name"'
-CIFARRAY_PHASES=$OUT/paper.phases step paper 250 python3 -m cifarray.train densenet --synthetic --gpu --steps 10000 \
+CIFARRAY_PHASES=$OUT/paper.phases step paper ${PAPER_CAP:-250} python3 -m cifarray.train densenet --synthetic --gpu --steps 10000 \
     --cuda-graphs on --out "$T/paper"
 cp "$T/paper/metrics.csv" "$OUT/paper_metrics.csv" 2>/dev/null; cp "$T/paper/summary.json" "$OUT/paper_summary.json" 2>/dev/null
-step gpu 170 python3 -m cifarray.bench gpu --compile --e2e-steps 0
-step startup 100 python3 -m cifarray.bench startup --gpu --ways default,ray --steps 5 --cuda-graphs on
-step startup_ddp 60 python3 -m cifarray.bench startup --ways ddp
+step gpu ${GPU_CAP:-170} python3 -m cifarray.bench gpu --compile --e2e-steps 0
+step startup ${STARTUP_CAP:-100} python3 -m cifarray.bench startup --gpu --ways default,ray --steps 5 --cuda-graphs on
+step startup_ddp ${DDP_CAP:-60} python3 -m cifarray.bench startup --ways ddp
 echo "== done in $(($(date +%s) - t0)) s"; printf '%s\n' "${summary[@]}"
