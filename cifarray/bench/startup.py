@@ -30,6 +30,7 @@ from cifarray.bench import machine
 from cifarray.errors import UserError
 from cifarray.phases import ENV, read
 from cifarray.rundir import RunDir
+from cifarray.train import graphs
 
 WAYS = {"default": ("default", []), "ray": ("Ray Train, 1 worker", ["--runner", "ray"]),
         "ddp": ("Ray Train DDP, 2 workers", ["--workers", "2"])}
@@ -67,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ways", default=",".join(WAYS), help=f"which ways, in order (default {','.join(WAYS)})")
     p.add_argument("--small", action="store_true", help="a tiny DenseNet on little procedural data (the tests')")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (one per worker: ddp needs two)")
-    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"),
+    p.add_argument("--cuda-graphs", choices=graphs.MODES,
                    help="the one-worker ways' --cuda-graphs (default: the run's own default)")
     p.set_defaults(func=run)
 
