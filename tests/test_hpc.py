@@ -900,7 +900,11 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     slurm.wait_state(blocker, {"RUNNING"}, 60)
     head = sbatch(slurm, "--nodelist=node1", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={log}",
                   "slurm/tune_densenet.sh", "--workers-per-trial", "1",
-                  env={"SWEEP": str(sweep), "SYNTHETIC": "1", "OUT": str(out), "GPUS_PER_TRIAL": "0"})
+                  env={"SWEEP": str(sweep), "SYNTHETIC": "1", "OUT": str(out), "GPUS_PER_TRIAL": "0",
+                       # Ray's GCS finds a SIGKILLed raylet dead after 5 missed health checks 3 s apart; the
+                       # killed trial may have only ~100 steps left (a few seconds), and the sweep can end before
+                       # that (seen in CI). 3 checks 1 s apart here: "node node2 left" is then said while it runs.
+                       "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
     running_cluster(slurm, head)
     wait_for(lambda: (out / "ray-cluster.json").exists(), 120, "the sweep's published cluster")
     # A join job of two nodes (node1 has a CPU left beside the head job): queued until node2 is free, then a Ray

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import warnings
 
 import optuna
 import pytest
@@ -33,13 +34,17 @@ def test_a_restored_study_lives_where_the_sweep_now_is_and_ends_what_the_killed_
     searcher.bind(moved, 2, study)
     restored = searcher.StoredOptunaSearch.__new__(searcher.StoredOptunaSearch)  # as Tune's unpickled copy
     restored.restore(str(moved / "searcher.pkl"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns of each value at a step it already holds
+        restored.on_trial_result("aaaa", {"val_acc": 0.15, "step": 20, "training_iteration": 1})  # retrained after
+        restored.on_trial_result("aaaa", {"val_acc": 0.2, "step": 40, "training_iteration": 2})  # a node's loss
     restored.on_trial_complete("aaaa", {"val_acc": 0.3})
     assert (moved / study).is_file()
     stored = optuna.load_study(study_name="s", storage=searcher.open_storage(moved, study))
     by_number = {t.number: t for t in stored.trials}
     assert by_number[0].user_attrs == {"trial_id": "aaaa", "params": 123} and by_number[0].params["lr"] == a["lr"]
     assert by_number[0].state == optuna.trial.TrialState.COMPLETE and by_number[0].value == 0.3
-    assert by_number[0].intermediate_values == {20: 0.1}  # at the trial's step, not Tune's report count
+    assert by_number[0].intermediate_values == {20: 0.1, 40: 0.2}  # at the trial's step, not Tune's count
     assert by_number[1].state == optuna.trial.TrialState.FAIL and "lost" in by_number[1].user_attrs
     assert not (first / study).exists()  # nothing written where the folder was
 

@@ -433,6 +433,7 @@ def test_the_console_writes_trials_csv_at_most_once_a_second_and_drops_an_ended_
 
     from cifarray.tune import console as console_mod
     from cifarray.tune.console import SweepConsole
+    from cifarray.tune.elastic import Nodes
     from cifarray.tune.sweep import load
 
     clock = [1000.0]
@@ -452,6 +453,9 @@ def test_the_console_writes_trials_csv_at_most_once_a_second_and_drops_an_ended_
                               config={"batch_size": 32, "lr": 0.1, "growth_rate": 4, "num_blocks": 2, "layers_0": 1,
                                       "layers_1": 1, "params": 2000, "infeasible": ""},
                               last_result={"step": 0}, metric_analysis={}) for n, f in zip((1, 2), folders)]
+    cluster = [{"NodeID": n, "Alive": True, "Labels": {"slurm-node": n}, "Resources": {"CPU": 1}} for n in "ab"]
+    view.nodes = Nodes(read=lambda: (cluster, set()))
+    view.nodes.poll(force=True)
     view.on_trial_start(0, trials, trials[0])
     assert writes == [1000.0]
     for step in range(1, 200):  # 199 results within the same second: no write
@@ -474,7 +478,9 @@ def test_the_console_writes_trials_csv_at_most_once_a_second_and_drops_an_ended_
         view.get_state()
     assert not list(folders[0].glob("checkpoint_*")) and len(list(folders[1].glob("checkpoint_*"))) == 2
     (folders[0] / "checkpoint_000003").mkdir()  # as a killed earlier run of the sweep left it
+    cluster.pop()  # node b leaves in the sweep's last second: the end says so, without waiting for a poll
     view.on_experiment_end(trials)  # at the end, written whatever the clock says
+    assert "node b left (lost); the sweep now has 1 node(s)" in view.console.file.getvalue()
     # After Tune's last snapshot: every ended trial's checkpoints go, a running (unfinished) one's stay.
     assert not list(folders[0].glob("checkpoint_*")) and len(list(folders[1].glob("checkpoint_*"))) == 2
     assert writes == [1000.0, 1001.0, 1001.0]
@@ -924,6 +930,8 @@ def test_a_lost_node_is_given_back_to_the_trials_failure_budget_and_a_code_error
     cluster[0] = [node("n1", "node1"), node("n2", "node2"), node("n3", "node3", alive=False)]
     error.write_text("Failure # 1\nActorDiedError: The actor died because its node has died.")
     lost.run_metadata.num_failures = 1  # as Tune counted it
+    # The console polls as Tune retries the trial: the node's line, then the trial's.
+    assert nodes.poll(force=True) == ["node node3 left (lost); the sweep now has 2 node(s), 4 CPU(s), 0 GPU(s)"]
     assert loss.on_recover(lost, nodes) == "trial aaaa: node node3 lost; it continues from step 400 (its last " \
                                            "checkpoint) on another node"
     assert lost.run_metadata.num_failures == 0  # given back

@@ -160,6 +160,8 @@ class SweepConsole(Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials = trials
         self._recovering.add(trial.trial_id)
+        for line in self.nodes.poll(force=True):  # the node's own line ("left") before the trial's
+            self._event(line)
         self._event(self.node_loss.on_recover(trial, self.nodes))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -223,6 +225,8 @@ class SweepConsole(Callback):
             if trial.status == "TERMINATED":
                 drop_checkpoints(trial)
         self._ended_before_snapshot, self._ended = [], []
+        for line in self.nodes.poll(force=True):  # a node that left in the sweep's last seconds is said too
+            self._event(line)
         self.trials = trials
         self._dirty = True
         self._write(now=True)

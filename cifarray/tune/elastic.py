@@ -115,11 +115,11 @@ class NodeLoss:
         self.reports[trial.trial_id] = result
 
     def on_recover(self, trial: Any, nodes: Nodes) -> str:
-        """Called as Tune retries `trial`: give a lost node back to its budget; the line that says what happened."""
+        """Called as Tune retries `trial`, once `nodes` was polled (its lines said): give a lost node back to its
+        budget; the line that says what happened."""
         last = self.reports.pop(trial.trial_id, None) or {}  # {}: it failed before its first report
         node = last.get("ray_node")
         error = _last_failure(trial)
-        nodes.poll(force=True)
         # A drained trial's actor dies with the node's raylet: Ray says only that "the actor died unexpectedly",
         # and the node may still be listed alive until its heartbeats time out. The trial said it saved.
         drained = bool(last.get("drained")) or bool(node and node in nodes.drained)

@@ -129,6 +129,12 @@ class StoredOptunaSearch(OptunaSearch):
         # Intermediate values at the trial's own step (what ASHA's rungs and the curves use), not Tune's count of
         # reports: the dashboard's intermediate-value plot then reads in steps.
         if "step" in result:
+            # A trial restored from a checkpoint (a node lost) reports its steps since then again: Optuna keeps
+            # the first value of a step and warns of each repeat in the job log.
+            reported = self.__dict__.setdefault("_steps_reported", {})
+            if result["step"] <= reported.get(trial_id, -1):
+                return
+            reported[trial_id] = result["step"]
             result = {**result, TRAINING_ITERATION: result["step"]}
         super().on_trial_result(trial_id, result)
 
