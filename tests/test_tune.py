@@ -1023,6 +1023,27 @@ def test_the_summary_says_how_far_the_best_trial_is_from_the_baseline_and_that_o
     assert lines[1].endswith("(the sweep's baseline)") and not any(line.startswith("baseline trial") for line in lines)
 
 
+
+def test_a_summary_write_killed_halfway_leaves_the_previous_summary_whole(tmp_path, monkeypatch):
+    """A resume reads OUT/summary.json to decide whether the search and its test evaluation are done."""
+    import json
+    import pathlib
+
+    from cifarray.tune.results import SUMMARY, write_summary
+
+    write_summary(tmp_path, {"status": "interrupted", "trials": 2})
+    real = pathlib.Path.write_text
+
+    def dies_halfway(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # the kill, with half the text written
+
+    monkeypatch.setattr(pathlib.Path, "write_text", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        write_summary(tmp_path, {"status": "complete", "trials": 2, "best": {"trial_id": "a" * 8}})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / SUMMARY).read_text()) == {"status": "interrupted", "trials": 2}
+
 # Tiny DenseNets whose trials all fit the budget and run to the end (ASHA's one rung is the last report).
 CONFIRM_SWEEP = """description = "tests: tiny DenseNets confirmed over seeds"
 model = "densenet"

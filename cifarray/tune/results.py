@@ -228,7 +228,11 @@ def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """OUT/summary.json: the sweep's (not a run folder's), its keys in the order they were made."""
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    tmp = out / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    # A resume decides from this file whether the search (and its one test evaluation) is done: a kill mid-write
+    # must leave the old file or the new one, never half of one.
+    os.replace(tmp, out / SUMMARY)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
