@@ -227,7 +227,8 @@ def freeze_runs_in_training(runs: Path, proc: subprocess.Popen, started: set[int
 
 
 @pytest.mark.slow
-def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_weak_and_tests_only_the_best(tmp_path):
+def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_weak_and_tests_only_the_best(tmp_path,
+                                                                                                        monkeypatch):
     """One sweep, SIGKILLed once its first trial has completed, then resumed; its one-worker trials train in
     their own reused Tune actors (--trial-runner auto).
 
@@ -320,6 +321,11 @@ def test_sweep_refuses_a_second_start_survives_sigkill_skips_infeasible_stops_we
     assert 0.0 <= best["test_acc"] <= 1.0 and best["params"] <= 8000
     for t in by["complete"]:
         assert json.loads((out / "trials" / t["trial_id"] / "summary.json").read_text())["test_acc"] is None
+    # A --resume of the finished sweep concludes it again: with the stored test result, not a second look.
+    monkeypatch.setattr(results, "evaluate_best_on_test", lambda *a, **k: pytest.fail("test split evaluated again"))
+    again = results.conclude(out, sweep, goal.metric, goal.mode, goal.label, data_dir=out / "data", synthetic=True,
+                             seconds=1.0, requested=4)
+    assert again["best"] == best
     for name in ("val_vs_params.png", "learning_curves.png"):
         assert (out / name).read_bytes()[:8] == PNG
     assert len(list((out / "tune").glob("*/params.json"))) >= 4 and not list((out / "tune").glob("*/checkpoint_*"))

@@ -119,6 +119,21 @@ def evaluate_best_on_test(out: Path, sweep: Any, trial_id: str, context: Any = N
     return sweep.family.sweep.test_metrics(run, from_dict(sweep.cls, run.read_json("config.json")), context)
 
 
+def _tested_before(out: Path, trial_id: str) -> dict[str, Any]:
+    """The test metrics a finished sweep's summary holds for `trial_id` (a --resume of it concludes again: the
+    best trial's test split is not looked at twice); {} if it holds none, or one left unmeasured (a GAN's FID
+    without Inception weights, which a resume given them measures)."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    best = summary.get("best") or {}
+    tested = {k: v for k, v in best.items() if k.startswith("test_")}
+    if summary.get("status") != "complete" or best.get("trial_id") != trial_id or not tested:
+        return {}
+    return tested if all(v is not None for v in tested.values()) else {}
+
+
 def plots(out: Path, sweep: Any, records: list[dict[str, Any]], metric: str, mode: str, label: str) -> list[Path]:
     import matplotlib
 
@@ -203,7 +218,8 @@ def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir
         best = {"trial_id": rec["trial_id"], "params": rec["params"], metric: value, BASELINE: rec[BASELINE],
                 "config": json.loads((trial_dir(out, rec["trial_id"]) / "config.json").read_text())}
         if not unfinished and test_best:
-            best.update(evaluate_best_on_test(out, sweep, rec["trial_id"], context))
+            best.update(_tested_before(out, rec["trial_id"]) or evaluate_best_on_test(out, sweep, rec["trial_id"],
+                                                                                      context))
     figures = plots(out, sweep, records, metric, mode, label)
     baseline = next(({"trial_id": r["trial_id"], "status": r["status"], "params": r["params"], "steps": r["steps"],
                       f"best_{metric}": r[f"best_{metric}"],
