@@ -435,11 +435,16 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
     take a second or two there, so this variant trains 300 (one rung, at the end) to be requeued mid-sweep."""
     out = tmp_path / "tune"
     log = tmp_path / "job.out"
-    sweep, workers = "sweeps/ci_cluster.toml", "2"
+    text = (REPO / "sweeps" / "ci_cluster.toml").read_text()
+    sweep, workers = str(tmp_path / "ci_cluster.toml"), "2"
     if runner == "tune":
-        sweep, workers = str(tmp_path / "ci_cluster_300.toml"), "1"
-        text = (REPO / "sweeps" / "ci_cluster.toml").read_text()
-        Path(sweep).write_text(text.replace("steps = 60", "steps = 300").replace("grace_period = 59", "grace_period = 299"))
+        n_trials, text = 4, text.replace("steps = 60", "steps = 300").replace("grace_period = 59", "grace_period = 299")
+        workers = "1"
+    else:
+        # One DDP trial at a time (each takes both nodes' one CPU, 20-50 s): one finished before the requeue, the
+        # other two in the requeued job (a fourth added ~40 s to the suite and nothing to the test).
+        n_trials = 3
+    Path(sweep).write_text(text.replace("trials = 4", f"trials = {n_trials}"))
     # The script's own header asks for a GPU per node (fake ones here: tests/slurmctl.py); the trials train
     # on CPU (GPUS_PER_TRIAL=0) because this machine's GPUs are only device files.
     started = time.time()
@@ -486,7 +491,7 @@ def test_tune_sweep_spans_two_ray_nodes_survives_requeue_and_resumes(slurm, tmp_
     assert len(runs) == 3 and "resuming" in runs[2], text[-3000:]
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and all(r["status"] == "complete" for r in rows), rows
+    assert len(rows) == n_trials and all(r["status"] == "complete" for r in rows), rows
     for trial, h in before.items():  # finished before the requeue: neither restarted nor trained again
         assert f"trial {trial} started" not in runs[2]
         assert digest(out / "trials" / trial / "metrics.csv") == h
