@@ -60,6 +60,36 @@ def _exit_if_shutdown_hangs(code: int, grace: float = SHUTDOWN_GRACE_S) -> None:
     timer.start()
 
 
+_WAITING_IN_RAY: set[threading.Thread] = set()
+
+
+def waits_in_ray(thread: threading.Thread) -> None:
+    """`thread` waits inside a Ray call that an interrupted main thread cannot end (Ray Train's fit): while it
+    lives, an interrupted CLI ends without Ray's own exit hook (`_exit_beside_a_thread_in_ray`)."""
+    _WAITING_IN_RAY.add(thread)
+
+
+def _exit_beside_a_thread_in_ray(code: int) -> None:
+    """End the process with `code` while a thread still waits in Ray.
+
+    Ray's exit hook (ray.shutdown) ends the driver's core worker first; the waiting thread then wakes into it, and
+    Ray ends the process itself with status 1 ("The core worker has already been shutdown ... The process will
+    exit"): an interrupted `train` exited 1, not 130, once in the suite. Here every other exit hook runs (this
+    run's token folder, ...), and then the process ends at once. A local Ray's processes share its fate (Ray
+    starts them so that the kernel ends them with it, as after a SIGKILL); a cluster's GCS ends the job's actors
+    when their driver is gone."""
+    import atexit
+
+    from ray._private import worker
+
+    _exit_if_shutdown_hangs(code)  # the other hooks may wait on a cluster that is gone (SIGTERM to the group)
+    atexit.unregister(worker.shutdown)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run `main(argv)` and exit; a `UserError` becomes `error: ...` on stderr and exit 2.
 
@@ -76,6 +106,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        if any(t.is_alive() for t in _WAITING_IN_RAY):
+            _exit_beside_a_thread_in_ray(130)
         if "ray" in sys.modules:
             _exit_if_shutdown_hangs(130)
         sys.exit(130)

@@ -23,7 +23,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Callable
 
-from cifarray.errors import UserError
+from cifarray.errors import UserError, waits_in_ray
 from cifarray.models.budget import enforce_budget
 from cifarray.phases import mark
 from cifarray.rundir import RunDir
@@ -174,6 +174,7 @@ def fit_off_the_main_thread(trainer) -> object:
             box["error"] = exc
 
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    waits_in_ray(thread)
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
