@@ -23,6 +23,13 @@ ATTEMPTS = "attempts.json"  # {"attempts": N}: how many times the training funct
 DIVERGED = "diverged.json"  # {"step", "loss", "last_checkpoint_step"}: a NaN/inf loss, for the driver to report
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` through a hidden temporary file beside it: readers, and a kill mid-write, never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class RunDir:
     """RUN_DIR layout: config.json, metrics.csv, summary.json, model files, workers/, ray/ (checkpoints).
 
@@ -77,10 +84,7 @@ class RunDir:
         return diverged
 
     def write_json(self, name: str, obj: Any) -> None:
-        target = self.path / name
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)  # readers never see half a file
+        replace_text(self.path / name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def read_json(self, name: str) -> dict | None:
         p = self.path / name

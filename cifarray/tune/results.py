@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifarray.rundir import SUMMARY, measured
+from cifarray.rundir import SUMMARY, measured, replace_text
 from cifarray.tune.layout import DONE, EXPERIMENT, SWEEP_COPY, trial_dir
 from cifarray.tune.trial import BASELINE, CONFIRMED, INFEASIBLE, sampled_values
 
@@ -244,11 +244,9 @@ def conclude(out: Path, sweep: Any, metric: str, mode: str, label: str, data_dir
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """OUT/summary.json: the sweep's (not a run folder's), its keys in the order they were made."""
-    tmp = out / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
     # A resume decides from this file whether the search (and its one test evaluation) is done: a kill mid-write
     # must leave the old file or the new one, never half of one.
-    os.replace(tmp, out / SUMMARY)
+    replace_text(out / SUMMARY, json.dumps(summary, indent=2))
 
 
 def print_summary(summary: dict[str, Any]) -> None:
