@@ -152,11 +152,15 @@ def plugin(*args: str) -> subprocess.CompletedProcess:
 def test_a_family_defined_outside_cifarray_trains_sweeps_and_reports(tmp_path):
     out = tmp_path / "run"
     result = plugin("train", "toy", *DATA, "--val-size", "500", "--steps", "60", "--eval-every", "30",
-                    "--out", str(out))
+                    "--checkpoint-every", "30", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "toy" and summary["status"] == "complete" and summary["params"] == 19_300
     assert summary["startup_s"] > 0 and summary["train_s"] > 0 and summary["finish_s"] >= 0  # the engine's timings
+    # The loop's time in its two evaluations and its checkpoint at step 30, and in its steps: apart, within it.
+    steps_s = sum(float(r["seconds"]) for r in read_metrics(out / "metrics.csv"))
+    assert summary["eval_s"] > 0 and summary["checkpoint_s"] > 0
+    assert steps_s + summary["eval_s"] + summary["checkpoint_s"] <= summary["train_s"], summary
     rows = read_metrics(out / "metrics.csv")
     assert list(rows[0]) == ["step", "loss", "train_acc", "val_acc", "images_per_s", "seconds", "attempt"]
     # It learned (measured val 0.214 at seed 0; chance is 0.01) through the engine's loop, cadence and final files.

@@ -16,7 +16,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ class Worker:
     session: Session  # who runs the loop (DDP, reports, resume)
     attempt: int = 0
     start: int = 0  # the step training resumes after (0: a fresh run); set after restore
+    # This attempt's seconds inside the loop spent in validation evaluations and in checkpoints (state, save,
+    # report): summary.json's eval_s and checkpoint_s, the loop's train_s less its steps' seconds.
+    spent: dict[str, float] = field(default_factory=lambda: {"eval_s": 0.0, "checkpoint_s": 0.0})
 
     @classmethod
     def local(cls, cfg: Any, data: PreparedData, run_dir: str | Path, device: torch.device, precision: str,
@@ -197,8 +200,10 @@ def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> 
             continue
         if not single and not is_last and all_reduce_sum([float(session.draining())], worker.device)[0] > 0:
             drain = ckpt_now = True
-        elapsed = time.perf_counter() - window.started
         means = window.means(worker.world)
+        # After the means' host sync: on a GPU the window's queued steps have run by now, so `seconds` holds
+        # their work, not only their launches (the rest would be counted in the next evaluation's time).
+        elapsed = time.perf_counter() - window.started
         bad = [v for v in means.values() if not math.isfinite(v)]
         if bad:
             goal = worker.context.objective  # a sweep's scheduler and searcher need it in every result
@@ -209,11 +214,13 @@ def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> 
                "attempt": worker.attempt}
         if rank == 0:
             if eval_now:
-                row.update(pieces.evaluate(state, step))
+                with _timed(worker, "eval_s"):
+                    row.update(pieces.evaluate(state, step))
             log.append(row)
         checkpoint = None
         if ckpt_now:
-            checkpoint = snapshot(stateful, step)
+            with _timed(worker, "checkpoint_s"):
+                checkpoint = snapshot(stateful, step)
             worker.gen.manual_seed(augment_seed(cfg.seed, rank, step))
         if is_last:
             break  # the final report comes after the final files (train)
@@ -223,9 +230,19 @@ def _loop(pieces: Pieces, worker: Worker, state: TrainState, stateful: dict) -> 
             send_result(session, run, {**row, "drained": 1}, checkpoint, rank)
             session.park()
         elif ckpt_now or eval_now:  # a report is a round trip to the controller
-            send_result(session, run, row, checkpoint, rank)
+            with _timed(worker, "checkpoint_s" if checkpoint is not None else "eval_s"):
+                send_result(session, run, row, checkpoint, rank)
         window.restart()
     return row, checkpoint
+
+
+@contextlib.contextmanager
+def _timed(worker: Worker, key: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        worker.spent[key] += time.perf_counter() - started
 
 
 def first_step_done(worker: Worker) -> None:
@@ -249,6 +266,7 @@ def _write_summary(family: Family, worker: Worker, state: TrainState, timing: di
         # checkpoints included); final evaluation and files. Ray's own start-up is the driver's.
         "startup_s": round(timing["startup_s"], 2), "train_s": round(timing["train_s"], 2),
         "finish_s": round(time.perf_counter() - timing["trained"], 2),
+        **{key: round(value, 3) for key, value in worker.spent.items()},
         "seed": cfg.seed, "precision": worker.precision, "runner": worker.session.name, "finished_at": time.time(),
         **fields, **provenance(worker.device),
     })
