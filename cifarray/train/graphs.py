@@ -22,23 +22,23 @@ import torch
 from cifarray.phases import mark
 
 MODES = ("auto", "on", "off")
-# `auto` turns graphs on for single-GPU runs once a GPU measurement has shown that the graphed path
-# trains like eager (docs/BENCHMARKS.md, "CUDA graphs"). No GPU run has shown it yet.
-AUTO_ON = False
 
 
-def resolve(mode: str, *, cuda: bool, workers: int, compiled: bool, unsupported: str = "") -> tuple[bool, str]:
+def resolve(mode: str, *, cuda: bool, workers: int, compiled: bool, unsupported: str = "",
+            validated: bool = False) -> tuple[bool, str]:
     """(use graphs, why not) for --cuda-graphs; `unsupported` names a family setting graphs cannot run.
 
-    `on` where it cannot work is refused by the config before Ray starts."""
+    `auto` uses them only for a family whose graphed step a GPU run has shown to train like its eager one
+    (`validated`: the family's config says so, with the measurement in docs/BENCHMARKS.md). `on` where it
+    cannot work is refused by the config before Ray starts."""
     if mode == "off":
         return False, "--cuda-graphs off"
     reasons = [why for bad, why in ((not cuda, "no GPU"), (workers > 1, "several workers (DDP)"),
                                     (compiled, "--compile"), (bool(unsupported), unsupported)) if bad]
     if reasons:
         return False, ", ".join(reasons)
-    if mode == "auto" and not AUTO_ON:
-        return False, "auto: not yet validated on a GPU (pass --cuda-graphs on to use them)"
+    if mode == "auto" and not validated:
+        return False, "auto: not yet validated on a GPU for this model (pass --cuda-graphs on to use them)"
     return True, ""
 
 
