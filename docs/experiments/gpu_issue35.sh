@@ -30,6 +30,10 @@ CIFARRAY_PHASES=$OUT/paper.phases step paper ${PAPER_CAP:-250} python3 -m cifarr
     --cuda-graphs on --out "$T/paper"
 cp "$T/paper/metrics.csv" "$OUT/paper_metrics.csv" 2>/dev/null; cp "$T/paper/summary.json" "$OUT/paper_summary.json" 2>/dev/null
 step gpu ${GPU_CAP:-170} python3 -m cifarray.bench gpu --compile --e2e-steps 0
+# The Ray carried to the device has no dashboard build, and a local Ray starts its dashboard: an empty build folder
+# lets it start (checked on the CPU with the venv's build moved aside: a 2-step --runner ray run ended normally).
+python3 -c "import os, ray; os.makedirs(os.path.join(os.path.dirname(ray.__file__), 'dashboard', 'client', 'build',
+    'static'), exist_ok=True)"
 step startup ${STARTUP_CAP:-100} python3 -m cifarray.bench startup --gpu --ways default,ray --steps 5 --cuda-graphs on
 step startup_ddp ${DDP_CAP:-60} python3 -m cifarray.bench startup --ways ddp
 CIFARRAY_PHASES=$OUT/eager.phases step eager ${EAGER_CAP:-0} python3 -m cifarray.train densenet --synthetic --gpu \
