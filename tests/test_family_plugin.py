@@ -160,7 +160,8 @@ def test_a_family_defined_outside_cifarray_trains_sweeps_and_reports(tmp_path):
     # The loop's time in its two evaluations and its checkpoint at step 30, and in its steps: apart, within it.
     steps_s = sum(float(r["seconds"]) for r in read_metrics(out / "metrics.csv"))
     assert summary["eval_s"] > 0 and summary["checkpoint_s"] > 0
-    assert steps_s + summary["eval_s"] + summary["checkpoint_s"] <= summary["train_s"], summary
+    # (each rounded in its file: 0.01 s of slack)
+    assert steps_s + summary["eval_s"] + summary["checkpoint_s"] <= summary["train_s"] + 0.01, summary
     rows = read_metrics(out / "metrics.csv")
     assert list(rows[0]) == ["step", "loss", "train_acc", "val_acc", "images_per_s", "seconds", "attempt"]
     # It learned (measured val 0.214 at seed 0; chance is 0.01) through the engine's loop, cadence and final files.
