@@ -125,10 +125,8 @@ def run(args: argparse.Namespace) -> int:
         steady = seconds[1:]  # the first window holds start-up steps
         ray_rate = len(steady) * WARMUP * cfg.batch_size / sum(steady)
         trained = sum(seconds)
-        ray_precision = run_dir.read_summary()["precision"]
-        # On one GPU the toolkit's default (--cuda-graphs auto) replays the DenseNet's step from a CUDA graph; the
-        # plain loop is eager: the line says so, since the ratio then holds the graph's gain too.
-        ray_graphed = bool(run_dir.read_summary().get("cuda_graphs"))
+        done = run_dir.read_summary()  # on one GPU, --cuda-graphs auto: the ratio then holds the graphs' gain too
+        ray_precision, ray_graphed = done["precision"], bool(done.get("cuda_graphs"))
         import ray
 
         ray.shutdown()  # the idle local cluster would otherwise take ~12 % of a core from the runs after
