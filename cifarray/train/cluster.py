@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -85,13 +86,49 @@ def _private_token() -> None:
 
     from hpc.ray_cluster import new_token  # the token an hpc job's cluster gets, made the same way
 
-    folder = tempfile.mkdtemp(prefix="cifarray-ray-token-")
+    remove_stale_tokens(Path(tempfile.gettempdir()))
+    folder = tempfile.mkdtemp(prefix=f"{TOKEN_PREFIX}{_owner_tag()}-")
     path = str(new_token(Path(folder)))
     atexit.register(shutil.rmtree, folder, True)  # Ray's processes read it when they start, all before the exit
     os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
     # RAY_AUTH_MODE stays as it is: unset, ray.init turns token mode on for the new local cluster itself, in this
     # process's cached config too (set here, this process would still act as "disabled" and be refused).
     os.environ["RAY_AUTH_TOKEN_PATH"] = path
+
+
+TOKEN_PREFIX = "cifarray-ray-token-"
+
+
+def _owner_tag(pid: int | None = None) -> str:
+    """<PID namespace>.<PID> of the process a token folder belongs to: a PID means something only in its namespace
+    (a container beside this one may run a live process under a PID that is free here)."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{ns}.{os.getpid() if pid is None else pid}"
+
+
+def remove_stale_tokens(tmp: "Path") -> list[str]:
+    """Remove the token folders of this user's runs that ended without their exit hook (SIGKILL, a node's OOM
+    killer): their Ray went with them, and the tokens would otherwise pile up in /tmp. Only folders named for a
+    process of this PID namespace that no longer exists; others (another user's, another namespace's, a live run's,
+    one named before PIDs were in the name) are left alone. Returns the names removed."""
+    ns = _owner_tag().split(".")[0]
+    removed = []
+    for folder in tmp.glob(f"{TOKEN_PREFIX}{ns}.*-*"):
+        pid = folder.name[len(TOKEN_PREFIX) + len(ns) + 1:].split("-")[0]
+        try:
+            info = folder.lstat()
+            if not pid.isdigit() or info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+        except OSError:  # gone meanwhile, or a live process of another user: not ours to judge
+            continue
+    return removed
 
 
 def _start_local(kwargs: dict) -> None:
