@@ -30,6 +30,14 @@ def replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_json_or_none(path: Path) -> Any:
+    """A JSON file's contents, or None when it is missing or not JSON (half written by a kill, say)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class RunDir:
     """RUN_DIR layout: config.json, metrics.csv, summary.json, model files, workers/, ray/ (checkpoints).
 

@@ -511,18 +511,18 @@ def test_a_local_ray_counts_only_the_cpus_and_gpus_this_process_may_use_and_has_
     assert got["cpu"] == 1.0 and got["mode"] == "token", got
     assert (got["file"], got["folder"], got["tokenless"], got["token"]) == ("0o600", "0o700", 401, 200), got
     assert not (tmp_path / ".ray").exists() and not Path(got["path"]).parent.exists()
-    from cifarray.train.cluster import TOKEN_PREFIX, _owner_tag  # named for its process: see the next test
-    assert Path(got["path"]).parent.name.startswith(f"{TOKEN_PREFIX}{_owner_tag().split('.')[0]}."), got
+    from cifarray.train.cluster import TOKEN_PREFIX, _pid_namespace  # named for its process: see the next test
+    assert Path(got["path"]).parent.name.startswith(f"{TOKEN_PREFIX}{_pid_namespace()}."), got
 
 
 def test_token_folders_of_runs_that_died_unhooked_are_removed_by_the_next_local_ray_and_no_other(tmp_path):
     """A SIGKILLed run cannot remove its token folder at exit; the next local Ray removes those of this user's dead
     processes (named <PID namespace>.<PID>), and nothing that may still be in use."""
-    from cifarray.train.cluster import TOKEN_PREFIX, _owner_tag, remove_stale_tokens
+    from cifarray.train.cluster import TOKEN_PREFIX, _owner_tag, _pid_namespace, remove_stale_tokens
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    ns = _owner_tag().split(".")[0]
+    ns = _pid_namespace()
     folders = {
         "dead": f"{TOKEN_PREFIX}{_owner_tag(dead.pid)}-ab_c1",
         "live": f"{TOKEN_PREFIX}{_owner_tag()}-x7y8z9",

@@ -1029,7 +1029,6 @@ def test_the_summary_says_how_far_the_best_trial_is_from_the_baseline_and_that_o
     assert lines[1].endswith("(the sweep's baseline)") and not any(line.startswith("baseline trial") for line in lines)
 
 
-
 def test_a_summary_write_killed_halfway_leaves_the_previous_summary_whole(tmp_path, monkeypatch):
     """A resume reads OUT/summary.json to decide whether the search and its test evaluation are done."""
     import json
@@ -1049,6 +1048,7 @@ def test_a_summary_write_killed_halfway_leaves_the_previous_summary_whole(tmp_pa
         write_summary(tmp_path, {"status": "complete", "trials": 2, "best": {"trial_id": "a" * 8}})
     monkeypatch.undo()
     assert json.loads((tmp_path / SUMMARY).read_text()) == {"status": "interrupted", "trials": 2}
+
 
 # Tiny DenseNets whose trials all fit the budget and run to the end (ASHA's one rung is the last report).
 CONFIRM_SWEEP = """description = "tests: tiny DenseNets confirmed over seeds"

@@ -99,14 +99,17 @@ def _private_token() -> None:
 TOKEN_PREFIX = "cifarray-ray-token-"
 
 
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
 def _owner_tag(pid: int | None = None) -> str:
     """<PID namespace>.<PID> of the process a token folder belongs to: a PID means something only in its namespace
     (a container beside this one may run a live process under a PID that is free here)."""
-    try:
-        ns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        ns = 0
-    return f"{ns}.{os.getpid() if pid is None else pid}"
+    return f"{_pid_namespace()}.{os.getpid() if pid is None else pid}"
 
 
 def remove_stale_tokens(tmp: "Path") -> list[str]:
@@ -114,7 +117,7 @@ def remove_stale_tokens(tmp: "Path") -> list[str]:
     killer): their Ray went with them, and the tokens would otherwise pile up in /tmp. Only folders named for a
     process of this PID namespace that no longer exists; others (another user's, another namespace's, a live run's,
     one named before PIDs were in the name) are left alone. Returns the names removed."""
-    ns = _owner_tag().split(".")[0]
+    ns = _pid_namespace()
     removed = []
     for folder in tmp.glob(f"{TOKEN_PREFIX}{ns}.*-*"):
         pid = folder.name[len(TOKEN_PREFIX) + len(ns) + 1:].split("-")[0]

@@ -37,7 +37,7 @@ from cifarray.data.source import DataSource, Procedural
 from cifarray.errors import UserError, run_cli
 from cifarray.tune import results
 from cifarray.tune.layout import ARGS_FILE, EXPERIMENT, STUDY_DB, SWEEP_CLUSTER, SWEEP_COPY
-from cifarray.rundir import SUMMARY
+from cifarray.rundir import SUMMARY, read_json_or_none
 from cifarray.tune.sweep import TRIAL_RUNNERS, Confirm, Sweep, default_sweep, load, parse_confirm
 from cifarray.tune.planning import Live, Plan, plan_on_cluster, trial_workers
 from cifarray.tune.runners import RUNNERS, TrialRunner, trial_runner
@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 def resolve_args(ns, out: Path) -> TuneArgs:
     """The command line (and OUT, on --resume) as checked `TuneArgs`: every refusal before Ray starts."""
     confirm = parse_confirm(ns.confirm, "--confirm")
-    saved = _json(out / ARGS_FILE)
+    saved = read_json_or_none(out / ARGS_FILE)
     experiment = out / EXPERIMENT
     resume = ns.resume == "yes" or (ns.resume == "auto" and saved is not None and experiment.exists())
-    search_done = saved is not None and (_json(out / SUMMARY) or {}).get("status") == "complete"
+    search_done = saved is not None and (read_json_or_none(out / SUMMARY) or {}).get("status") == "complete"
     if ns.confirm and experiment.exists() and not resume:
         if not search_done:
             raise UserError(f"--confirm: the search in {out} has not finished; pass --resume with --confirm to finish "
@@ -212,7 +212,7 @@ def _confirmation(out: Path, sweep: Sweep, asked: Confirm | None, given: bool) -
     confirmation keeps its K:S: its configurations and seeds are chosen."""
     from cifarray.tune.confirm import PLAN, folder
 
-    begun = _json(folder(out) / PLAN)
+    begun = read_json_or_none(folder(out) / PLAN)
     if begun is None:
         return asked if given else sweep.confirm
     if given and asked is not None and str(asked) != begun["confirm"]:
@@ -249,13 +249,6 @@ def write_experiment(args: TuneArgs, gpus_per_trial: float) -> None:
     if not args.resume:
         shutil.copyfile(sweep.source, args.out / SWEEP_COPY)
         (args.out / ARGS_FILE).write_text(json.dumps(args.saved(gpus_per_trial), indent=2))
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _canon(sweep: Sweep) -> str:
@@ -327,10 +320,10 @@ def launch(args: TuneArgs) -> int:
     started = time.time()
     with publish_cluster(args.out):
         if args.search_done and args.confirm:  # the search has ended; what is left is its confirmation
-            summary = _json(args.out / SUMMARY)
+            summary = read_json_or_none(args.out / SUMMARY)
             print(f"the search in {args.out} has ended ({args.out / SUMMARY}); confirming it", flush=True)
         else:
-            confirmed = (_json(args.out / SUMMARY) or {}).get("confirmation")
+            confirmed = (read_json_or_none(args.out / SUMMARY) or {}).get("confirmation")
             tuner(args, placed, context, goal).fit()
             summary = results.conclude(args.out, sweep, goal.metric, goal.mode, goal.label, data_dir=args.data,
                                        synthetic=args.synthetic, seconds=time.time() - started,
@@ -390,7 +383,7 @@ def reported_again(args: TuneArgs) -> bool:
     """A sweep whose search and confirmation have both ended: its last lines again, without a Ray cluster."""
     if not (args.search_done and args.confirm):
         return False
-    summary = _json(args.out / SUMMARY)
+    summary = read_json_or_none(args.out / SUMMARY)
     done = summary.get("confirmation") or {}
     if done.get("status") != "complete" or done.get("confirm") != str(args.confirm):
         return False

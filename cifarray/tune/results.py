@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifarray.rundir import SUMMARY, measured, replace_text
+from cifarray.rundir import SUMMARY, measured, read_json_or_none, replace_text
 from cifarray.tune.layout import DONE, EXPERIMENT, SWEEP_COPY, trial_dir
 from cifarray.tune.trial import BASELINE, CONFIRMED, INFEASIBLE, sampled_values
 
@@ -123,10 +123,7 @@ def _tested_before(out: Path, trial_id: str) -> dict[str, Any]:
     """The test metrics a finished sweep's summary holds for `trial_id` (a --resume of it concludes again: the
     best trial's test split is not looked at twice); {} if it holds none, or one left unmeasured (a GAN's FID
     without Inception weights, which a resume given them measures)."""
-    try:
-        summary = json.loads((out / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return {}
+    summary = read_json_or_none(out / SUMMARY) or {}
     best = summary.get("best") or {}
     tested = {k: v for k, v in best.items() if k.startswith("test_")}
     if summary.get("status") != "complete" or best.get("trial_id") != trial_id or not tested:
