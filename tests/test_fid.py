@@ -42,6 +42,18 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no hub cache: only explicit weights
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for the two tests that take FID against the same procedural test split (SPLIT): whichever runs
+    second reads the split's Inception statistics from it instead of computing them again (100 images at 299 px,
+    ~40 s on 2 cores). Computing and caching them is tested either way, by the first."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+# The test split both of them take FID against: `--synthetic` (hard) with 20 training and 1 test image per class.
+SPLIT = dict(train_per_class=20, test_per_class=1, difficulty="hard")
+
+
 def images(seed: int, n: int = 16, shift: int = 0) -> np.ndarray:
     # 16 images: Inception at 299 px costs ~0.27 s per image on 2 cores, and FID's properties hold at any size
     rng = np.random.default_rng(seed)
@@ -109,8 +121,9 @@ def fake_dcgan_run(root: Path) -> Path:
 
     run = RunDir(root)
     run.path.mkdir(parents=True)
-    cfg = DCGANTrainConfig(synthetic=True, synthetic_train_per_class=2, synthetic_test_per_class=1, out=str(root))
-    write_synthetic(run.data, train_per_class=2, test_per_class=1)
+    cfg = DCGANTrainConfig(synthetic=True, synthetic_train_per_class=SPLIT["train_per_class"],
+                           synthetic_test_per_class=SPLIT["test_per_class"], out=str(root))
+    write_synthetic(run.data, **SPLIT)
     run.write_json("config.json", to_dict(cfg))
     run.write_json("summary.json", {"model": "dcgan", "status": "complete"})
     torch.save(Generator(cfg.model_config()).state_dict(), run.path / "generator.pt")
@@ -118,7 +131,8 @@ def fake_dcgan_run(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_eval_fid_cli_stores_results_and_fails_cleanly_without_weights(tmp_path, inception_weights):
+def test_eval_fid_cli_stores_results_and_fails_cleanly_without_weights(tmp_path, inception_weights, shared_cache,
+                                                                       monkeypatch):
     import json
     import os
     import subprocess
@@ -126,6 +140,7 @@ def test_eval_fid_cli_stores_results_and_fails_cleanly_without_weights(tmp_path,
 
     from conftest import REPO, run_cli_here
 
+    monkeypatch.setenv("CIFARRAY_CACHE", str(shared_cache))
     run = fake_dcgan_run(tmp_path / "gan")
     env = {**os.environ, "CIFARRAY_OFFLINE": "1"}
     ok = subprocess.run([sys.executable, "-m", "cifarray.eval", "fid", str(run), "--samples", "20",
@@ -142,7 +157,7 @@ def test_eval_fid_cli_stores_results_and_fails_cleanly_without_weights(tmp_path,
 
 
 @pytest.mark.slow
-def test_fid_during_gan_training_keeps_the_best_generator(tmp_path, inception_weights):
+def test_fid_during_gan_training_keeps_the_best_generator(tmp_path, inception_weights, shared_cache, monkeypatch):
     import csv
     import json
     import subprocess
@@ -150,12 +165,13 @@ def test_fid_during_gan_training_keeps_the_best_generator(tmp_path, inception_we
 
     from conftest import REPO
 
+    monkeypatch.setenv("CIFARRAY_CACHE", str(shared_cache))
     out = tmp_path / "gan"
     result = subprocess.run(
-        [sys.executable, "-m", "cifarray.train", "dcgan", "--synthetic", "--synthetic-train-per-class", "20",
-         "--synthetic-test-per-class", "1", "--val-size", "200", "--steps", "100", "--batch-size", "32",
-         "--eval-every", "50", "--checkpoint-every", "50", "--fid-samples", "20",
-         "--inception-weights", str(inception_weights), "--out", str(out)],
+        [sys.executable, "-m", "cifarray.train", "dcgan", "--synthetic", "--synthetic-train-per-class",
+         str(SPLIT["train_per_class"]), "--synthetic-test-per-class", str(SPLIT["test_per_class"]), "--val-size",
+         "200", "--steps", "100", "--batch-size", "32", "--eval-every", "50", "--checkpoint-every", "50",
+         "--fid-samples", "20", "--inception-weights", str(inception_weights), "--out", str(out)],
         capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / "metrics.csv") as fh:

@@ -274,7 +274,9 @@ def test_local_executor_runs_a_trainer_sized_by_workers_auto_on_its_own_cluster(
                            "--", PY, "-m", "cifarray.train", "densenet", "--synthetic", "--steps", "20",
                            "--batch-size", "64", "--augment", "basic", "--workers", "auto", "--out", str(run),
                            "--synthetic-train-per-class", "20", "--synthetic-test-per-class", "5", "--val-size", "200",
-                           "--eval-every", "10", "--log-every", "10"],
+                           "--eval-every", "10", "--log-every", "10",
+                           # a tiny model: what is tested is the job's cluster, not the paper DenseNet's CPU time
+                           "--growth-rate", "4", "--blocks", "1,1", "--init-channels", "8"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = proc.stdout.split("submitted job ")[1].split()[0]

@@ -332,9 +332,11 @@ def test_compiled_dcgan_samples_move_away_from_noise(tmp_path):
 @pytest.mark.slow
 def test_compile_flag_compiles_the_densenet_trainer(tmp_path):
     out = tmp_path / "densenet"
-    compiled("densenet", out, tmp_path / "inductor", *TINY, "--steps", "100", "--batch-size", "128",
+    # Two blocks, not three: inductor's cold compile is most of this test, and it is per layer (18 kernels against
+    # 26: 73 s against 97 s alone on 2 cores). Measured 0.529 test accuracy compiled, as eager (seed 0; seed 1: 0.442).
+    compiled("densenet", out, tmp_path / "inductor", *TINY, "--blocks", "2,2", "--steps", "100", "--batch-size", "128",
              "--eval-every", "100", "--checkpoint-every", "100")
-    assert summary(out)["steps"] == 100
+    assert summary(out)["steps"] == 100 and summary(out)["params"] == 6492
     assert summary(out)["test_acc"] > 0.2  # compiled, it still learns (chance 0.01)
 
 
