@@ -196,6 +196,17 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def train_alone(run: Path, out: Path) -> None:
+    """Train a sweep's run again, uninterrupted, from its config.json, with the local runner in this process: the
+    runners train bit-identically (tests/test_train.py; a Tune actor against a TorchTrainer, below), so this is the
+    run as it would have been without a kill, at no second sweep's cost (Ray, Tune, its end)."""
+    config = json.loads((run / "config.json").read_text())
+    flags = out.parent / f"{out.name}.toml"
+    flags.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items() if v is not None and k != "out"))
+    alone = run_cli_here("cifarray.train", "densenet", "--config", str(flags), "--out", str(out))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+
 def freeze_runs_in_training(runs: Path, proc: subprocess.Popen, started: set[int], min_done: int,
                             deadline: float) -> tuple[list[Path], set[Path]]:
     """Once `min_done` runs under `runs` have finished (summary.json) while others train (trial.json, no summary yet),
@@ -826,7 +837,7 @@ def one_long_trial() -> str:
 def test_an_in_actor_trial_whose_actor_is_killed_restarts_from_its_checkpoint_and_ends_as_if_uninterrupted(tmp_path):
     """Tune's FailureConfig on the in-actor path: the trial's actor process is SIGKILLed mid-trial; Tune starts a
     new actor, which resumes from the trial's newest checkpoint (Tune's own, in OUT/tune) and finishes with the
-    weights and curve of a run that was never interrupted."""
+    weights and curve of a run that was never interrupted (the same config trained alone: train_alone)."""
     sweep = write_sweep(tmp_path / "long.toml", one_long_trial())
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out",
@@ -853,9 +864,8 @@ def test_an_in_actor_trial_whose_actor_is_killed_restarts_from_its_checkpoint_an
     assert restarted["start_step"] >= 40 and restarted["start_step"] % 20 == 0, restarted
     assert json.loads((trial / "summary.json").read_text())["status"] == "complete"
     assert rows(out / "trials.csv")[0]["status"] == "complete"
-    whole = run_module("cifarray.tune", "--sweep", str(sweep), "--synthetic", "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    (other,) = (tmp_path / "whole" / "trials").iterdir()
+    other = tmp_path / "whole"
+    train_alone(trial, other)
     curve = {d: [(r["step"], r["loss"], r["val_acc"]) for r in rows(d / "metrics.csv")] for d in (trial, other)}
     assert curve[trial] == curve[other] and [int(s) for s, _, _ in curve[trial]] == list(range(20, 201, 20))
     sha = {d: json.loads((d / "workers" / "rank0.json").read_text())["params_sha256"] for d in (trial, other)}
@@ -1180,16 +1190,11 @@ def test_a_confirmation_over_fresh_seeds_finds_a_configuration_no_better_than_it
     assert all(e["evaluated"] >= max(search_ended, trained) - 1e-3 for e in evaluations)
     assert "confirmation (2:3)" in result.stdout and f"winner {confirmation['winner']} over the runner-up" in result.stdout
     # As if it had not been interrupted: each run the kill stopped mid-training, trained again uninterrupted from its
-    # config.json (by the local runner, in this process: the runners train bit-identically, tests/test_train.py and
-    # the in-actor test above), writes the same rows, bit for bit.
+    # config.json (train_alone), writes the same rows, bit for bit.
     timing = {"images_per_s", "seconds", "attempt"}  # attempt: which start of the run logged the row
     for d in interrupted:
         assert {r["attempt"] for r in rows(d / "metrics.csv")} >= {"1"}  # it was resumed after the kill
-        config = json.loads((d / "config.json").read_text())
-        flags = tmp_path / f"{d.name}.toml"
-        flags.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items() if v is not None and k != "out"))
-        alone = run_cli_here("cifarray.train", "densenet", "--config", str(flags), "--out", str(tmp_path / d.name))
-        assert alone.returncode == 0, alone.stderr[-3000:]
+        train_alone(d, tmp_path / d.name)
         assert ([{k: v for k, v in r.items() if k not in timing} for r in rows(tmp_path / d.name / "metrics.csv")]
                 == [{k: v for k, v in r.items() if k not in timing} for r in rows(d / "metrics.csv")])
     # --confirm on a finished sweep's folder, or a second --resume, reports it again, evaluates nothing again, and
