@@ -93,17 +93,21 @@ def _exit_beside_a_thread_in_ray(code: int) -> None:
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run `main(argv)` and exit; a `UserError` becomes `error: ...` on stderr and exit 2.
 
+    With `argv` None (a `python -m` entry point: the arguments are the process's own), the process ends through
+    `exit_without_teardown`; with a list (a caller inside a larger process, a test), through `sys.exit`.
+
     SIGTERM (what Slurm sends before preemption or at the time limit) is handled like
     Ctrl-C, so that `finally` blocks and Ray's shutdown run and checkpoints stay usable.
     """
 
     handle_sigterm()
+    leave = sys.exit if argv is not None else exit_without_teardown
     try:
         code = main(argv)
     except UserError as exc:
         # One line, even when the message was built from multi-line parts.
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        leave(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         if any(t.is_alive() for t in _WAITING_IN_RAY):
@@ -111,4 +115,26 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         if "ray" in sys.modules:
             _exit_if_shutdown_hangs(130)
         sys.exit(130)
-    sys.exit(code or 0)
+    leave(code or 0)
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a CLI process as `sys.exit(code)` would, without the interpreter's teardown of its modules.
+
+    What a clean exit must do still happens, in Python's order: other threads that are not daemons are waited for,
+    then every exit hook runs (Ray's shutdown, the run's token folder, logging's flush), then stdout and stderr are
+    flushed. What is skipped is the interpreter freeing every module and object one by one, which does nothing a
+    file or a process can see: 1-2 s of CPU once torch (and torch._dynamo, which its optimizers import) is loaded,
+    on every `python -m cifarray...` run (docs/BENCHMARKS.md). cifarray leaves no file open to be closed by it."""
+    import atexit
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (BrokenPipeError), or a closed stream
+            pass
+    os._exit(code)

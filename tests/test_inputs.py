@@ -536,3 +536,41 @@ def test_token_folders_of_runs_that_died_unhooked_are_removed_by_the_next_local_
     not_a_folder.write_text("")
     assert remove_stale_tokens(tmp_path) == [folders["dead"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*folders.values(), not_a_folder.name][1:])
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from pathlib import Path
+from cifarray.errors import UserError, run_cli
+out = Path(sys.argv[1])
+
+class Teardown:
+    def __del__(self):  # runs only when the interpreter frees its modules one by one
+        (out / "teardown").write_text("ran")
+
+keep = Teardown()
+
+def main(argv):
+    atexit.register(lambda: (out / "hook").write_text("ran"))
+    threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("ran"))).start()
+    print("no newline, still in the buffer", end="")
+    if sys.argv[2] == "refuse":
+        raise UserError("a bad input")
+    return 0
+
+run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("how, code", [("succeed", 0), ("refuse", 2)])
+def test_a_cli_process_ends_with_its_status_output_threads_and_exit_hooks_but_no_module_teardown(tmp_path, how,
+                                                                                                  code):
+    """run_cli's process entry (argv None) ends without the interpreter's teardown (1-2 s of CPU once torch is
+    loaded), and with everything a clean exit owes: its status, the whole of stdout, the threads it waits for and
+    the exit hooks (Ray's shutdown, the token folder)."""
+    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), how], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == code and result.stdout == "no newline, still in the buffer", result
+    assert (result.stderr.strip() == "error: a bad input") == (how == "refuse"), result.stderr
+    assert (tmp_path / "thread").is_file() and (tmp_path / "hook").is_file()
+    assert not (tmp_path / "teardown").exists()
