@@ -121,16 +121,19 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 def exit_without_teardown(code: int) -> None:
     """End a CLI process as `sys.exit(code)` would, without the interpreter's teardown of its modules.
 
-    What a clean exit must do still happens, in Python's order: other threads that are not daemons are waited for,
-    then every exit hook runs (Ray's shutdown, the run's token folder, logging's flush), then stdout and stderr are
-    flushed. What is skipped is the interpreter freeing every module and object one by one, which does nothing a
-    file or a process can see: 1-2 s of CPU once torch (and torch._dynamo, which its optimizers import) is loaded,
-    on every `python -m cifarray...` run (docs/BENCHMARKS.md). cifarray leaves no file open to be closed by it."""
+    What a clean exit must do still happens, as the interpreter does it (Py_FinalizeEx): `threading._shutdown` ends
+    the thread pools (concurrent.futures, which torch's inductor uses) and waits for the threads that are not
+    daemons, then every exit hook runs (Ray's shutdown, the run's token folder, logging's flush), then stdout and
+    stderr are flushed. What is skipped is the interpreter freeing every module and object one by one, which does
+    nothing a file or a process can see: 1-2 s of CPU once torch (and torch._dynamo, which its optimizers import)
+    is loaded, on every `python -m cifarray...` run (docs/BENCHMARKS.md). cifarray leaves no file open to be
+    closed by it. (Joining the threads by hand instead hung a --compile run: a pool's idle worker thread waits
+    for the pool's own exit hook, which `threading._shutdown` runs first.)"""
     import atexit
 
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    if threading.current_thread() is not threading.main_thread():
+        sys.exit(code)
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
