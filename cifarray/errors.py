@@ -93,15 +93,17 @@ def _exit_beside_a_thread_in_ray(code: int) -> None:
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run `main(argv)` and exit; a `UserError` becomes `error: ...` on stderr and exit 2.
 
-    With `argv` None (a `python -m` entry point: the arguments are the process's own), the process ends through
-    `exit_without_teardown`; with a list (a caller inside a larger process, a test), through `sys.exit`.
+    A process that the interpreter started for this command (`python -m cifarray.train ...`, nothing profiling or
+    tracing it) ends through `exit_without_teardown`. Any other caller gets `sys.exit`: a test or program that
+    passes `argv`, `python -m cProfile -m ...` (which writes its profile after the command returns), IPython's
+    `%run -m`, a debugger.
 
     SIGTERM (what Slurm sends before preemption or at the time limit) is handled like
     Ctrl-C, so that `finally` blocks and Ray's shutdown run and checkpoints stay usable.
     """
 
     handle_sigterm()
-    leave = sys.exit if argv is not None else exit_without_teardown
+    leave = exit_without_teardown if argv is None and _started_for(main) else sys.exit
     try:
         code = main(argv)
     except UserError as exc:
@@ -116,6 +118,24 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
             _exit_if_shutdown_hangs(130)
         sys.exit(130)
     leave(code or 0)
+
+
+def _started_for(main: Callable) -> bool:
+    """Whether this interpreter was started as `python [options] -m M` for the module that defines `main`, and
+    nothing profiles or traces it."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return False
+    spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
+    args = iter(getattr(sys, "orig_argv", [])[1:])
+    for arg in args:
+        if arg in ("-X", "-W"):  # options that take a value
+            next(args, None)
+        elif arg.startswith("-m"):
+            module = arg[2:] or next(args, "")
+            return spec is not None and spec.name in (module, f"{module}.__main__")
+        elif arg == "-c" or not arg.startswith("-"):  # a command string or a script
+            return False
+    return False
 
 
 def exit_without_teardown(code: int) -> None:

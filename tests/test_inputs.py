@@ -538,7 +538,7 @@ def test_token_folders_of_runs_that_died_unhooked_are_removed_by_the_next_local_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*folders.values(), not_a_folder.name][1:])
 
 
-EXIT_SCRIPT = """
+EXIT_PROBE = """
 import atexit, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -563,19 +563,35 @@ def main(argv):
         raise UserError("a bad input")
     return 0
 
-run_cli(main)
+if __name__ == "__main__":
+    run_cli(main)
+"""
+RUN_PROBE = """
+import runpy, sys
+try:
+    runpy.run_module("exitprobe", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    print(f" and the caller goes on ({exc.code})", end="")
 """
 
 
-@pytest.mark.parametrize("how, code", [("succeed", 0), ("refuse", 2)])
-def test_a_cli_process_ends_with_its_status_output_threads_and_exit_hooks_but_no_module_teardown(tmp_path, how,
-                                                                                                  code):
-    """run_cli's process entry (argv None) ends without the interpreter's teardown (1-2 s of CPU once torch is
-    loaded), and with everything a clean exit owes: its status, the whole of stdout, the threads it waits for and
-    the exit hooks (Ray's shutdown, the token folder)."""
-    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), how], cwd=REPO, capture_output=True,
-                            text=True, timeout=30)
-    assert result.returncode == code and result.stdout == "no newline, still in the buffer", result
+@pytest.mark.parametrize("how, code", [("succeed", 0), ("refuse", 2), ("profiled", 0), ("run_module", 0)])
+def test_a_cli_process_ends_with_its_status_output_threads_and_exit_hooks_and_no_teardown_only_its_own(tmp_path,
+                                                                                                      how, code):
+    """A process the interpreter started for a CLI (`python -m M`) ends without the interpreter's teardown (1-2 s of
+    CPU once torch is loaded), and with everything a clean exit owes: its status, the whole of stdout, the threads
+    it waits for and the exit hooks (Ray's shutdown, the token folder). Under cProfile or inside another program
+    (runpy, IPython's %run -m) it ends with SystemExit, as before: the profile is written, the caller goes on."""
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "exitprobe.py").write_text(EXIT_PROBE)
+    command = {"profiled": ["-m", "cProfile", "-o", str(tmp_path / "profile"), "-m", "exitprobe"],
+               "run_module": ["-c", RUN_PROBE]}.get(how, ["-m", "exitprobe"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "probe"), str(REPO)])}
+    result = subprocess.run([sys.executable, *command, str(tmp_path), "refuse" if how == "refuse" else "succeed"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    said = "no newline, still in the buffer" + (" and the caller goes on (0)" if how == "run_module" else "")
+    assert result.returncode == code and result.stdout == said, result
     assert (result.stderr.strip() == "error: a bad input") == (how == "refuse"), result.stderr
     assert (tmp_path / "thread").is_file() and (tmp_path / "hook").is_file()
-    assert not (tmp_path / "teardown").exists()
+    assert (tmp_path / "teardown").exists() == (how in ("profiled", "run_module"))
+    assert (tmp_path / "profile").exists() == (how == "profiled")
