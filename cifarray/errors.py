@@ -151,9 +151,10 @@ def exit_without_teardown(code: int) -> None:
     for the pool's own exit hook, which `threading._shutdown` runs first.)"""
     import atexit
 
-    if threading.current_thread() is not threading.main_thread():
+    shutdown = getattr(threading, "_shutdown", None)  # CPython's own, since 3.x; another Python exits as usual
+    if shutdown is None or threading.current_thread() is not threading.main_thread():
         sys.exit(code)
-    threading._shutdown()
+    shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
