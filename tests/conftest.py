@@ -157,11 +157,23 @@ def snapshot_status(out: Path, trial_id: str) -> str | None:
 # of the learning and FID tests; every other test goes wherever a process is free. (`--dist loadgroup` with
 # xdist_group marks would say the same, but on pytest 9.2 it silently stops grouping: pytest-xdist#1386.)
 WHOLE_FILES = ("tests/test_hpc.py", "tests/test_synth_learnable.py", "tests/test_fid.py")
+# Tests that read the same expensive module fixture go to one process together, which makes the fixture once: the
+# fixture's name, and the tests that use it. (The two below, apart, made the same 300-step run twice, or one of them
+# waited idle for the other's.)
+TOGETHER = {"uninterrupted": (
+    "tests/test_train.py::test_the_default_runner_learns_as_well_as_a_plain_loop",
+    "tests/test_train.py::test_a_run_outlives_a_second_train_a_killed_worker_and_ctrl_c_and_ends_as_if_uninterrupted",
+)}
 
 
 def pytest_collection_modifyitems(config, items):
     """On xdist's processes: the slow tests first, so that the last minutes are not one long test beside an idle
-    process (xdist hands out the whole files above first: its largest units)."""
+    process (xdist hands out the whole files above first: its largest units). A test that uses a fixture of TOGETHER
+    without being listed there is refused: it would pay for the fixture again in another process."""
+    for item in items:
+        for fixture, nodeids in TOGETHER.items():
+            if fixture in getattr(item, "fixturenames", ()) and item.nodeid not in nodeids:
+                raise pytest.UsageError(f"{item.nodeid} uses the fixture {fixture!r}: list it in conftest.TOGETHER")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
 
@@ -174,7 +186,9 @@ else:
     class WholeFilesScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return path if path in WHOLE_FILES else nodeid
+            if path in WHOLE_FILES:
+                return path
+            return next((fixture for fixture, nodeids in TOGETHER.items() if nodeid in nodeids), nodeid)
 
     def pytest_xdist_make_scheduler(config, log):
         if config.getvalue("dist") == "load":  # what `-n N` uses unless told otherwise
