@@ -98,9 +98,9 @@ def test_the_default_runner_learns_as_well_as_a_plain_loop(uninterrupted, tmp_pa
     # Seeds spread widely at this size (600 steps x 64: 0.24 test accuracy with seed 0, 0.142 with seed 1), so the
     # floor only says that the reference learned: the plain fp32 loop measured 0.081 (seed 0; seed 1: 0.079) on the
     # 2-core EPYC dev VM, and 0.001 with R and B swapped in the augmentation's output. A backwards learning-rate
-    # schedule or a disabled crop does not move accuracy at this length (docs/BENCHMARKS.md); the schedule is
-    # therefore checked on the curve the trainer logged: a warm-up over the first 15 % (45 steps), then a decay to ~0
-    # by the last step (a backwards schedule rises to its peak at 85 %).
+    # schedule or a disabled crop did not move accuracy at 300 x 128 (docs/BENCHMARKS.md); the schedule is therefore
+    # checked on the curve the trainer logged: a warm-up over the first 15 % (45 steps), then a decay to ~0 by the
+    # last step (a backwards schedule rises to its peak at 85 %).
     assert "runner local" in stdout
     assert sorted(p.name for p in (out / "ray").iterdir()) == ["checkpoint_0000270", "checkpoint_0000300"]
     got = summary(out)

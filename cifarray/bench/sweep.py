@@ -155,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
                                            grace=args.steps - 1))
         for runner in runners:
             rows.append(_sweep(runner, args, sweep_file, Path(tmp) / runner))
-    print(f"bench sweep: {machine()}; {args.trials} one-worker trial{'s' * (args.trials != 1)} x {args.steps} steps of DenseNet k=4 blocks 2,2 "
-          f"({rows[0]['params']:,} params), batch 32, precision {rows[0]['precision']}, no early stopping")
+    print(f"bench sweep: {machine()}; {args.trials} one-worker trial{'s' * (args.trials != 1)} x {args.steps} steps "
+          f"of DenseNet k=4 blocks 2,2 ({rows[0]['params']:,} params), batch 32, precision {rows[0]['precision']}, "
+          "no early stopping")
     print(f"  {'runner':<7} {'sweep wall':>10} {'train s (sum)':>13} {'overhead/trial median':>22} {'max':>6} "
           f"{'actors':>6}  actor start (median)")
     for r in rows:
