@@ -430,31 +430,29 @@ def http_status(url: str, token: str | None = None) -> tuple[int, str]:
         return exc.code, ""
 
 
-@pytest.mark.parametrize("runner", ["train", "tune"])
-def test_a_sweep_spans_two_ray_nodes_with_either_trial_runner_and_a_requeued_one_resumes(slurm, tmp_path, runner):
-    """`train`: two DDP workers per trial, one on each node (a node has one CPU): TorchTrainer trials, gloo
-    across the nodes, and the job requeued mid-sweep. `tune`: one-worker trials inside their own Tune actors, on
-    both nodes, not requeued: what a requeue exercises is Tune's restore of the experiment, the same for either
-    runner, and an in-actor trial's resume after its whole sweep was killed is test_tune.py's SIGKILL test (this
-    variant requeued took 182 s of the suite, 300-step trials to be caught mid-sweep)."""
+def test_a_two_node_sweep_of_ddp_trials_spans_both_nodes_and_a_requeued_one_resumes(slurm, tmp_path):
+    """Two DDP workers per trial, one on each node (a node has one CPU): TorchTrainer trials, gloo across the
+    nodes, and the job requeued mid-sweep.
+
+    In-actor trials across Slurm nodes are test_a_sweep_grows_onto_a_node_freed_later_...'s, whose 800-step trials
+    are waited on until one runs on node2. A variant of this test with 60-step in-actor trials asked all four to
+    span both nodes and failed once in CI with all on node1: Tune hands a staged trial to a cached actor when the
+    actor requested for it has not started yet (tune_controller._maybe_reuse_cached_actor), so a trial shorter than
+    an actor's start on a loaded machine leaves the other node idle, as it should."""
     out = tmp_path / "tune"
     log = tmp_path / "job.out"
     text = (REPO / "sweeps" / "ci_cluster.toml").read_text()
-    sweep, workers = str(tmp_path / "ci_cluster.toml"), "2"
-    requeued = runner == "train"
-    if runner == "tune":
-        n_trials, workers = 4, "1"
-    else:
-        # One DDP trial at a time (each takes both nodes' one CPU, 20-50 s): one finished before the requeue, the
-        # other (mid-training when Tune's snapshot holds the first, 10 s or more after it) in the requeued job. A
-        # third, and before it a fourth, each added ~40 s to the suite and nothing to the test.
-        n_trials = 2
+    sweep = str(tmp_path / "ci_cluster.toml")
+    # One DDP trial at a time (each takes both nodes' one CPU, 20-50 s): one finished before the requeue, the other
+    # (mid-training when Tune's snapshot holds the first, 10 s or more after it) in the requeued job. A third, and
+    # before it a fourth, each added ~40 s to the suite and nothing to the test.
+    n_trials = 2
     Path(sweep).write_text(text.replace("trials = 4", f"trials = {n_trials}"))
     # The script's own header asks for a GPU per node (fake ones here: tests/slurmctl.py); the trials train
     # on CPU (GPUS_PER_TRIAL=0) because this machine's GPUs are only device files.
     started = time.time()
     job = sbatch(slurm, "--nodes=2", "--cpus-per-task=1", f"--output={log}", "slurm/tune_densenet.sh",
-                 "--workers-per-trial", workers,
+                 "--workers-per-trial", "2",
                  env={"SWEEP": sweep, "SYNTHETIC": "1", "OUT": str(out), "GPUS_PER_TRIAL": "0"})
     info = running_cluster(slurm, job)
     assert info["nodes"] == ["node1", "node2"] and info["cpus"] == 2 and info["gpus"] == 2
@@ -477,16 +475,14 @@ def test_a_sweep_spans_two_ray_nodes_with_either_trial_runner_and_a_requeued_one
                 return [r["trial_id"] for r in csv.DictReader(f) if r["status"] == "complete"]
         except OSError:
             return None
-    before = {}
-    if requeued:
-        first = wait_for(completed, 300, "a completed trial")
-        # Requeued once Tune's experiment snapshot (Tune's adaptive period: 10 s or more) holds them as finished.
-        wait_for(lambda: all(snapshot_status(out, t) == "TERMINATED" for t in first), 60, "Tune's snapshot of them")
-        before = {t: digest(out / "trials" / t / "metrics.csv") for t in first}
-        slurm.run(["scontrol", "requeue", job])
-        slurm.wait_state(job, {"PENDING"}, 120)
-        slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # Slurm holds a requeued job 120 s
-        wait_for(lambda: (cluster_info(slurm, job) or {}).get("restart_count") == 1, 180, "the requeued job's cluster")
+    first = wait_for(completed, 300, "a completed trial")
+    # Requeued once Tune's experiment snapshot (Tune's adaptive period: 10 s or more) holds them as finished.
+    wait_for(lambda: all(snapshot_status(out, t) == "TERMINATED" for t in first), 60, "Tune's snapshot of them")
+    before = {t: digest(out / "trials" / t / "metrics.csv") for t in first}
+    slurm.run(["scontrol", "requeue", job])
+    slurm.wait_state(job, {"PENDING"}, 120)
+    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # Slurm holds a requeued job 120 s
+    wait_for(lambda: (cluster_info(slurm, job) or {}).get("restart_count") == 1, 180, "the requeued job's cluster")
     state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 420)
     text = log.read_text()
     assert state == "COMPLETED", text[-3000:]
@@ -495,7 +491,7 @@ def test_a_sweep_spans_two_ray_nodes_with_either_trial_runner_and_a_requeued_one
     assert f"to continue this sweep in a later job: SYNTHETIC=1 OUT={out} sbatch slurm/tune_densenet.sh" in text
     assert f"watch the study: optuna-dashboard {out.resolve()}/optuna.journal" in text
     runs = text.split("Ray cluster up")
-    assert len(runs) == (3 if requeued else 2) and ("resuming" in runs[-1]) == requeued, text[-3000:]
+    assert len(runs) == 3 and "resuming" in runs[-1], text[-3000:]
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n_trials and all(r["status"] == "complete" for r in rows), rows
@@ -506,19 +502,15 @@ def test_a_sweep_spans_two_ray_nodes_with_either_trial_runner_and_a_requeued_one
     assert summary["best"]["test_acc"] is not None
     finished = sorted(p.parent for p in (out / "trials").glob("*/summary.json"))
     summaries = [json.loads((d / "summary.json").read_text()) for d in finished]
-    assert {(s["workers"], s["runner"]) for s in summaries} == {(int(workers), "ray-train" if runner == "train"
-                                                                 else "tune")}
-    if runner == "train":
-        for d in finished:  # each trial's two ranks trained on the two Ray nodes
-            nodes = {json.loads((d / "workers" / f"rank{r}.json").read_text())["slurm_node"] for r in (0, 1)}
-            assert nodes == {"node1", "node2"}, (d, nodes)
-    else:  # the trials' actors ran on both Ray nodes
-        assert {s["slurm_node"] for s in summaries} == {"node1", "node2"}, summaries
+    assert len(summaries) == n_trials and {(s["workers"], s["runner"]) for s in summaries} == {(2, "ray-train")}
+    for d in finished:  # each trial's two ranks trained on the two Ray nodes
+        nodes = {json.loads((d / "workers" / f"rank{r}.json").read_text())["slurm_node"] for r in (0, 1)}
+        assert nodes == {"node1", "node2"}, (d, nodes)
     assert not [p for p in Path("/tmp").glob(f"ray-{job}-r*") if p.stat().st_mtime >= started], \
         "Ray temp dirs left behind"  # (job ids start again at 1 with each test Slurm: older ones may be there)
     # ... but each node's Ray logs, of both runs of the job, are kept in its folder.
     kept = slurm.jobs_dir / job / ray_cluster.LOGS_DIR
-    for node in ("node1", "node2", *(("node1-restart1", "node2-restart1") if requeued else ())):
+    for node in ("node1", "node2", "node1-restart1", "node2-restart1"):
         # One folder per `ray start` attempt when the node needed more than one (hpc.ray_cluster.keep_logs).
         assert [*(kept / node).glob("raylet.out"), *(kept / node).glob("session_*/raylet.out")], \
             (node, sorted(str(p.relative_to(kept)) for p in kept.rglob("*")))
@@ -1006,6 +998,9 @@ def test_a_sweep_grows_onto_a_node_freed_later_and_loses_nodes_with_and_without_
     by_trial = {t.user_attrs["trial_id"]: t for t in study.trials}
     assert set(by_trial) == {r["trial_id"] for r in rows}
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in by_trial.values())
+    # ... and they trained in Tune's own (reused) actors, --workers-per-trial 1's runner.
+    summaries = [json.loads(p.read_text()) for p in (out / "trials").glob("*/summary.json")]
+    assert {(s["workers"], s["runner"]) for s in summaries} == {(1, "tune")}, summaries
     assert json.loads((out / "ray-cluster.json").read_text())["state"] == "ended"
 
     # A join that starts after its sweep ended says so and exits 0 (the rest of an array does not fail).
