@@ -732,6 +732,11 @@ def test_submitit_job_requeues_on_its_signal_completes_and_a_cancelled_job_is_re
     try:
         job = waiting.stdout.readline().split("submitted job ")[1].split()[0]
         running_cluster(slurm, job)
+        # The head counts node2 a moment before node2's `ray start` ends its start-up. Requeued in between, that
+        # start-up waits on the stopped head and handles its SIGTERM ~30 s later, and Slurm (KillWait 30 s)
+        # SIGKILLs the step first: the requeue took 30 s in every run, and node2's Ray logs were lost.
+        worker_log = slurm.jobs_dir / job / "ray-worker-node2.log"
+        wait_for(lambda: "Ray runtime started" in worker_log.read_text(), 60, "node2's Ray start")
         # submitit's pre-timeout/preemption signal: checkpoint() resubmits the same command and the job is requeued
         slurm.run(["scancel", "--signal=USR2", job])
         slurm.wait_state(job, {"PENDING"}, 120)
@@ -749,6 +754,9 @@ def test_submitit_job_requeues_on_its_signal_completes_and_a_cancelled_job_is_re
     assert "requeueing" in log and log.count("Ray cluster up") == 2, log[-3000:]
     assert 'DRIVER {"nodes": 2, "cpus": 2.0}' in log.split("Ray cluster up")[2], log[-2000:]
     assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED"
+    kept = slurm.jobs_dir / job / ray_cluster.LOGS_DIR  # each node kept its Ray logs, in both runs
+    assert all(any((kept / n).rglob("raylet.out")) for n in ("node1", "node2", "node1-restart1", "node2-restart1")), \
+        sorted(str(p.relative_to(kept)) for p in kept.rglob("raylet.out"))
 
     waiting = subprocess.Popen([*common, "--nodes", "1", "--", PY, str(driver), str(tmp_path / "never")],
                                cwd=REPO, env=slurm.job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
