@@ -430,6 +430,15 @@ def http_status(url: str, token: str | None = None) -> tuple[int, str]:
         return exc.code, ""
 
 
+BOTH_RUNS = ("node1", "node2", "node1-restart1", "node2-restart1")  # a two-node job's nodes, run 0 and requeued
+
+
+def raylet_logs(kept: Path, node: str) -> list[Path]:
+    """The raylet log hpc.ray_cluster.keep_logs kept of one node's run (one folder per `ray start` attempt when the
+    node needed more than one)."""
+    return [*(kept / node).glob("raylet.out"), *(kept / node).glob("session_*/raylet.out")]
+
+
 def test_a_two_node_sweep_of_ddp_trials_spans_both_nodes_and_a_requeued_one_resumes(slurm, tmp_path):
     """Two DDP workers per trial, one on each node (a node has one CPU): TorchTrainer trials, gloo across the
     nodes, and the job requeued mid-sweep.
@@ -510,10 +519,8 @@ def test_a_two_node_sweep_of_ddp_trials_spans_both_nodes_and_a_requeued_one_resu
         "Ray temp dirs left behind"  # (job ids start again at 1 with each test Slurm: older ones may be there)
     # ... but each node's Ray logs, of both runs of the job, are kept in its folder.
     kept = slurm.jobs_dir / job / ray_cluster.LOGS_DIR
-    for node in ("node1", "node2", "node1-restart1", "node2-restart1"):
-        # One folder per `ray start` attempt when the node needed more than one (hpc.ray_cluster.keep_logs).
-        assert [*(kept / node).glob("raylet.out"), *(kept / node).glob("session_*/raylet.out")], \
-            (node, sorted(str(p.relative_to(kept)) for p in kept.rglob("*")))
+    for node in BOTH_RUNS:
+        assert raylet_logs(kept, node), (node, sorted(str(p.relative_to(kept)) for p in kept.rglob("*")))
         # (the head copies them once its driver has stopped, and again once it has: Slurm may SIGKILL it between)
         assert re.search(rf"{node.split('-')[0]}'s Ray logs( \(so far\))? kept in {re.escape(str(kept / node))} ",
                          text), node
@@ -736,7 +743,7 @@ def test_submitit_job_requeues_on_its_signal_completes_and_a_cancelled_job_is_re
         # start-up waits on the stopped head and handles its SIGTERM ~30 s later, and Slurm (KillWait 30 s)
         # SIGKILLs the step first: the requeue took 30 s in every run, and node2's Ray logs were lost.
         worker_log = slurm.jobs_dir / job / "ray-worker-node2.log"
-        wait_for(lambda: "Ray runtime started" in worker_log.read_text(), 60, "node2's Ray start")
+        wait_for(lambda: ray_cluster.STARTED in worker_log.read_text(), 60, "node2's Ray start")
         # submitit's pre-timeout/preemption signal: checkpoint() resubmits the same command and the job is requeued
         slurm.run(["scancel", "--signal=USR2", job])
         slurm.wait_state(job, {"PENDING"}, 120)
@@ -755,8 +762,7 @@ def test_submitit_job_requeues_on_its_signal_completes_and_a_cancelled_job_is_re
     assert 'DRIVER {"nodes": 2, "cpus": 2.0}' in log.split("Ray cluster up")[2], log[-2000:]
     assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "COMPLETED"
     kept = slurm.jobs_dir / job / ray_cluster.LOGS_DIR  # each node kept its Ray logs, in both runs
-    assert all(any((kept / n).rglob("raylet.out")) for n in ("node1", "node2", "node1-restart1", "node2-restart1")), \
-        sorted(str(p.relative_to(kept)) for p in kept.rglob("raylet.out"))
+    assert all(raylet_logs(kept, node) for node in BOTH_RUNS), sorted(str(p.relative_to(kept)) for p in kept.rglob("*"))
 
     waiting = subprocess.Popen([*common, "--nodes", "1", "--", PY, str(driver), str(tmp_path / "never")],
                                cwd=REPO, env=slurm.job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
