@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -458,10 +459,16 @@ def wait_until(cond, timeout: float, what: str) -> None:
 
 
 LOCAL_RAY = """
-import json, os, stat, urllib.error, urllib.request
+import atexit, json, os, stat, urllib.error, urllib.request
 import ray
+import ray._private.worker
 from cifarray.train import cluster
 
+def at_exit():  # runs after cifarray's exit hooks, before Ray's shutdown (registered when Ray was imported)
+    procs = ray._private.worker._global_node.all_processes
+    print("EXIT", json.dumps({kind: procs[kind][0].process.poll() for kind in ("monitor", "gcs_server")}))
+
+atexit.register(at_exit)
 cluster.init_ray()
 path = os.environ["RAY_AUTH_TOKEN_PATH"]
 
@@ -513,6 +520,10 @@ def test_a_local_ray_counts_only_the_cpus_and_gpus_this_process_may_use_and_has_
     assert not (tmp_path / ".ray").exists() and not Path(got["path"]).parent.exists()
     from cifarray.train.cluster import TOKEN_PREFIX, _pid_namespace  # named for its process: see the next test
     assert Path(got["path"]).parent.name.startswith(f"{TOKEN_PREFIX}{_pid_namespace()}."), got
+    # Ray's shutdown stops the GCS first; the autoscaler monitor then waits on it until it is killed, 1 s later
+    # (docs/BENCHMARKS.md). The run's exit ends the monitor before that, and leaves the GCS to Ray's shutdown.
+    ended = [json.loads(line[len("EXIT "):]) for line in proc.stdout.splitlines() if line.startswith("EXIT ")]
+    assert ended == [{"monitor": -signal.SIGKILL, "gcs_server": None}], proc.stdout
 
 
 def test_token_folders_of_runs_that_died_unhooked_are_removed_by_the_next_local_ray_and_no_other(tmp_path):
