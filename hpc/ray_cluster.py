@@ -114,9 +114,19 @@ def temp_dir(job_id: str, restart_count: int) -> Path:
                         "node-local folder you can write, such as /tmp") from None
 
 
-def remove_temp_dir(tmp: Path) -> None:
-    """A node's Ray temp dir (temp_dir's), with the private root it sits in."""
-    shutil.rmtree(tmp.parent, ignore_errors=True)
+def remove_temp_dir(tmp: Path, timeout: float = 10.0) -> None:
+    """A node's Ray temp dir (temp_dir's), with the private root it sits in.
+
+    A process of the node's Ray can still run when its `ray start` has stopped: Ray's Prometheus service-discovery
+    writer (a thread of a dashboard module, every 5 s) once made a file in the session folder while rmtree emptied
+    it, and the folder and the root stayed (a Slurm test's job, once in the suite). With the session folder gone,
+    that writer's writes fail (it makes no folders), so a second pass removes what is left."""
+    root = tmp.parent
+    deadline = time.monotonic() + timeout
+    shutil.rmtree(root, ignore_errors=True)
+    while os.path.lexists(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _remove_earlier_runs(base: Path, job_id: str, restart_count: int) -> None:

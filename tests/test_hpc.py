@@ -59,6 +59,23 @@ def test_ray_temp_dir_is_a_fresh_private_folder_and_unsafe_places_are_refused(tm
     assert len(str(ray_dirs[2])) + ray_cluster.SESSION_SUFFIX <= ray_cluster.SOCKET_PATH_MAX
     ray_cluster.remove_temp_dir(ray_dirs[2])
     assert not made[2].exists()
+    # A process of the node that outlived its `ray start` (Ray's Prometheus service-discovery writer, in a dashboard
+    # module process) writes into the session folder while the first pass empties it: the root is still removed.
+    session = ray_dirs[1] / "session_x"
+    session.mkdir()
+    passes, rmtree = [], shutil.rmtree
+
+    def racing_rmtree(path, ignore_errors=False):
+        passes.append(path)
+        rmtree(path, ignore_errors=ignore_errors)
+        if len(passes) == 1:  # the folder as that pass left it: emptied, and one file written meanwhile
+            session.mkdir(parents=True)
+            (session / "tmp_prom_metrics_service_discovery.json").write_text("")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ray_cluster.shutil, "rmtree", racing_rmtree)
+        ray_cluster.remove_temp_dir(ray_dirs[1])
+    assert not os.path.lexists(made[1]) and passes == [made[1]] * 2
     # A requeued run (restart 1) removes its job's earlier temp dirs on the node (a SIGKILLed teardown leaves them),
     # and nothing else: not another user's folder, not a link, not another job's, not its own run's.
     others = base / "ray-12-r0-NOBODY12", base / "ray-12-r0-alinkxyz", base / "ray-123-r0-otherjob"
