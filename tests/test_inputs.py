@@ -520,8 +520,8 @@ def test_a_local_ray_counts_only_the_cpus_and_gpus_this_process_may_use_and_has_
     assert not (tmp_path / ".ray").exists() and not Path(got["path"]).parent.exists()
     from cifarray.train.cluster import TOKEN_PREFIX, _pid_namespace  # named for its process: see the next test
     assert Path(got["path"]).parent.name.startswith(f"{TOKEN_PREFIX}{_pid_namespace()}."), got
-    # Ray's shutdown stops the GCS first; the autoscaler monitor then waits on it until it is killed, 1 s later
-    # (docs/BENCHMARKS.md). The run's exit ends the monitor before that, and leaves the GCS to Ray's shutdown.
+    # Ray's shutdown stops the GCS before the autoscaler monitor, which then waits on the GCS until it is killed 1 s
+    # later (docs/BENCHMARKS.md). The run's exit ends the monitor first, and leaves the GCS to Ray's shutdown.
     ended = [json.loads(line[len("EXIT "):]) for line in proc.stdout.splitlines() if line.startswith("EXIT ")]
     assert ended == [{"monitor": -signal.SIGKILL, "gcs_server": None}], proc.stdout
 

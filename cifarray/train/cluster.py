@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -172,12 +173,15 @@ def _stop_autoscaler_monitor() -> None:
     process that started a local Ray (measured: 1.02 s of the 1.95 s `ray.shutdown` took at a run's exit). A local
     Ray of this run's own has no autoscaler to stop gracefully: its cluster is this one node."""
     import ray._private.worker as worker
+    from ray._private.ray_constants import PROCESS_TYPE_MONITOR
 
-    node = worker._global_node
-    for info in getattr(node, "all_processes", {}).get("monitor", []) if node is not None else []:
+    for info in getattr(worker._global_node, "all_processes", {}).get(PROCESS_TYPE_MONITOR, []):
         if info.process.poll() is None:
             info.process.kill()
-            info.process.wait(timeout=1)
+            try:
+                info.process.wait(timeout=1)
+            except subprocess.TimeoutExpired:  # stuck in the kernel: Ray's shutdown reaps it, as it would have
+                pass
 
 
 def local_resources() -> dict[str, int]:
