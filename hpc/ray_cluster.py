@@ -115,18 +115,53 @@ def temp_dir(job_id: str, restart_count: int) -> Path:
 
 
 def remove_temp_dir(tmp: Path, timeout: float = 10.0) -> None:
-    """A node's Ray temp dir (temp_dir's), with the private root it sits in.
+    """A node's Ray temp dir (temp_dir's), with the private root it sits in, once its `ray start` has stopped.
 
-    A process of the node's Ray can still run when its `ray start` has stopped: Ray's Prometheus service-discovery
-    writer (a thread of a dashboard module, every 5 s) once made a file in the session folder while rmtree emptied
-    it, and the folder and the root stayed (a Slurm test's job, once in the suite). With the session folder gone,
-    that writer's writes fail (it makes no folders), so a second pass removes what is left."""
-    root = tmp.parent
+    Some of the node's Ray processes can outlive its `ray start`. A Ray worker that the raylet spawned just before it
+    stopped initialises afterwards, and every Ray process makes its temp and session folders when it starts
+    (`Node._init_temp`, os.makedirs): one remade the whole tree, root 0755 and Ray's folder 0777, 1 s after it was
+    removed (a Slurm test, once in the suite). So this node's processes still named by `tmp` in their command line
+    (Ray passes every process its temp dir or its sockets) are SIGKILLed first. Ray's Prometheus service-discovery
+    writer (a thread of a dashboard module, every 5 s) is not named so, and once made a file in the session folder
+    while rmtree emptied it; with the session folder gone its writes fail (it makes no folders), so a second pass
+    removes what is left."""
     deadline = time.monotonic() + timeout
+    left = _kill_processes_naming(tmp)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [pid for pid in left if os.path.exists(f"/proc/{pid}/cmdline") and
+                str(tmp).encode() in _cmdline(pid)]
+    root = tmp.parent
     shutil.rmtree(root, ignore_errors=True)
     while os.path.lexists(root) and time.monotonic() < deadline:
         time.sleep(0.2)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _kill_processes_naming(tmp: Path) -> list[int]:
+    """SIGKILL this user's processes (not this one) whose command line names `tmp`; their PIDs."""
+    killed = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return killed
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid() or str(tmp).encode() not in _cmdline(int(entry)):
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid == os.getuid():
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+        except OSError:  # ended meanwhile
+            continue
+    return killed
 
 
 def _remove_earlier_runs(base: Path, job_id: str, restart_count: int) -> None:

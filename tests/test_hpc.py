@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -37,6 +38,17 @@ def test_gpus_on_node_reads_what_slurm_sets_for_gpus_and_gres_requests():
     assert gpus_on_node({"SLURM_JOB_GPUS": "0,2,3"}) == 3  # older Slurm
     assert gpus_on_node({"SLURM_GPUS_ON_NODE": " "}) == 0
     assert gpus_on_node({}) == 0
+
+
+STRAGGLER = """
+import os, sys, time
+tmp = sys.argv[1]
+open(os.path.join(tmp, "ready"), "w").close()
+while os.path.exists(tmp):
+    time.sleep(0.005)
+os.makedirs(os.path.join(tmp, "session_x", "logs"))
+time.sleep(60)
+"""
 
 
 def test_ray_temp_dir_is_a_fresh_private_folder_and_unsafe_places_are_refused(tmp_path, monkeypatch, request):
@@ -76,6 +88,21 @@ def test_ray_temp_dir_is_a_fresh_private_folder_and_unsafe_places_are_refused(tm
         patched.setattr(ray_cluster.shutil, "rmtree", racing_rmtree)
         ray_cluster.remove_temp_dir(ray_dirs[1])
     assert not os.path.lexists(made[1]) and passes == [made[1]] * 2
+    # A Ray process still starting when its node stopped remakes its temp dir as it starts (Ray's Node._init_temp):
+    # here one that waits for the removal, then makes the folders. The processes that name the temp dir are ended
+    # first; another process, which does not, is left alone.
+    straggler = subprocess.Popen([PY, "-c", STRAGGLER, str(ray_dirs[0])])
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        wait_for(lambda: (ray_dirs[0] / "ready").exists(), 30, "the straggler")
+        ray_cluster.remove_temp_dir(ray_dirs[0])
+        assert straggler.wait(10) == -signal.SIGKILL and bystander.poll() is None
+        time.sleep(0.5)
+        assert not os.path.lexists(made[0])
+    finally:
+        for proc in (straggler, bystander):
+            proc.kill()
+            proc.wait()
     # A requeued run (restart 1) removes its job's earlier temp dirs on the node (a SIGKILLed teardown leaves them),
     # and nothing else: not another user's folder, not a link, not another job's, not its own run's.
     others = base / "ray-12-r0-NOBODY12", base / "ray-12-r0-alinkxyz", base / "ray-123-r0-otherjob"
