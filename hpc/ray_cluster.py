@@ -126,11 +126,11 @@ def remove_temp_dir(tmp: Path, timeout: float = 10.0) -> None:
     while rmtree emptied it; with the session folder gone its writes fail (it makes no folders), so a second pass
     removes what is left."""
     deadline = time.monotonic() + timeout
-    left = _kill_processes_naming(tmp)
+    name = str(tmp).encode()
+    left = _kill_processes_naming(name)
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [pid for pid in left if os.path.exists(f"/proc/{pid}/cmdline") and
-                str(tmp).encode() in _cmdline(pid)]
+        left = [pid for pid in left if name in _cmdline(pid)]  # gone, or a zombie (no command line)
     root = tmp.parent
     shutil.rmtree(root, ignore_errors=True)
     while os.path.lexists(root) and time.monotonic() < deadline:
@@ -145,20 +145,20 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _kill_processes_naming(tmp: Path) -> list[int]:
-    """SIGKILL this user's processes (not this one) whose command line names `tmp`; their PIDs."""
+def _kill_processes_naming(name: bytes) -> list[int]:
+    """SIGKILL this user's processes (not this one) whose command line holds `name`; their PIDs."""
     killed = []
     try:
-        entries = os.listdir("/proc")
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
     except OSError:
         return killed
-    for entry in entries:
-        if not entry.isdigit() or int(entry) == os.getpid() or str(tmp).encode() not in _cmdline(int(entry)):
+    for pid in pids:
+        if pid == os.getpid() or name not in _cmdline(pid):
             continue
         try:
-            if os.stat(f"/proc/{entry}").st_uid == os.getuid():
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
+            if os.stat(f"/proc/{pid}").st_uid == os.getuid():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
         except OSError:  # ended meanwhile
             continue
     return killed
